@@ -1,0 +1,31 @@
+"""stratavit: multi-level self-supervised pre-training of Vision Transformers."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from typing import Any
+
+
+def pretrain(*args: Any, **kwargs: Any) -> Any:
+    """See :func:`stratavit.train.pretrain`."""
+    from stratavit.train import pretrain as _pretrain
+
+    return _pretrain(*args, **kwargs)
+
+
+def evaluate(*args: Any, **kwargs: Any) -> Any:
+    """See :func:`stratavit.evaluate.evaluate_run`."""
+    from stratavit.evaluate import evaluate_run
+
+    return evaluate_run(*args, **kwargs)
+
+
+def load_backbone(*args: Any, **kwargs: Any) -> Any:
+    """See :func:`stratavit.export.load_backbone`."""
+    from stratavit.export import load_backbone as _load
+
+    return _load(*args, **kwargs)
+
+
+__all__ = ["__version__", "evaluate", "load_backbone", "pretrain"]

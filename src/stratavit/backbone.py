@@ -1,0 +1,194 @@
+"""Backbone: a timm Vision Transformer that returns Features at the requested levels.
+
+A **level** is a 1-based block number: level ``i`` is the token sequence after block ``i``
+(level ``depth`` = the last block). Negative levels count from the end (-1 = last block).
+One forward returns, for every requested level, the CLS token and the patch tokens with their
+grid shape, both before the final LayerNorm (``*_pre``) and after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from stratavit.config import BackboneConfig, ConfigError
+
+
+@dataclass
+class LevelFeatures:
+    """Tokens of one level for a batch of ``B`` views.
+
+    Attributes:
+        tokens_pre: (B, 1 + N, C) CLS + patch tokens before the final norm.
+        grid: ``(gh, gw)`` patch grid, ``N = gh * gw``.
+        norm: the backbone's final norm layer, applied lazily for the post-norm tokens.
+    """
+
+    tokens_pre: Tensor
+    grid: tuple[int, int]
+    norm: nn.Module
+    _post: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def tokens(self) -> Tensor:
+        """(B, 1 + N, C) tokens after the final norm."""
+        if self._post is None:
+            self._post = self.norm(self.tokens_pre)
+        return self._post
+
+    @property
+    def cls(self) -> Tensor:
+        """(B, C) CLS token after the final norm."""
+        return self.tokens[:, 0]
+
+    @property
+    def patches(self) -> Tensor:
+        """(B, N, C) patch tokens after the final norm, row-major over ``grid``."""
+        return self.tokens[:, 1:]
+
+    @property
+    def cls_pre(self) -> Tensor:
+        """(B, C) CLS token before the final norm."""
+        return self.tokens_pre[:, 0]
+
+    @property
+    def patches_pre(self) -> Tensor:
+        """(B, N, C) patch tokens before the final norm."""
+        return self.tokens_pre[:, 1:]
+
+    def chunk(self, n: int) -> list["LevelFeatures"]:
+        """Split a concatenated view group (n·B, ...) back into n views of (B, ...)."""
+        return [LevelFeatures(t, self.grid, self.norm) for t in self.tokens_pre.chunk(n)]
+
+
+Features = dict[int, LevelFeatures]
+"""Level (1-based block number) -> :class:`LevelFeatures`."""
+
+
+def timm_kwargs(cfg: BackboneConfig) -> dict[str, Any]:
+    """Keyword arguments for ``timm.create_model(cfg.arch, **kwargs)`` (also stored in exports)."""
+    kw: dict[str, Any] = {"num_classes": 0, "dynamic_img_size": True}
+    for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
+        value = getattr(cfg, name)
+        if value is not None:
+            kw[name] = value
+    return kw
+
+
+def sincos_pos_embed_2d(grid: tuple[int, int], dim: int, temperature: float = 10000.0) -> Tensor:
+    """Fixed 2-D sin-cos position embedding (MoCo v3): (gh * gw, dim), row-major.
+
+    The first half of the channels encodes the column (x), the second half the row (y); each half
+    is ``[sin(pos·ω), cos(pos·ω)]`` with ``ω_k = 1 / temperature^(k / (dim/4))``.
+    """
+    if dim % 4:
+        raise ConfigError(f"sin-cos position embedding needs embed_dim divisible by 4, got {dim}")
+    gh, gw = grid
+    yy, xx = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64), indexing="ij")
+    quarter = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    ox = xx.reshape(-1, 1) * omega
+    oy = yy.reshape(-1, 1) * omega
+    return torch.cat([ox.sin(), ox.cos(), oy.sin(), oy.cos()], dim=1).float()
+
+
+class Backbone(nn.Module):
+    """timm ViT wrapper: ``forward(x, levels)`` -> :data:`Features`.
+
+    Args:
+        cfg: the backbone config; ``None`` fields take the defaults of ``cfg.arch``.
+    Attributes:
+        vit: the plain timm ``VisionTransformer`` (what ``export`` writes).
+    """
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        try:
+            self.vit = timm.create_model(cfg.arch, pretrained=False, drop_path_rate=cfg.drop_path_rate, **timm_kwargs(cfg))
+        except RuntimeError as e:
+            raise ConfigError(f"backbone.arch={cfg.arch!r}: {e}") from None
+        if not hasattr(self.vit, "forward_intermediates") or not hasattr(self.vit, "cls_token"):
+            raise ConfigError(f"backbone.arch={cfg.arch!r} is not a timm VisionTransformer with a CLS token")
+        if self.vit.cls_token is None:
+            raise ConfigError(f"backbone.arch={cfg.arch!r} has no CLS token; pick a ViT that has one")
+        if cfg.pos_embed == "sincos":
+            self._fix_sincos_pos_embed()
+        if cfg.freeze_patch_embed:
+            for p in self.vit.patch_embed.parameters():
+                p.requires_grad_(False)
+
+    def _fix_sincos_pos_embed(self) -> None:
+        pe = self.vit.pos_embed
+        grid = tuple(self.vit.patch_embed.grid_size)
+        table = sincos_pos_embed_2d(grid, self.embed_dim)
+        n_prefix = 0 if self.vit.no_embed_class else self.vit.num_prefix_tokens
+        with torch.no_grad():
+            pe.zero_()
+            pe[0, n_prefix:] = table
+        pe.requires_grad_(False)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.vit.embed_dim)
+
+    @property
+    def depth(self) -> int:
+        return len(self.vit.blocks)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.vit.blocks[0].attn.num_heads)
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.vit.patch_embed.patch_size[0])
+
+    @property
+    def img_size(self) -> int:
+        return int(self.vit.patch_embed.img_size[0])
+
+    def resolve_level(self, level: int) -> int:
+        """Map a level (1..depth, or negative from the end) to 1..depth, or raise ConfigError."""
+        depth = self.depth
+        resolved = level + depth + 1 if level < 0 else level
+        if not 1 <= resolved <= depth:
+            raise ConfigError(f"level {level} does not exist in a {depth}-block backbone (use 1..{depth} or -1)")
+        return resolved
+
+    def forward(self, x: Tensor, levels: Sequence[int] = (-1,)) -> Features:
+        """Run the ViT on images (B, 3, H, W) and collect the requested levels.
+
+        Returns:
+            dict level -> :class:`LevelFeatures` with ``tokens_pre`` (B, 1 + N, C) and the grid
+            ``(H / p, W / p)``. Only the blocks up to the deepest requested level are run.
+        """
+        wanted = sorted({self.resolve_level(lv) for lv in levels})
+        p = self.patch_size
+        if x.shape[-1] % p or x.shape[-2] % p:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of the patch size {p}")
+        grid = (x.shape[-2] // p, x.shape[-1] // p)
+        taken = self.vit.forward_intermediates(
+            x,
+            indices=[lv - 1 for lv in wanted],
+            return_prefix_tokens=True,
+            norm=False,
+            stop_early=True,
+            output_fmt="NLC",
+            intermediates_only=True,
+        )
+        out: Features = {}
+        for lv, (patches, prefix) in zip(wanted, taken):
+            out[lv] = LevelFeatures(torch.cat([prefix[:, :1], patches], dim=1), grid, self.vit.norm)
+        for lv in levels:
+            out[lv] = out[self.resolve_level(lv)]
+        return out
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+

@@ -1,0 +1,171 @@
+"""Command line: ``stratavit {recipes,config,pretrain,evaluate,export,demo}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+from stratavit import __version__
+
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from stratavit.config import ConfigError
+    from stratavit.datasets import DataError
+    from stratavit.export import ExportError
+    from stratavit.module import NonFiniteLossError
+
+    return (ConfigError, DataError, ExportError, NonFiniteLossError, FileNotFoundError)
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for progress bars and our own messages."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    warnings.filterwarnings("ignore", ".*litlogger.*")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from stratavit.config import load_recipe_dict, recipe_names
+
+    names = recipe_names()
+    width = max(len(n) for n in names)
+    for name in names:
+        desc = str(load_recipe_dict(name).get("description", "")).strip()
+        print(f"{name:<{width}}  {desc}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from stratavit.config import dump_yaml, resolve_config
+
+    print(dump_yaml(resolve_config(args.recipe, args.overrides)), end="")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from stratavit.train import pretrain
+
+    run = pretrain(args.recipe, args.data, args.out, args.overrides, resume=args.resume)
+    print(f"run folder: {run}")
+    print(f"backbone:   {run / 'backbone.safetensors'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from stratavit.evaluate import evaluate_run
+
+    results = evaluate_run(
+        args.run_dir,
+        train=args.train,
+        test=args.test,
+        out=args.out,
+        train_limit=args.train_limit,
+        test_limit=args.test_limit,
+        batch_size=args.batch_size,
+        img_size=args.img_size,
+        which=args.which,
+        baselines=args.baselines,
+    )
+    out = Path(args.out) if args.out else Path(args.run_dir) / "eval"
+    print(json.dumps({k: results[k] for k in ("knn", "linear") if k in results}))
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from stratavit.export import export_run
+
+    if args.to != "timm":
+        raise SystemExit(f"--to {args.to}: only 'timm' is supported")
+    out = Path(args.out) if args.out else Path(args.run_dir) / "backbone.safetensors"
+    path = export_run(Path(args.run_dir), out, which=args.which)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from stratavit.demo import run_demo
+
+    results = run_demo(Path(args.out), args.overrides)
+    print(f"\nkNN top-1: pre-trained {results['knn']['top1']:.2f} %, "
+          f"random init {results['baselines']['random_init']['knn_top1']:.2f} %, "
+          f"raw pixels {results['baselines']['raw_pixels']['knn_top1']:.2f} %")
+    print(f"report: {Path(args.out) / 'eval' / 'report.md'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stratavit", description="Multi-level self-supervised pre-training of ViTs.")
+    p.add_argument("--version", action="version", version=f"stratavit {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="show library logs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("recipes", help="list recipes with one-line descriptions")
+    s.set_defaults(func=cmd_recipes)
+
+    s = sub.add_parser("config", help="print the resolved config of a recipe with overrides")
+    s.add_argument("--recipe", required=True)
+    s.add_argument("overrides", nargs="*", metavar="key=value")
+    s.set_defaults(func=cmd_config)
+
+    s = sub.add_parser("pretrain", help="pre-train a backbone")
+    s.add_argument("--recipe", help="recipe name or YAML file (optional when continuing a run)")
+    s.add_argument("--data", help="ImageFolder directory, or cifar10 / cifar100 / stl10 (downloaded)")
+    s.add_argument("--out", required=True, help="run folder")
+    s.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.ckpt (required to exist)")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=2")
+    s.set_defaults(func=cmd_pretrain)
+
+    s = sub.add_parser("evaluate", help="kNN, linear probe and per-layer kNN of a run's backbone")
+    s.add_argument("run_dir")
+    s.add_argument("--train", required=True, help="labelled train set (ImageFolder dir or named set)")
+    s.add_argument("--test", required=True, help="labelled test set (ImageFolder dir or named set, e.g. cifar10:test)")
+    s.add_argument("--out", help="output folder (default RUN_DIR/eval)")
+    s.add_argument("--train-limit", type=int, help="use a fixed random subset of the train set")
+    s.add_argument("--test-limit", type=int, help="use a fixed random subset of the test set")
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--img-size", type=int, help="evaluation resolution (default: the backbone's)")
+    s.add_argument("--which", choices=("teacher", "student"), default="teacher")
+    s.add_argument("--baselines", action="store_true", help="also evaluate random init and raw pixels")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("export", help="write the backbone as safetensors a plain timm ViT loads")
+    s.add_argument("run_dir")
+    s.add_argument("--to", default="timm", choices=("timm",))
+    s.add_argument("--out", help="output file (default RUN_DIR/backbone.safetensors)")
+    s.add_argument("--which", choices=("teacher", "student"), default="teacher")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("demo", help="pre-train on the shipped CIFAR-10 sample, evaluate, write a report (~5 min on 2 cores)")
+    s.add_argument("--out", default="runs/demo")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the demo run")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        _quiet_libraries()
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as e:
+        print(f"stratavit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; continue with the same command (it resumes from the last checkpoint)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

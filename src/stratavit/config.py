@@ -1,0 +1,434 @@
+"""Typed configuration: dataclasses, recipe YAML loading and validated dotted overrides.
+
+A :class:`Config` is built from a recipe YAML (``stratavit/recipes/<name>.yaml``) and a list of
+``key=value`` overrides such as ``train.epochs=2`` or ``objectives.dino.out_dim=4096``. Every key
+is checked against the dataclass fields and every value against the field's type before anything
+runs; mistakes raise :class:`ConfigError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message says which and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The sections
+
+
+@dataclass
+class BackboneConfig:
+    """A timm Vision Transformer. ``None`` fields keep the value of the timm ``arch``."""
+
+    arch: str = "vit_small_patch16_224"
+    img_size: int | None = None
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    drop_path_rate: float = 0.0
+    pos_embed: Literal["learned", "sincos"] = "learned"
+    """``sincos``: fixed 2-D sin-cos position embedding, not trained (MoCo v3)."""
+    freeze_patch_embed: bool = False
+    """Keep the random patch projection frozen (MoCo v3's stability trick)."""
+
+
+@dataclass
+class ViewsConfig:
+    """Multi-crop views. Global views go through student and teacher; local views only the student."""
+
+    global_crops: int = 2
+    global_size: int = 224
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_crops: int = 0
+    local_size: int = 96
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    color_jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    global_blur_p: list[float] = field(default_factory=lambda: [1.0, 0.1])
+    """Blur probability per global view (cycled when there are more global views)."""
+    global_solarize_p: list[float] = field(default_factory=lambda: [0.0, 0.2])
+    local_blur_p: float = 0.5
+    local_solarize_p: float = 0.0
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay; lr = base_lr * global_batch / 256."""
+
+    base_lr: float = 1.5e-4
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10.0
+    weight_decay: float = 0.1
+    weight_decay_end: float | None = None
+    """Cosine weight-decay schedule end value (DINO: 0.04 -> 0.4); ``None`` keeps it constant."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float | None = None
+
+
+@dataclass
+class TeacherConfig:
+    """EMA teacher: m(t) = 1 - (1 - m0) (1 + cos(pi t / T)) / 2, updated every step."""
+
+    momentum: float = 0.99
+    momentum_end: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None
+    """ImageFolder directory or a named set (cifar10, cifar100, stl10)."""
+    root: str | None = None
+    """Download/cache folder for named sets (default ~/.cache/stratavit)."""
+    batch_size: int = 256
+    """Per-process batch size."""
+    num_workers: int = 4
+    limit: int | None = None
+    """Train on a fixed random subset of this many images (seeded by train.seed)."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    max_steps: int | None = None
+    """Stop after this many optimiser steps (schedules are laid out over min(epochs, steps))."""
+    seed: int = 0
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"
+    """``auto``: bf16-mixed on a GPU that supports it, 32-true otherwise."""
+    sync_batchnorm: bool = True
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int | None = None
+    """Also checkpoint every N steps (``last.ckpt`` is always written at epoch ends)."""
+    max_nonfinite_steps: int = 20
+    """Stop the run after this many consecutive steps with a non-finite loss."""
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    recipe: str = "custom"
+    description: str = ""
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    objectives: dict[str, Any] = field(default_factory=dict)
+    """Objective name -> that objective's config dataclass (see ``stratavit.objectives``)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Type checking of values
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` converted to the annotated type ``tp`` or raise :class:`ConfigError`."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(allowed)}")
+        return value
+    if origin in (list, tuple):
+        args = get_args(tp)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool) and origin is list:
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list ({_type_name(tp)}), got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values ({_type_name(tp)}), got {value!r}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        out = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return build_dataclass(tp, value, key)
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _unknown_key(key: str, name: str, allowed: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, allowed, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'.{hint} Allowed here: {', '.join(sorted(allowed))}")
+
+
+def build_dataclass(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a plain mapping, validating keys and types recursively."""
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in names:
+            raise _unknown_key(key, name, names)
+        kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipes and overrides
+
+
+def recipe_names() -> list[str]:
+    """Names of the recipes shipped in ``stratavit/recipes``."""
+    folder = resources.files("stratavit") / "recipes"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_recipe_dict(recipe: str) -> dict[str, Any]:
+    """Read a recipe by name, or a YAML file path, into a plain dict."""
+    path = Path(recipe)
+    if recipe.endswith((".yaml", ".yml")) and path.exists():
+        text = path.read_text()
+    else:
+        names = recipe_names()
+        if recipe not in names:
+            raise _unknown_recipe(recipe, names)
+        text = (resources.files("stratavit") / "recipes" / f"{recipe}.yaml").read_text()
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {recipe!r} is not a YAML mapping")
+    data.setdefault("recipe", path.stem if path.exists() else recipe)
+    return data
+
+
+def _unknown_recipe(recipe: str, names: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(recipe, names, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown recipe '{recipe}'.{hint} Available: {', '.join(names)}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b=1"`` -> (["a", "b"], 1). Values are read as YAML (numbers, lists, null, true)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. train.epochs=2")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _set_path(data: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = {}
+            node[part] = child
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set '{'.'.join(parts)}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _check_override_path(parts: list[str]) -> None:
+    """Reject unknown keys in an override before merging, naming the allowed ones."""
+    from stratavit.objectives import OBJECTIVES
+
+    cls: Any = Config
+    start = 0
+    if parts[0] == "objectives":
+        if len(parts) == 1:
+            raise ConfigError("set one objective field at a time, e.g. objectives.dino.out_dim=4096")
+        if parts[1] not in OBJECTIVES:
+            raise _unknown_key(f"objectives.{parts[1]}", parts[1], list(OBJECTIVES))
+        cls, start = OBJECTIVES[parts[1]].config_class, 2
+    for i in range(start, len(parts)):
+        part, key = parts[i], ".".join(parts[: i + 1])
+        if cls is None:
+            raise ConfigError(f"'{'.'.join(parts[:i])}' is a value, not a section: cannot set '{key}'")
+        names = [f.name for f in dataclasses.fields(cls)]
+        if part not in names:
+            raise _unknown_key(key, part, names)
+        tp = get_type_hints(cls)[part]
+        cls = tp if dataclasses.is_dataclass(tp) else None
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Validate a plain mapping (a recipe or a saved config.yaml) into a :class:`Config`."""
+    from stratavit.objectives import OBJECTIVES
+
+    data = dict(data)
+    objectives_raw = data.pop("objectives", None) or {}
+    if not isinstance(objectives_raw, dict):
+        raise ConfigError("objectives: expected a mapping of objective name -> settings")
+    cfg = build_dataclass(Config, data)
+    objectives: dict[str, Any] = {}
+    for name, values in objectives_raw.items():
+        if name not in OBJECTIVES:
+            raise _unknown_key(f"objectives.{name}", name, list(OBJECTIVES))
+        values = values or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"objectives.{name}: expected a mapping, got {values!r}")
+        objectives[name] = build_dataclass(OBJECTIVES[name].config_class, values, f"objectives.{name}")
+    cfg.objectives = objectives
+    validate(cfg)
+    return cfg
+
+
+def resolve_config(recipe: str | dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """Recipe (name, YAML path or dict) + ``key=value`` overrides -> validated :class:`Config`."""
+    data = load_recipe_dict(recipe) if isinstance(recipe, str) else dict(recipe)
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        _check_override_path(parts)
+        _set_path(data, parts, value)
+    return config_from_dict(data)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that no single type annotation can express."""
+    if not cfg.objectives:
+        raise ConfigError("the config has no objectives; a recipe must list at least one under 'objectives'")
+    v = cfg.views
+    if v.global_crops < 1:
+        raise ConfigError("views.global_crops must be >= 1 (the teacher needs global views)")
+    if v.local_crops < 0:
+        raise ConfigError("views.local_crops must be >= 0")
+    for name, (lo, hi) in (("views.global_scale", v.global_scale), ("views.local_scale", v.local_scale)):
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"{name} must satisfy 0 < min <= max <= 1, got {(lo, hi)}")
+    for name in ("flip_p", "color_jitter_p", "grayscale_p", "local_blur_p", "local_solarize_p"):
+        p = getattr(v, name)
+        if not 0 <= p <= 1:
+            raise ConfigError(f"views.{name} must be a probability in [0, 1], got {p}")
+    if cfg.data.batch_size < 1:
+        raise ConfigError("data.batch_size must be >= 1")
+    if cfg.data.limit is not None and cfg.data.limit < 1:
+        raise ConfigError("data.limit must be >= 1 (or null for the whole data set)")
+    if cfg.train.epochs < 1:
+        raise ConfigError("train.epochs must be >= 1")
+    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
+        raise ConfigError("train.max_steps must be >= 1 (or null)")
+    if not 0 <= cfg.teacher.momentum <= 1 or not 0 <= cfg.teacher.momentum_end <= 1:
+        raise ConfigError("teacher.momentum and teacher.momentum_end must be in [0, 1]")
+    if cfg.optim.base_lr <= 0:
+        raise ConfigError("optim.base_lr must be > 0")
+
+
+# ----------------------------------------------------------------------------------------------
+# Serialisation
+
+
+def to_dict(obj: Any) -> Any:
+    """Config (or any nested dataclass) -> plain YAML-safe data (tuples become lists)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def load_config_file(path: Path) -> Config:
+    """Read a run folder's resolved ``config.yaml`` back into a :class:`Config`."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"no config file at {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is not a YAML mapping")
+    return config_from_dict(data)
+
+
+__all__ = [
+    "BackboneConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "OptimConfig",
+    "TeacherConfig",
+    "TrainConfig",
+    "ViewsConfig",
+    "config_from_dict",
+    "dump_yaml",
+    "load_config_file",
+    "recipe_names",
+    "resolve_config",
+    "to_dict",
+]

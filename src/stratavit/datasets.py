@@ -1,0 +1,208 @@
+"""Image data sets: ImageFolder directories, torchvision's named sets, the shipped CIFAR-10 sample.
+
+Every data set here yields ``(transform(PIL image), label)``; :class:`Indexed` adds the index.
+Unreadable images are skipped (the next readable one is returned), counted and reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tarfile
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, Subset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
+
+log = logging.getLogger(__name__)
+
+NAMED_DATASETS = ("cifar10", "cifar100", "stl10")
+SAMPLE_NAME = "cifar10-sample"
+"""``--data cifar10-sample`` (or ``cifar10-sample:test``) reads the sample shipped in the package."""
+
+
+class DataError(ValueError):
+    """The data cannot be used; the message says why and what to do."""
+
+
+def cache_dir() -> Path:
+    """Where stratavit unpacks and downloads data: ``$STRATAVIT_CACHE`` or ~/.cache/stratavit."""
+    return Path(os.environ.get("STRATAVIT_CACHE", Path.home() / ".cache" / "stratavit"))
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+class ImageFolderDataset(Dataset):
+    """``root/<class>/<image>`` (labels = sorted class folders) or a flat folder of images (label 0).
+
+    Unreadable or truncated images are skipped: the next readable image is returned instead, and
+    the path is recorded in :attr:`bad_files` (per process) and logged once.
+    """
+
+    def __init__(self, root: str | Path, transform: Callable[[Image.Image], Any] | None = None) -> None:
+        root = Path(root).expanduser()
+        if not root.exists():
+            raise DataError(f"data folder {root} does not exist; pass an ImageFolder directory or one of {NAMED_DATASETS}")
+        if not root.is_dir():
+            raise DataError(f"{root} is not a directory; pass an ImageFolder directory (root/<class>/<image>.jpg)")
+        self.root = root
+        self.transform = transform
+        subdirs = [d for d in os.scandir(root) if d.is_dir()]
+        self.samples: list[tuple[str, int]] = []
+        if subdirs:
+            self.classes, class_to_idx = find_classes(str(root))
+            for cls in self.classes:
+                folder = root / cls
+                for dirpath, _, files in sorted(os.walk(folder, followlinks=True)):
+                    for f in sorted(files):
+                        if _is_image(f):
+                            self.samples.append((os.path.join(dirpath, f), class_to_idx[cls]))
+        else:
+            self.classes = [root.name]
+            self.samples = [(str(root / f), 0) for f in sorted(os.listdir(root)) if _is_image(f)]
+        if not self.samples:
+            raise DataError(
+                f"no images found in {root} (looked for {', '.join(IMG_EXTENSIONS)} files in "
+                f"root/<class>/ folders or directly in root)"
+            )
+        self.targets = [t for _, t in self.samples]
+        self.bad_files: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        """Return the PIL image and label at ``index``, skipping forward past unreadable files."""
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            try:
+                with open(path, "rb") as fh:
+                    img = Image.open(fh)
+                    img.load()
+                return img.convert("RGB"), label
+            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+                if path not in self.bad_files:
+                    self.bad_files.append(path)
+                    log.warning("skipping unreadable image %s (%s)", path, e)
+        raise DataError(f"none of the {len(self.samples)} images in {self.root} could be read")
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        img, label = self.load(index)
+        return (self.transform(img) if self.transform else img), label
+
+
+class Indexed(Dataset):
+    """Wraps a data set so that items become ``(x, label, index)``."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, int, int]:
+        x, y = self.base[index]
+        return x, y, index
+
+
+def sample_archive() -> Path:
+    """Path of the CIFAR-10 sample archive shipped inside the package."""
+    return Path(str(resources.files("stratavit") / "assets" / "cifar10_sample.tar.gz"))
+
+
+def sample_dir() -> Path:
+    """Unpack the shipped CIFAR-10 sample once (to the cache) and return its folder.
+
+    The folder holds ``train/<class>/*.jpg`` and ``test/<class>/*.jpg``.
+    """
+    archive = sample_archive()
+    target = cache_dir() / f"cifar10_sample-{archive.stat().st_size}"
+    done = target / ".complete"
+    if not done.exists():
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        if target.exists():
+            import shutil
+
+            shutil.rmtree(target)
+        tmp.rename(target)
+        done.touch()
+    return target
+
+
+def _named(name: str, split: str, root: str | None, transform: Any) -> Dataset:
+    from torchvision import datasets as tvd
+
+    root_path = Path(root).expanduser() if root else cache_dir() / "torchvision"
+    train = split == "train"
+    try:
+        if name == "cifar10":
+            return tvd.CIFAR10(str(root_path), train=train, transform=transform, download=True)
+        if name == "cifar100":
+            return tvd.CIFAR100(str(root_path), train=train, transform=transform, download=True)
+        if name == "stl10":
+            stl_split = ("train+unlabeled" if train else "test") if split != "labeled" else "train"
+            return tvd.STL10(str(root_path), split=stl_split, transform=transform, download=True)
+    except (OSError, RuntimeError) as e:
+        raise DataError(
+            f"could not download or read {name} into {root_path} ({e}); without internet, pass an "
+            f"ImageFolder directory instead"
+        ) from None
+    raise DataError(f"unknown named data set {name!r}; choose one of {NAMED_DATASETS}")
+
+
+def build_dataset(
+    spec: str,
+    *,
+    split: str = "train",
+    transform: Callable[[Image.Image], Any] | None = None,
+    root: str | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+) -> Dataset:
+    """Open a data set that yields ``(transform(img), label)``.
+
+    Args:
+        spec: an ImageFolder directory, a named set (``cifar10``, ``cifar100``, ``stl10``; append
+            ``:test`` for the test split), or ``cifar10-sample[:test]`` for the shipped sample.
+        split: ``train`` or ``test`` for named sets (``spec``'s ``:split`` suffix wins).
+        limit: keep a fixed random subset of this many images (seeded by ``seed``).
+    """
+    name, _, suffix = spec.partition(":")
+    if suffix and name in NAMED_DATASETS + (SAMPLE_NAME,):
+        split = suffix
+    if name == SAMPLE_NAME:
+        ds: Dataset = ImageFolderDataset(sample_dir() / ("test" if split == "test" else "train"), transform)
+    elif name in NAMED_DATASETS and not Path(spec).exists():
+        ds = _named(name, split, root, transform)
+    else:
+        ds = ImageFolderDataset(spec, transform)
+    if limit is not None and limit < len(ds):  # type: ignore[arg-type]
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(ds), generator=g)[:limit].sort().values.tolist()  # type: ignore[arg-type]
+        ds = Subset(ds, idx)
+    return ds
+
+
+def dataset_targets(ds: Dataset) -> list[int] | None:
+    """Labels of a data set built by :func:`build_dataset`, without loading images (None if unknown)."""
+    if isinstance(ds, Subset):
+        inner = dataset_targets(ds.dataset)
+        return None if inner is None else [inner[i] for i in ds.indices]
+    targets = getattr(ds, "targets", None) or getattr(ds, "labels", None)
+    return [int(t) for t in targets] if targets is not None else None
+
+
+def bad_files(ds: Dataset) -> list[str]:
+    """Unreadable files this process met while reading ``ds`` (see :class:`ImageFolderDataset`)."""
+    while isinstance(ds, (Subset, Indexed)):
+        ds = ds.dataset if isinstance(ds, Subset) else ds.base
+    return list(getattr(ds, "bad_files", []))

@@ -1,0 +1,326 @@
+"""Plots and a Markdown report for an evaluation run.
+
+Expected ``results`` layout (all accuracies in percent)::
+
+    {
+        "knn": {"top1": float},
+        "linear": {"top1": float},
+        "layers": [{"block": 1, "knn_top1": float, ...}, ...],   # block is 1-based
+        "baselines": {                                            # optional
+            "random_init": {"knn_top1": float, "layers": [...]},  # "layers" optional
+            "raw_pixels": {"knn_top1": float},
+        },
+        "meta": {"recipe": ..., "run_dir": ..., ...},             # optional
+    }
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+__all__ = ["plot_loss_curve", "plot_layer_curve", "write_report"]
+
+LOSS_PNG = "loss_curve.png"
+LAYER_PNG = "layer_curve.png"
+
+_BASELINE_NAMES = {"random_init": "random init", "raw_pixels": "raw pixels"}
+
+
+# --------------------------------------------------------------------------- #
+# helpers
+# --------------------------------------------------------------------------- #
+def _to_float(cell: str | None) -> float | None:
+    if cell is None or cell.strip() == "":
+        return None
+    try:
+        value = float(cell)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _new_figure(figsize: tuple[float, float] = (7.0, 4.0)) -> Figure:
+    # A bare Figure (no pyplot) renders with Agg and never touches a GUI backend
+    # or pyplot's global figure registry, so this is safe headless and in threads.
+    return Figure(figsize=figsize, layout="constrained")
+
+
+def _save(fig: Figure, out_png: Path) -> Path:
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    return out_png
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _get(d: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(d, Mapping) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def _baseline_label(name: str) -> str:
+    return _BASELINE_NAMES.get(name, name.replace("_", " "))
+
+
+# --------------------------------------------------------------------------- #
+# plots
+# --------------------------------------------------------------------------- #
+def plot_loss_curve(metrics_csv: Path, out_png: Path) -> Path | None:
+    """Plot the training loss (and each ``loss/<name>`` term) against step.
+
+    Args:
+        metrics_csv: Lightning-style CSV with columns ``step``, ``epoch``,
+            ``loss``, optional ``loss/<name>`` and ``lr`` (or ``lr-*``). Rows
+            may be sparse: empty cells are skipped per column.
+        out_png: where to write the figure.
+
+    Returns:
+        ``out_png``, or ``None`` when the CSV is missing or holds no loss value.
+    """
+    metrics_csv = Path(metrics_csv)
+    if not metrics_csv.is_file():
+        return None
+    with metrics_csv.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        columns = list(reader.fieldnames or [])
+        rows = list(reader)
+
+    loss_cols = [c for c in columns if c == "loss" or c.startswith("loss/")]
+    lr_col = "lr" if "lr" in columns else next((c for c in columns if c.startswith("lr-")), None)
+
+    def series(col: str) -> tuple[list[float], list[float]]:
+        xs, ys = [], []
+        for i, row in enumerate(rows):
+            y = _to_float(row.get(col))
+            if y is None:
+                continue
+            x = _to_float(row.get("step")) if "step" in columns else float(i)
+            if x is None:
+                continue
+            xs.append(x)
+            ys.append(y)
+        return xs, ys
+
+    curves = {c: series(c) for c in loss_cols}
+    curves = {c: xy for c, xy in curves.items() if xy[0]}
+    if not curves:
+        return None
+
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    for col, (xs, ys) in curves.items():
+        if col == "loss":
+            ax.plot(xs, ys, color="black", linewidth=1.6, label="loss (total)", zorder=3)
+        else:
+            ax.plot(xs, ys, linewidth=1.0, alpha=0.85, label=col)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(True, alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+
+    if lr_col is not None:
+        lr_x, lr_y = series(lr_col)
+        if lr_x:
+            ax2 = ax.twinx()
+            ax2.plot(lr_x, lr_y, color="tab:gray", linestyle=":", linewidth=1.0, label=lr_col)
+            ax2.set_ylabel("learning rate")
+            ax2.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+            h2, l2 = ax2.get_legend_handles_labels()
+            handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, loc="upper right", fontsize="small")
+    ax.set_title("training loss")
+    return _save(fig, out_png)
+
+
+def plot_layer_curve(
+    layers: list[dict],
+    out_png: Path,
+    *,
+    key: str = "knn_top1",
+    baselines: dict[str, float] | None = None,
+    title: str = "accuracy per transformer block",
+    extra_curves: dict[str, list[dict]] | None = None,
+) -> Path:
+    """Plot a per-block accuracy curve.
+
+    Args:
+        layers: ``[{"block": i (1-based), key: accuracy %, ...}, ...]``; entries
+            without ``key`` are skipped.
+        out_png: where to write the figure.
+        key: which per-layer metric to plot.
+        baselines: ``{label: accuracy %}`` drawn as horizontal dashed lines.
+        title: figure title.
+        extra_curves: ``{label: layers}`` further per-block curves in the same
+            format (e.g. the randomly initialised backbone), drawn dashed.
+
+    Returns:
+        ``out_png``.
+    """
+
+    def points(rows: list[dict]) -> tuple[list[int], list[float]]:
+        pts = sorted(
+            (int(r["block"]), float(r[key])) for r in rows if r.get(key) is not None and "block" in r
+        )
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    xs, ys = points(layers)
+    ax.plot(xs, ys, marker="o", color="tab:blue", linewidth=1.8, label=f"pre-trained ({key})")
+    all_x = set(xs)
+    for i, (label, rows) in enumerate((extra_curves or {}).items()):
+        ex, ey = points(rows)
+        all_x.update(ex)
+        ax.plot(ex, ey, marker="s", linestyle="--", color=f"C{i + 3}", linewidth=1.2, label=label)
+    for i, (label, value) in enumerate((baselines or {}).items()):
+        ax.axhline(
+            float(value), linestyle="--", linewidth=1.0, color=f"C{i + 1}", label=f"{label}: {value:.1f}"
+        )
+    ticks = sorted(all_x)
+    ax.set_xticks(ticks, [f"block {t}" for t in ticks], rotation=45 if len(ticks) > 6 else 0)
+    ax.set_xlabel("transformer block")
+    ax.set_ylabel(f"{key} (%)" if not key.endswith("top1") else "top-1 accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    ax.set_title(title)
+    return _save(fig, out_png)
+
+
+# --------------------------------------------------------------------------- #
+# markdown
+# --------------------------------------------------------------------------- #
+def _headline(results: Mapping[str, Any]) -> str:
+    rows = [
+        ["pre-trained backbone (last block)", _get(results, "knn", "top1"), _get(results, "linear", "top1")]
+    ]
+    for name, base in (_get(results, "baselines") or {}).items():
+        if not isinstance(base, Mapping):
+            continue
+        knn = base.get("knn_top1", _get(base, "knn", "top1"))
+        lin = base.get("linear_top1", _get(base, "linear", "top1"))
+        suffix = " (last block)" if name == "random_init" else ""
+        rows.append([_baseline_label(name) + suffix, knn, lin])
+    return _md_table(["model", "kNN top-1 (%)", "linear top-1 (%)"], rows)
+
+
+def _layer_table(results: Mapping[str, Any]) -> str | None:
+    layers = results.get("layers") or []
+    if not layers:
+        return None
+    keys: list[str] = []
+    for row in layers:
+        for k in row:
+            if k != "block" and k not in keys:
+                keys.append(k)
+    header = ["block", *keys]
+    ref_cols: list[tuple[str, dict[int, Mapping[str, Any]]]] = []
+    for name, base in (_get(results, "baselines") or {}).items():
+        base_layers = _get(base, "layers")
+        if base_layers:
+            by_block = {int(r["block"]): r for r in base_layers if "block" in r}
+            for k in keys:
+                if any(k in r for r in by_block.values()):
+                    header.append(f"{_baseline_label(name)} {k}")
+                    ref_cols.append((k, by_block))
+    rows = []
+    for row in sorted(layers, key=lambda r: int(r.get("block", 0))):
+        block = int(row.get("block", 0))
+        cells: list[Any] = [block, *(row.get(k) for k in keys)]
+        cells += [by_block.get(block, {}).get(k) for k, by_block in ref_cols]
+        rows.append(cells)
+    return _md_table(header, rows)
+
+
+def write_report(
+    out_dir: Path,
+    results: dict,
+    *,
+    metrics_csv: Path | None = None,
+    title: str = "stratavit evaluation",
+    extra_md: str = "",
+) -> Path:
+    """Write ``out_dir/report.md`` (plus ``loss_curve.png`` / ``layer_curve.png``).
+
+    Args:
+        out_dir: created if needed; PNGs are written next to the report and
+            linked relatively.
+        results: see the module docstring.
+        metrics_csv: training metrics CSV for the loss plot (skipped if
+            ``None``, missing, or without loss values).
+        title: H1 title of the report.
+        extra_md: Markdown appended verbatim at the end.
+
+    Returns:
+        Path of ``report.md``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = [f"# {title}"]
+
+    meta = results.get("meta")
+    if isinstance(meta, Mapping) and meta:
+        parts.append("\n".join(f"- **{k}**: {_fmt(v)}" for k, v in meta.items()))
+
+    parts.append("## Headline\n\n" + _headline(results))
+
+    layer_table = _layer_table(results)
+    if layer_table is not None:
+        parts.append("## Per-block evaluation\n\n" + layer_table)
+        baselines = results.get("baselines") or {}
+        lines: dict[str, float] = {}
+        curves: dict[str, list[dict]] = {}
+        for name, base in baselines.items():
+            value = _get(base, "knn_top1")
+            label = _baseline_label(name)
+            if value is not None:
+                lines[label + (" (last block)" if name == "random_init" else "")] = float(value)
+            if _get(base, "layers"):
+                curves[f"{label} (per block)"] = list(base["layers"])
+        png = plot_layer_curve(
+            list(results["layers"]),
+            out_dir / LAYER_PNG,
+            key="knn_top1",
+            baselines=lines or None,
+            title="kNN top-1 per transformer block",
+            extra_curves=curves or None,
+        )
+        parts.append(f"![kNN top-1 per block]({os.path.relpath(png, out_dir)})")
+
+    if metrics_csv is not None:
+        png = plot_loss_curve(Path(metrics_csv), out_dir / LOSS_PNG)
+        if png is not None:
+            parts.append(f"## Training loss\n\n![training loss]({os.path.relpath(png, out_dir)})")
+        else:
+            parts.append("## Training loss\n\n_No loss values found in the metrics CSV._")
+
+    if extra_md:
+        parts.append(extra_md.strip())
+
+    report = out_dir / "report.md"
+    report.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
+    return report

@@ -1,0 +1,126 @@
+"""Export and load backbones as safetensors that a plain timm ViT loads.
+
+The file holds the timm ``VisionTransformer`` state dict (no classifier head) of the teacher (EMA)
+backbone, and metadata ``arch`` + ``timm_kwargs`` (JSON) so :func:`load_backbone` can rebuild it::
+
+    timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=FILE), **timm_kwargs)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from stratavit import __version__
+from stratavit.backbone import Backbone, timm_kwargs
+from stratavit.config import BackboneConfig
+
+
+class ExportError(ValueError):
+    """A run or file cannot be exported or loaded; the message says why."""
+
+
+def _vit_state(vit: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous().clone() for k, v in vit.state_dict().items()}
+
+
+def save_backbone(backbone: Backbone, path: Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``backbone.vit`` to ``path`` (safetensors, atomically) with arch metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": "timm",
+        "arch": backbone.cfg.arch,
+        "timm_kwargs": json.dumps(timm_kwargs(backbone.cfg)),
+        "stratavit_version": __version__,
+    }
+    meta.update({k: str(v) for k, v in (extra or {}).items()})
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(_vit_state(backbone.vit), str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def export_backbone(module: Any, path: Path, which: str = "teacher") -> Path:
+    """Export the teacher (default) or student backbone of a :class:`~stratavit.module.PretrainModule`."""
+    backbone = module.teacher.backbone if which == "teacher" else module.backbone
+    return save_backbone(backbone, path, {"recipe": module.cfg.recipe, "weights": which})
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except FileNotFoundError:
+        raise ExportError(f"no file at {path}") from None
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise ExportError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def load_backbone(path: str | Path, **timm_overrides: Any) -> nn.Module:
+    """Rebuild the timm ViT stored by :func:`save_backbone` and load its weights (strict).
+
+    Also accepts a run folder (loads ``RUN_DIR/backbone.safetensors``).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "backbone.safetensors"
+    meta = read_metadata(path)
+    if "arch" not in meta:
+        raise ExportError(f"{path} has no 'arch' metadata; it was not written by stratavit export")
+    kwargs = json.loads(meta.get("timm_kwargs", "{}"))
+    kwargs.update(timm_overrides)
+    model = timm.create_model(meta["arch"], pretrained=False, **kwargs)
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return model.eval()
+
+
+def export_run(run_dir: Path, out: Path, which: str = "teacher") -> Path:
+    """Export a run's backbone from its last checkpoint (or its ``backbone.safetensors``)."""
+    from stratavit.train import last_checkpoint
+
+    run_dir = Path(run_dir)
+    ckpt = last_checkpoint(run_dir)
+    if ckpt.exists():
+        backbone = backbone_from_checkpoint(ckpt, which)
+        return save_backbone(backbone, out, {"weights": which})
+    final = run_dir / "backbone.safetensors"
+    if final.exists() and which == "teacher":
+        if final.resolve() != Path(out).resolve():
+            import shutil
+
+            shutil.copyfile(final, out)
+        return Path(out)
+    raise ExportError(f"{run_dir} has neither {ckpt} nor {final}; is it a stratavit run folder?")
+
+
+def backbone_from_checkpoint(ckpt: Path, which: str = "teacher") -> Backbone:
+    """Load the teacher or student backbone from a Lightning checkpoint (weights only, no pickle)."""
+    from stratavit.config import config_from_dict
+
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ExportError(f"cannot read checkpoint {ckpt} safely ({e})") from None
+    cfg = config_from_dict(state["hyper_parameters"]["config"])
+    backbone = Backbone(cfg.backbone)
+    prefix = "teacher.backbone." if which == "teacher" else "backbone."
+    sd = {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+    backbone.load_state_dict(sd, strict=True)
+    return backbone
+
+
+def random_backbone(cfg: BackboneConfig, seed: int = 0) -> Backbone:
+    """The same architecture at random initialisation (the evaluation baseline)."""
+    torch.manual_seed(seed)
+    return Backbone(cfg)

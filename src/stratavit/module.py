@@ -1,0 +1,202 @@
+"""PretrainModule: the Lightning module that runs one training step of any recipe.
+
+Step: student forward once per view group, teacher forward once over the global views (no
+grad), every objective computes its loss from the shared features, the weighted sum is
+optimised; after the optimiser step the teacher is updated by EMA. lr, weight decay and EMA
+momentum follow per-step arrays (:mod:`stratavit.schedules`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from stratavit.backbone import Backbone
+from stratavit.config import Config, config_from_dict, to_dict
+from stratavit.objectives import OBJECTIVES, Objective, StepState, ViewFeatures
+from stratavit.schedules import cosine_schedule, momentum_schedule
+from stratavit.teacher import Teacher
+from stratavit.views import MultiViewBatch
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss."""
+
+
+def _param_groups(modules: list[nn.Module]) -> list[dict[str, Any]]:
+    """Trainable parameters split into weight-decayed (matrices) and not (biases, norms, tokens)."""
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for m in modules:
+        for name, p in m.named_parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if p.ndim <= 1 or name.endswith(".bias") or "token" in name or "pos_embed" in name:
+                no_decay.append(p)
+            else:
+                decay.append(p)
+    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
+
+
+class PretrainModule(L.LightningModule):
+    """Backbone + objectives + teacher for one recipe.
+
+    Args:
+        config: the resolved config as a plain dict (saved in checkpoints as hyper-parameters).
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.save_hyperparameters({"config": config})
+        self.cfg: Config = config_from_dict(config)
+        self.backbone = Backbone(self.cfg.backbone)
+        self.objectives = nn.ModuleDict(
+            {name: OBJECTIVES[name](ocfg, self.backbone) for name, ocfg in self.cfg.objectives.items()}
+        )
+        self.teacher = Teacher(self.backbone, self._teacher_heads())
+        self.student_levels = sorted({lv for o in self._objs() for lv in o.student_levels()})
+        self.teacher_levels = sorted({lv for o in self._objs() for lv in o.teacher_levels()})
+        self.uses_local = any(o.reads_local_views for o in self._objs()) and self.cfg.views.local_crops > 0
+        self._nonfinite_streak = 0
+        self.nonfinite_steps = 0
+        self._stepped = False
+        self._schedules: dict[str, np.ndarray] = {}
+        self.steps_per_epoch = 1
+
+    def _objs(self) -> list[Objective]:
+        return list(self.objectives.values())  # type: ignore[arg-type]
+
+    def _teacher_heads(self) -> dict[str, nn.Module]:
+        heads = {}
+        for name, obj in self.objectives.items():
+            head = obj.teacher_head()  # type: ignore[operator]
+            if head is not None:
+                heads[name] = head
+        return heads
+
+    # ---------------------------------------------------------------------------------- setup
+
+    def effective_lr(self) -> float:
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return self.cfg.optim.base_lr * self.cfg.data.batch_size * world / 256
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        total = int(self.trainer.estimated_stepping_batches)
+        batches = self.trainer.num_training_batches
+        accumulate = self.trainer.accumulate_grad_batches
+        self.steps_per_epoch = max(1, int(batches) // accumulate) if math.isfinite(batches) else max(1, total)
+        lr = self.effective_lr()
+        warmup = int(round(o.warmup_epochs * self.steps_per_epoch))
+        self._schedules = {
+            "lr": cosine_schedule(lr, o.min_lr, total, warmup),
+            "wd": cosine_schedule(o.weight_decay, o.weight_decay if o.weight_decay_end is None else o.weight_decay_end, total),
+            "momentum": momentum_schedule(self.cfg.teacher.momentum, self.cfg.teacher.momentum_end, total),
+        }
+        groups = _param_groups([self.backbone, self.objectives])
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+    def _schedule(self, name: str, step: int) -> float:
+        arr = self._schedules[name]
+        return float(arr[min(step, len(arr) - 1)])
+
+    def state(self) -> StepState:
+        return StepState(
+            step=int(self.global_step),
+            epoch=int(self.current_epoch),
+            steps_per_epoch=self.steps_per_epoch,
+            total_steps=len(self._schedules.get("lr", [0])),
+        )
+
+    # ---------------------------------------------------------------------------------- step
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        step = int(self.global_step)
+        for opt in self.trainer.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = self._schedule("lr", step)
+                if group.get("apply_wd", True):
+                    group["weight_decay"] = self._schedule("wd", step)
+
+    def compute_features(self, batch: MultiViewBatch) -> tuple[ViewFeatures, ViewFeatures]:
+        """Student features of every view group and teacher features of the global views."""
+        g = torch.cat([v.images for v in batch.global_views])
+        s_global = self.backbone(g, self.student_levels)
+        s_local = None
+        if self.uses_local and batch.local_views:
+            s_local = self.backbone(torch.cat([v.images for v in batch.local_views]), self.student_levels)
+        with torch.no_grad():
+            t_global = self.teacher.backbone(g, self.teacher_levels)
+        n_g, n_l = len(batch.global_views), len(batch.local_views) if s_local is not None else 0
+        return (
+            ViewFeatures(s_global, s_local, n_g, n_l, batch),
+            ViewFeatures(t_global, None, n_g, 0, batch),
+        )
+
+    def compute_losses(self, batch: MultiViewBatch) -> tuple[Tensor, dict[str, Tensor | float]]:
+        """Total weighted loss and every named term/metric for one batch."""
+        student, teacher = self.compute_features(batch)
+        state = self.state()
+        total: Tensor | float = 0.0
+        logs: dict[str, Tensor | float] = {}
+        for name, obj in self.objectives.items():
+            head = self.teacher.heads[name] if name in self.teacher.heads else None
+            out = obj(student, teacher, head, state)
+            total = total + obj.cfg.weight * out.loss
+            logs[f"loss/{name}"] = out.loss.detach()
+            logs.update(out.metrics)
+        assert isinstance(total, Tensor)
+        return total, logs
+
+    def training_step(self, batch: MultiViewBatch, batch_idx: int) -> Tensor | None:
+        total, logs = self.compute_losses(batch)
+        self._stepped = False
+        if not torch.isfinite(total):
+            self.nonfinite_steps += 1
+            self._nonfinite_streak += 1
+            log.warning("step %d: non-finite loss (%s); skipping the step", self.global_step, total.item())
+            if self._nonfinite_streak >= self.cfg.train.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{self._nonfinite_streak} consecutive steps had a non-finite loss (last: {total.item()}). "
+                    "Lower optim.base_lr, set optim.clip_grad, or check the data; the last good "
+                    "checkpoint is kept in the run folder."
+                )
+            return None
+        self._nonfinite_streak = 0
+        self._stepped = True
+        bs = batch.batch_size
+        self.log("loss", total.detach(), prog_bar=True, batch_size=bs)
+        self.log_dict({k: v for k, v in logs.items()}, batch_size=bs)
+        self.log("lr", self._schedule("lr", int(self.global_step)), batch_size=bs)
+        self.log("wd", self._schedule("wd", int(self.global_step)), batch_size=bs)
+        self.log("momentum", self._schedule("momentum", int(self.global_step)), batch_size=bs)
+        return total
+
+    def on_after_backward(self) -> None:
+        state = self.state()
+        for obj in self._objs():
+            obj.on_after_backward(state)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self._stepped:
+            return
+        step = int(self.global_step) - 1  # the optimiser step that just finished
+        self.teacher.update(self.backbone, self._teacher_heads(), self._schedule("momentum", max(step, 0)))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["nonfinite_steps"] = self.nonfinite_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
+
+    def config_dict(self) -> dict[str, Any]:
+        return to_dict(self.cfg)

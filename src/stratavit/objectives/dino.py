@@ -1,0 +1,120 @@
+"""``dino``: self-distillation with no labels (Caron et al. 2021) on the CLS token.
+
+``P_t = softmax((t − c)/τ_t)`` on the teacher's global views, ``P_s = softmax(s/τ_s)`` on every
+student view; loss = mean over pairs (teacher global view q, student view v ≠ q) of
+``mean_b CE(P_t(q), P_s(v))``. The centre ``c`` is an EMA (momentum 0.9) of the teacher outputs'
+mean over the whole global batch (all-reduced across processes). τ_t warms up linearly per epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stratavit.backbone import Backbone
+from stratavit.distributed import all_reduce_sum, world_size
+from stratavit.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput, StepState, ViewFeatures
+from stratavit.objectives.heads import DINOHead
+
+
+@dataclass
+class DINOConfig(ObjectiveConfig):
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    head_layers: int = 3
+    use_bn: bool = False
+    norm_last_layer: bool = True
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    center_momentum: float = 0.9
+    freeze_last_layer_epochs: int = 1
+
+
+def teacher_temperature(cfg: DINOConfig, epoch: int) -> float:
+    """Linear warm-up from ``warmup_teacher_temp`` to ``teacher_temp`` over the warm-up epochs."""
+    if epoch >= cfg.warmup_teacher_temp_epochs or cfg.warmup_teacher_temp_epochs <= 0:
+        return cfg.teacher_temp
+    frac = epoch / cfg.warmup_teacher_temp_epochs
+    return cfg.warmup_teacher_temp + frac * (cfg.teacher_temp - cfg.warmup_teacher_temp)
+
+
+def dino_loss(
+    student_out: list[Tensor], teacher_out: list[Tensor], center: Tensor, student_temp: float, teacher_temp: float
+) -> Tensor:
+    """Cross-entropy between centred, sharpened teacher and student distributions.
+
+    Args:
+        student_out: one (B, K) logit tensor per student view; the first ``len(teacher_out)`` are
+            the global views, in the same order as ``teacher_out``.
+        teacher_out: one (B, K) logit tensor per teacher (global) view.
+        center: (1, K) teacher centre.
+    Returns:
+        scalar: mean over pairs (q, v ≠ q) of ``mean_b Σ_k −P_t(q) log P_s(v)``.
+    """
+    log_ps = [F.log_softmax(s / student_temp, dim=-1) for s in student_out]
+    pts = [F.softmax((t - center) / teacher_temp, dim=-1).detach() for t in teacher_out]
+    total, pairs = 0.0, 0
+    for iq, pt in enumerate(pts):
+        for v, lp in enumerate(log_ps):
+            if v == iq:
+                continue
+            total = total + torch.sum(-pt * lp, dim=-1).mean()
+            pairs += 1
+    return total / pairs
+
+
+@torch.no_grad()
+def updated_center(center: Tensor, teacher_out: Tensor, momentum: float) -> Tensor:
+    """``c ← m c + (1 − m) · mean(teacher outputs over the batch of all processes)``; (1, K)."""
+    batch_sum = all_reduce_sum(teacher_out.sum(dim=0, keepdim=True))
+    batch_mean = batch_sum / (teacher_out.shape[0] * world_size())
+    return center * momentum + batch_mean * (1 - momentum)
+
+
+class DINO(Objective):
+    name = "dino"
+    config_class = DINOConfig
+    reads_local_views = True
+
+    def __init__(self, cfg: DINOConfig, backbone: Backbone) -> None:
+        super().__init__(cfg, backbone)
+        if len(self.levels) != 1:
+            raise ValueError("objectives.dino reads exactly one level (its CLS token)")
+        self.cfg: DINOConfig = cfg
+        self.head = DINOHead(
+            backbone.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_layers, cfg.use_bn, cfg.norm_last_layer
+        )
+        self.register_buffer("center", torch.zeros(1, cfg.out_dim))
+
+    def teacher_head(self) -> nn.Module:
+        return self.head
+
+    def forward(
+        self, student: ViewFeatures, teacher: ViewFeatures, teacher_head: nn.Module | None, state: StepState
+    ) -> ObjectiveOutput:
+        assert teacher_head is not None
+        lv = self.levels[0]
+        s_global = self.head(student.global_[lv].cls).float().chunk(student.n_global)
+        s_local = self.head(student.local[lv].cls).float().chunk(student.n_local) if student.local else ()
+        with torch.no_grad():
+            t_all = teacher_head(teacher.global_[lv].cls).float()
+        t_views = list(t_all.chunk(teacher.n_global))
+        temp = teacher_temperature(self.cfg, state.epoch)
+        loss = dino_loss(list(s_global) + list(s_local), t_views, self.center, self.cfg.student_temp, temp)
+        with torch.no_grad():
+            pt = F.softmax((t_all - self.center) / temp, dim=-1)
+            entropy = -(pt * torch.log(pt.clamp_min(1e-12))).sum(-1).mean()
+            if self.training:
+                self.center.copy_(updated_center(self.center, t_all, self.cfg.center_momentum))
+        return ObjectiveOutput(loss, {"dino/teacher_temp": temp, "dino/teacher_entropy": entropy})
+
+    def on_after_backward(self, state: StepState) -> None:
+        if state.epoch < self.cfg.freeze_last_layer_epochs:
+            for p in self.head.last_layer.parameters():
+                p.grad = None

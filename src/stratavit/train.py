@@ -1,0 +1,231 @@
+"""``pretrain``: build the data, module and Lightning trainer for a recipe, run it, export the backbone.
+
+Run folder layout::
+
+    RUN_DIR/config.yaml            resolved config
+    RUN_DIR/metrics.csv            one row per logged step: step, epoch, loss, loss/<name>, lr, ...
+    RUN_DIR/checkpoints/last.ckpt  Lightning checkpoint (resume point)
+    RUN_DIR/backbone.safetensors   teacher backbone, timm format (on completion)
+    RUN_DIR/run.json               summary: steps, wall time, throughput, skipped images/steps
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from stratavit.config import Config, ConfigError, dump_yaml, load_config_file, resolve_config, to_dict
+from stratavit.datasets import DataError, Indexed, bad_files, build_dataset
+from stratavit.views import MultiCropTransform, collate_views
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last.ckpt"
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / LAST
+
+
+def resolve_run_config(
+    run_dir: Path, recipe: str | None, overrides: Sequence[str], resume: bool
+) -> tuple[Config, bool]:
+    """The config of a new run, or of the run in ``run_dir`` continued (with ``overrides`` on top).
+
+    Returns ``(config, resuming)``.
+    """
+    last = last_checkpoint(run_dir)
+    saved = run_dir / "config.yaml"
+    if last.exists() and saved.exists():
+        cfg = load_config_file(saved)
+        if recipe is not None and recipe != cfg.recipe:
+            raise ConfigError(
+                f"{run_dir} holds a '{cfg.recipe}' run; pass --recipe {cfg.recipe} to continue it, "
+                f"or choose another --out for a new '{recipe}' run"
+            )
+        if overrides:
+            cfg = resolve_config(to_dict(cfg), list(overrides))
+        return cfg, True
+    if resume:
+        raise ConfigError(f"--resume: no checkpoint at {last}; nothing to continue (drop --resume to start)")
+    if recipe is None:
+        raise ConfigError("choose a recipe with --recipe (see `stratavit recipes`)")
+    return resolve_config(recipe, list(overrides)), False
+
+
+def _precision(cfg: Config) -> str:
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def _truncate_metrics(path: Path, from_step: int) -> None:
+    """Drop rows logged at or after ``from_step`` (written after the checkpoint of a killed run)."""
+    if not path.exists():
+        return
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+        fields = list(rows[0].keys()) if rows else None
+    if not fields:
+        return
+    kept = [r for r in rows if r.get("step", "") == "" or int(float(r["step"])) < from_step]
+    if len(kept) == len(rows):
+        return
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        w.writerows(kept)
+    os.replace(tmp, path)
+
+
+def build_train_loader(cfg: Config, patch_size: int) -> DataLoader:
+    """Multi-crop training loader: batches are :class:`~stratavit.views.MultiViewBatch`."""
+    if cfg.data.path is None:
+        raise ConfigError("no training data: pass --data DIR (an ImageFolder directory) or a named set such as cifar10")
+    transform = MultiCropTransform(cfg.views, patch_size)
+    ds = build_dataset(cfg.data.path, split="train", transform=transform, root=cfg.data.root, limit=cfg.data.limit, seed=cfg.train.seed)
+    n = len(ds)  # type: ignore[arg-type]
+    if n < cfg.data.batch_size:
+        raise DataError(
+            f"{cfg.data.path} has {n} images, fewer than data.batch_size={cfg.data.batch_size}; "
+            "lower data.batch_size or add images"
+        )
+    return DataLoader(
+        Indexed(ds),
+        batch_size=cfg.data.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=cfg.data.num_workers,
+        collate_fn=collate_views,
+        persistent_workers=cfg.data.num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def pretrain(
+    recipe: str | None = None,
+    data: str | None = None,
+    out: str | Path = "runs/pretrain",
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+) -> Path:
+    """Pre-train a backbone; returns the run folder.
+
+    Args:
+        recipe: recipe name (``stratavit recipes``) or a YAML path; may be None when continuing.
+        data: ImageFolder directory or named set (overrides ``data.path``).
+        out: run folder. If it holds ``checkpoints/last.ckpt`` the run continues from there.
+        overrides: ``key=value`` config overrides.
+        resume: require a checkpoint to continue from.
+    """
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.loggers import CSVLogger
+
+    from stratavit.export import export_backbone
+    from stratavit.module import PretrainModule
+
+    run_dir = Path(out)
+    overrides = list(overrides)
+    if data is not None:
+        overrides.append(f"data.path={data}")
+    cfg, resuming = resolve_run_config(run_dir, recipe, overrides, resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+
+    module = PretrainModule(to_dict(cfg))
+    loader = build_train_loader(cfg, module.backbone.patch_size)
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+
+    ckpt_path = None
+    start_step = 0
+    if resuming:
+        ckpt_path = last_checkpoint(run_dir)
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        start_step = int(state.get("global_step", 0))
+        _truncate_metrics(run_dir / "metrics.csv", start_step)
+        del state
+
+    loggers: list[Any] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    try:
+        from lightning.pytorch.loggers import TensorBoardLogger
+        import tensorboard  # noqa: F401
+
+        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
+    except ImportError:
+        pass
+    checkpoint = ModelCheckpoint(
+        dirpath=str(run_dir / CHECKPOINT_DIR),
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=cfg.train.checkpoint_every_n_steps,
+    )
+    callbacks: list[Any] = [checkpoint]
+    if cfg.train.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=1))
+    trainer = L.Trainer(
+        default_root_dir=str(run_dir),
+        max_epochs=cfg.train.epochs,
+        max_steps=cfg.train.max_steps if cfg.train.max_steps is not None else -1,
+        accelerator=cfg.train.accelerator,
+        devices=cfg.train.devices,
+        num_nodes=cfg.train.num_nodes,
+        strategy=cfg.train.strategy,
+        precision=_precision(cfg),  # type: ignore[arg-type]
+        sync_batchnorm=cfg.train.sync_batchnorm and cfg.train.devices * cfg.train.num_nodes > 1,
+        gradient_clip_val=cfg.optim.clip_grad,
+        log_every_n_steps=cfg.train.log_every_n_steps,
+        logger=loggers,
+        callbacks=callbacks,
+        enable_progress_bar=cfg.train.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        deterministic=False,
+    )
+    start = time.time()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*Experiment logs directory.*")
+        warnings.filterwarnings("ignore", ".*predefined dataloader.*")
+        trainer.fit(
+            module,
+            train_dataloaders=loader,
+            ckpt_path=str(ckpt_path) if ckpt_path else None,
+            weights_only=True,
+        )
+    wall = time.time() - start
+    if trainer.is_global_zero:
+        trainer.save_checkpoint(str(last_checkpoint(run_dir)))
+        export_backbone(module, run_dir / "backbone.safetensors")
+        skipped = bad_files(loader.dataset)
+        if skipped:
+            (run_dir / "skipped_images.txt").write_text("\n".join(skipped) + "\n")
+        summary = {
+            "recipe": cfg.recipe,
+            "global_step": int(trainer.global_step),
+            "epochs_completed": int(trainer.current_epoch),
+            "wall_time_s": round(wall, 2),
+            "images_per_s": None,
+            "skipped_images": len(skipped),
+            "nonfinite_steps": module.nonfinite_steps,
+            "resumed": resuming,
+        }
+        steps_now = int(trainer.global_step) - start_step
+        if wall > 0 and steps_now > 0:
+            summary["images_per_s"] = round(steps_now * cfg.data.batch_size * trainer.world_size / wall, 2)
+        (run_dir / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return run_dir
