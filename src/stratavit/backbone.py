@@ -110,8 +110,11 @@ class Backbone(nn.Module):
         self.cfg = cfg
         try:
             self.vit = timm.create_model(cfg.arch, pretrained=False, drop_path_rate=cfg.drop_path_rate, **timm_kwargs(cfg))
-        except RuntimeError as e:
-            raise ConfigError(f"backbone.arch={cfg.arch!r}: {e}") from None
+        except (RuntimeError, TypeError) as e:
+            raise ConfigError(
+                f"backbone.arch={cfg.arch!r} cannot be built as a ViT with these settings ({e}); "
+                "use a timm VisionTransformer such as vit_small_patch16_224"
+            ) from None
         if not hasattr(self.vit, "forward_intermediates") or not hasattr(self.vit, "cls_token"):
             raise ConfigError(f"backbone.arch={cfg.arch!r} is not a timm VisionTransformer with a CLS token")
         if self.vit.cls_token is None:

@@ -101,18 +101,18 @@ def evaluate_run(
     data_key = (train, test, train_limit, test_limit, size)
     started = time.time()
 
-    def features(net: nn.Module, tag: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def features(net: nn.Module, tag: str, label: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         ftr, ytr = extract_block_features(
-            net, train_ds, batch_size=batch_size, num_workers=num_workers, desc=f"{tag} train",
+            net, train_ds, batch_size=batch_size, num_workers=num_workers, desc=f"{label} features (train)",
             cache_path=cache / _cache_name(tag, "train", *data_key),
         )
         fte, yte = extract_block_features(
-            net, test_ds, batch_size=batch_size, num_workers=num_workers, desc=f"{tag} test",
+            net, test_ds, batch_size=batch_size, num_workers=num_workers, desc=f"{label} features (test)",
             cache_path=cache / _cache_name(tag, "test", *data_key),
         )
         return ftr, ytr, fte, yte
 
-    ftr, ytr, fte, yte = features(model, _weights_key(run_dir, which))
+    ftr, ytr, fte, yte = features(model, _weights_key(run_dir, which), which)
     n_cls = _num_classes(ytr, yte)
     per_layer = knn_per_layer(ftr, ytr, fte, yte, k=k, temperature=temperature, num_classes=n_cls)
     lin = linear_probe_top1(ftr[-1], ytr, fte[-1], yte, num_classes=n_cls)
@@ -123,7 +123,7 @@ def evaluate_run(
     }
     if baselines:
         rand = random_backbone(cfg.backbone, seed=cfg.train.seed).vit
-        rtr, rytr, rte, ryte = features(rand, f"random-init-{cfg.backbone}-{cfg.train.seed}")
+        rtr, rytr, rte, ryte = features(rand, f"random-init-{cfg.backbone}-{cfg.train.seed}", "random init")
         rand_layers = knn_per_layer(rtr, rytr, rte, ryte, k=k, temperature=temperature, num_classes=n_cls)
         ptr, pytr = raw_pixel_features(train_ds, batch_size=batch_size, desc="raw pixels train",
                                        cache_path=cache / _cache_name("pixels", "train", *data_key))

@@ -121,6 +121,7 @@ def pretrain(
     out: str | Path = "runs/pretrain",
     overrides: Sequence[str] = (),
     resume: bool = False,
+    callbacks: Sequence[Any] = (),
 ) -> Path:
     """Pre-train a backbone; returns the run folder.
 
@@ -130,12 +131,13 @@ def pretrain(
         out: run folder. If it holds ``checkpoints/last.ckpt`` the run continues from there.
         overrides: ``key=value`` config overrides.
         resume: require a checkpoint to continue from.
+        callbacks: extra Lightning callbacks.
     """
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-    from lightning.pytorch.loggers import CSVLogger
 
     from stratavit.export import export_backbone
+    from stratavit.metrics_log import RunCSVLogger
     from stratavit.module import PretrainModule
 
     run_dir = Path(out)
@@ -159,7 +161,7 @@ def pretrain(
         _truncate_metrics(run_dir / "metrics.csv", start_step)
         del state
 
-    loggers: list[Any] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    loggers: list[Any] = [RunCSVLogger(str(run_dir))]
     try:
         from lightning.pytorch.loggers import TensorBoardLogger
         import tensorboard  # noqa: F401
@@ -173,9 +175,9 @@ def pretrain(
         save_top_k=0,
         every_n_train_steps=cfg.train.checkpoint_every_n_steps,
     )
-    callbacks: list[Any] = [checkpoint]
+    all_callbacks: list[Any] = [checkpoint, *callbacks]
     if cfg.train.progress_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=1))
+        all_callbacks.append(TQDMProgressBar(refresh_rate=1))
     trainer = L.Trainer(
         default_root_dir=str(run_dir),
         max_epochs=cfg.train.epochs,
@@ -189,7 +191,7 @@ def pretrain(
         gradient_clip_val=cfg.optim.clip_grad,
         log_every_n_steps=cfg.train.log_every_n_steps,
         logger=loggers,
-        callbacks=callbacks,
+        callbacks=all_callbacks,
         enable_progress_bar=cfg.train.progress_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,

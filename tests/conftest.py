@@ -1,0 +1,63 @@
+"""Shared fixtures: the real CIFAR-10 JPEGs from ../shared, unpacked once into a cache folder."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("STRATAVIT_SHARED", REPO.parent / "shared"))
+CACHE = Path(os.environ.get("STRATAVIT_TEST_CACHE", Path.home() / ".cache" / "stratavit-tests"))
+
+# A tiny backbone and schedule every end-to-end test can afford on 2 CPU cores.
+TINY = [
+    "backbone.arch=vit_tiny_patch16_224",
+    "backbone.img_size=32",
+    "backbone.patch_size=4",
+    "backbone.embed_dim=32",
+    "backbone.depth=2",
+    "backbone.num_heads=2",
+    "views.global_size=32",
+    "views.local_size=16",
+    "data.batch_size=16",
+    "data.num_workers=0",
+    "data.limit=200",
+    "train.log_every_n_steps=1",
+    "train.progress_bar=false",
+    "optim.warmup_epochs=0.5",
+]
+
+
+def _unpack(archive: Path, target: Path) -> Path:
+    done = target / ".complete"
+    if not done.exists():
+        target.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(target, filter="data")
+        done.touch()
+    return target
+
+
+@pytest.fixture(scope="session")
+def cifar_dir() -> Path:
+    """Folder with ``train/<class>/*.jpg`` and ``test/<class>/*.jpg`` (the whole shared CIFAR-10)."""
+    src = SHARED / "datasets" / "cifar10"
+    if not (src / "train.tar.gz").exists():
+        pytest.skip(f"shared CIFAR-10 not found at {src} (set STRATAVIT_SHARED)")
+    target = CACHE / "cifar10"
+    _unpack(src / "train.tar.gz", target)
+    _unpack(src / "test.tar.gz", target / "_test")
+    return target
+
+
+@pytest.fixture(scope="session")
+def cifar_train(cifar_dir: Path) -> Path:
+    return cifar_dir / "train"
+
+
+@pytest.fixture(scope="session")
+def cifar_test(cifar_dir: Path) -> Path:
+    return cifar_dir / "_test" / "test"

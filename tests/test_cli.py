@@ -1,0 +1,137 @@
+"""The command line as a user calls it: pretrain -> evaluate -> export -> reload in timm; resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import timm
+import torch
+
+from stratavit import load_backbone, pretrain
+from stratavit.cli import main
+
+from conftest import TINY
+
+MOCO_SMALL = ["objectives.infonce.proj_hidden_dim=64", "objectives.infonce.pred_hidden_dim=64", "objectives.infonce.proj_dim=32"]
+DINO_SMALL = ["objectives.dino.out_dim=128", "objectives.dino.hidden_dim=64", "objectives.dino.bottleneck_dim=32",
+              "views.local_crops=2"]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("stratavit")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "stratavit.cli"]
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=600)
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as fh:
+        return [r for r in csv.DictReader(fh) if r.get("loss")]
+
+
+def test_recipes_and_config_commands():
+    res = _cli("recipes")
+    assert res.returncode == 0 and "mocov3" in res.stdout and "dino" in res.stdout
+    res = _cli("config", "--recipe", "dino", "train.epochs=7")
+    assert res.returncode == 0 and "epochs: 7" in res.stdout
+
+
+def test_bad_override_fails_before_training(tmp_path):
+    res = _cli("pretrain", "--recipe", "mocov3", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "train.epoch=2")
+    assert res.returncode == 2
+    assert "train.epoch" in res.stderr and "epochs" in res.stderr
+    assert not (tmp_path / "r" / "checkpoints").exists()
+    res = _cli("pretrain", "--recipe", "mocov3", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"))
+    assert res.returncode == 2 and "does not exist" in res.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, extra", [("mocov3", MOCO_SMALL), ("dino", DINO_SMALL)])
+def test_pretrain_evaluate_export_reload(tmp_path, cifar_train, cifar_test, recipe, extra):
+    run = tmp_path / "run"
+    res = _cli("pretrain", "--recipe", recipe, "--data", str(cifar_train), "--out", str(run), *TINY, *extra, "train.max_steps=4")
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in ("config.yaml", "metrics.csv", "checkpoints/last.ckpt", "backbone.safetensors", "run.json"):
+        assert (run / name).exists(), name
+    rows = _rows(run / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]
+    assert {"step", "epoch", "loss", f"loss/{'infonce' if recipe == 'mocov3' else 'dino'}", "lr"} <= set(rows[0])
+    assert all(float(r["loss"]) == float(r["loss"]) for r in rows)  # finite, not NaN
+
+    res = _cli("evaluate", str(run), "--train", str(cifar_train), "--test", str(cifar_test),
+               "--train-limit", "300", "--test-limit", "100", "--baselines")
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert 0 <= results["knn"]["top1"] <= 100 and 0 <= results["linear"]["top1"] <= 100
+    assert [layer["block"] for layer in results["layers"]] == [1, 2]
+    assert results["layers"][-1]["knn_top1"] == results["knn"]["top1"]
+    assert set(results["baselines"]) == {"random_init", "raw_pixels"}
+    report = (run / "eval" / "report.md").read_text()
+    assert "layer_curve.png" in report and (run / "eval" / "layer_curve.png").exists()
+    assert (run / "eval" / "loss_curve.png").exists()
+
+    out = tmp_path / "exported.safetensors"
+    res = _cli("export", str(run), "--to", "timm", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    kw = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, dynamic_img_size=True)
+    plain = timm.create_model("vit_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(out)), num_classes=0, **kw)
+    strict = timm.create_model("vit_tiny_patch16_224", num_classes=0, **kw)
+    from safetensors.torch import load_file
+
+    missing, unexpected = strict.load_state_dict(load_file(str(out)), strict=True)
+    assert not missing and not unexpected
+    ours = load_backbone(out)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(x), ours(x))
+        torch.testing.assert_close(strict.eval()(x), ours(x))
+    # a head for fine-tuning loads too (head is newly initialised)
+    timm.create_model("vit_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(out)), num_classes=10, **kw)
+
+
+class _Crash(L.Callback):
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.at_step:
+            raise RuntimeError("simulated crash")
+
+
+@pytest.mark.slow
+def test_resume_continues_steps_and_loss_curve(tmp_path, cifar_train):
+    args = dict(recipe="mocov3", data=str(cifar_train))
+    over = [*TINY, *MOCO_SMALL, "train.epochs=2", "train.checkpoint_every_n_steps=4", "data.limit=128"]
+    # uninterrupted: 2 epochs x 8 steps
+    full = pretrain(out=tmp_path / "full", overrides=over, **args)
+    full_rows = _rows(full / "metrics.csv")
+    assert [int(r["step"]) for r in full_rows] == list(range(16))
+    # crash after step 6 (last checkpoint at step 4), then run the same command again
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pretrain(out=tmp_path / "crash", overrides=over, callbacks=[_Crash(6)], **args)
+    ckpt = torch.load(tmp_path / "crash" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4
+    with pytest.raises(Exception, match="nothing to continue"):
+        pretrain(out=tmp_path / "other", overrides=over, resume=True, **args)
+    resumed = pretrain(out=tmp_path / "crash", overrides=over, resume=True, **args)
+    rows = _rows(resumed / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == list(range(16))  # no gap, no duplicate
+    # the first 4 steps are the same run; the schedule continues exactly where it stopped
+    for a, b in zip(rows[:4], full_rows[:4]):
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5)
+    for a, b in zip(rows, full_rows):
+        assert float(a["lr"]) == pytest.approx(float(b["lr"]), rel=1e-6)
+        assert float(a["momentum"]) == pytest.approx(float(b["momentum"]), rel=1e-6)
+    # weights were restored: the resumed losses continue the curve instead of restarting from step 0
+    first = float(full_rows[0]["loss"])
+    late_full = sum(float(r["loss"]) for r in full_rows[4:]) / 12
+    late_resumed = sum(float(r["loss"]) for r in rows[4:]) / 12
+    assert abs(late_resumed - late_full) < 0.25 * abs(first - late_full) + 0.05
+    summary = json.loads((resumed / "run.json").read_text())
+    assert summary["resumed"] is True and summary["global_step"] == 16

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from stratavit.datasets import DataError, ImageFolderDataset, bad_files, build_dataset, dataset_targets
+
+
+def _img(path: Path, color=(10, 20, 30)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (12, 10), color).save(path)
+
+
+def test_class_folders_and_flat_folders(tmp_path):
+    for cls in ("b", "a"):
+        for i in range(3):
+            _img(tmp_path / "cls" / cls / f"{i}.png")
+    ds = ImageFolderDataset(tmp_path / "cls")
+    assert ds.classes == ["a", "b"] and len(ds) == 6 and ds.targets == [0, 0, 0, 1, 1, 1]
+    for i in range(4):
+        _img(tmp_path / "flat" / f"{i}.jpg")
+    flat = ImageFolderDataset(tmp_path / "flat")
+    assert len(flat) == 4 and set(flat.targets) == {0}
+
+
+def test_clear_errors_for_missing_or_empty(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        build_dataset(str(tmp_path / "nope"))
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images found"):
+        build_dataset(str(tmp_path / "empty"))
+
+
+def test_corrupt_images_are_skipped_and_listed(tmp_path):
+    _img(tmp_path / "d" / "x" / "0.png", (1, 2, 3))
+    (tmp_path / "d" / "x" / "1.png").write_bytes(b"not an image at all")
+    _img(tmp_path / "d" / "x" / "2.png", (7, 8, 9))
+    ds = ImageFolderDataset(tmp_path / "d")
+    img, label = ds[1]  # unreadable -> next readable image
+    assert img.getpixel((0, 0)) == (7, 8, 9) and label == 0
+    assert bad_files(ds) == [str(tmp_path / "d" / "x" / "1.png")]
+
+
+def test_limit_is_a_fixed_subset(cifar_train):
+    a = build_dataset(str(cifar_train), limit=50, seed=1)
+    b = build_dataset(str(cifar_train), limit=50, seed=1)
+    c = build_dataset(str(cifar_train), limit=50, seed=2)
+    assert len(a) == 50 and a.indices == b.indices and a.indices != c.indices
+    assert dataset_targets(a) is not None and len(set(dataset_targets(a))) > 1
+
+
+def test_shipped_sample_unpacks(tmp_path, monkeypatch):
+    monkeypatch.setenv("STRATAVIT_CACHE", str(tmp_path))
+    train = build_dataset("cifar10-sample:train")
+    test = build_dataset("cifar10-sample:test")
+    assert len(train) == 10000 and len(test) == 2000
+    img, label = test[0]
+    assert img.size == (32, 32) and 0 <= label < 10

@@ -1,0 +1,53 @@
+"""Schedules and the EMA teacher."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from stratavit.backbone import Backbone
+from stratavit.config import BackboneConfig
+from stratavit.objectives.heads import DINOHead, moco_mlp
+from stratavit.schedules import cosine_schedule, momentum_schedule
+from stratavit.teacher import Teacher
+
+
+def test_cosine_schedule_endpoints_and_warmup():
+    s = cosine_schedule(1.0, 0.0, 10, warmup_steps=4)
+    assert len(s) == 10
+    np.testing.assert_allclose(s[:4], [0.0, 0.25, 0.5, 0.75])
+    assert s[4] == pytest.approx(1.0)
+    assert np.all(np.diff(s[4:]) < 0)
+    m = momentum_schedule(0.99, 1.0, 101)
+    assert m[0] == pytest.approx(0.99) and m[50] == pytest.approx(1 - 0.01 * (1 + np.cos(np.pi * 50 / 101)) / 2) and m[-1] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_teacher_ema_update():
+    torch.manual_seed(0)
+    bb = Backbone(BackboneConfig(arch="vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2))
+    head = moco_mlp(16, 8, 4, 2)
+    teacher = Teacher(bb, {"x": head})
+    assert all(not p.requires_grad for p in teacher.parameters())
+    before = [p.clone() for p in teacher.parameters()]
+    with torch.no_grad():
+        for p in list(bb.parameters()) + list(head.parameters()):
+            p.add_(1.0)
+    teacher.update(bb, {"x": head}, 0.9)
+    for b, t in zip(before, teacher.parameters()):
+        torch.testing.assert_close(t, b + 0.1)  # 0.9 b + 0.1 (b + 1)
+    teacher.train()
+    assert not teacher.backbone.training and teacher.heads.training
+
+
+def test_heads_shapes_and_dino_weight_norm():
+    mlp = moco_mlp(32, 64, 16, 3)
+    assert mlp(torch.randn(5, 32)).shape == (5, 16)
+    assert not any(isinstance(m, nn.Linear) and m.bias is not None for m in mlp)
+    head = DINOHead(32, 100, hidden_dim=64, bottleneck_dim=16)
+    assert head(torch.randn(4, 32)).shape == (4, 100)
+    g = head.last_layer.parametrizations.weight.original0
+    assert not g.requires_grad and torch.all(g == 1)
+    # with the gain fixed at 1, every prototype (row) has unit norm
+    torch.testing.assert_close(head.last_layer.weight.norm(dim=1), torch.ones(100))
