@@ -135,3 +135,17 @@ def test_resume_continues_steps_and_loss_curve(tmp_path, cifar_train):
     assert abs(late_resumed - late_full) < 0.25 * abs(first - late_full) + 0.05
     summary = json.loads((resumed / "run.json").read_text())
     assert summary["resumed"] is True and summary["global_step"] == 16
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_on_cpu(tmp_path, cifar_train):
+    """train.devices=2 runs Lightning's DDP with gloo on CPU (the gathered loss paths for real)."""
+    run = tmp_path / "ddp"
+    res = _cli("pretrain", "--recipe", "dino", "--data", str(cifar_train), "--out", str(run), *TINY, *DINO_SMALL,
+               "train.max_steps=3", "train.devices=2", "train.accelerator=cpu", "data.limit=128")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("run folder:") == 1
+    summary = json.loads((run / "run.json").read_text())
+    assert summary["global_step"] == 3
+    assert [int(r["step"]) for r in _rows(run / "metrics.csv")] == [0, 1, 2]
+    assert load_backbone(run) is not None

@@ -55,6 +55,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from stratavit.train import pretrain
 
     run = pretrain(args.recipe, args.data, args.out, args.overrides, resume=args.resume)
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
+        return 0  # the other processes of a multi-process run stay quiet
     print(f"run folder: {run}")
     print(f"backbone:   {run / 'backbone.safetensors'}")
     return 0

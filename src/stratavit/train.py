@@ -210,8 +210,8 @@ def pretrain(
             weights_only=True,
         )
     wall = time.time() - start
+    trainer.save_checkpoint(str(last_checkpoint(run_dir)), weights_only=False)  # collective: every process calls it
     if trainer.is_global_zero:
-        trainer.save_checkpoint(str(last_checkpoint(run_dir)))
         export_backbone(module, run_dir / "backbone.safetensors")
         skipped = bad_files(loader.dataset)
         if skipped:
