@@ -210,24 +210,29 @@ def pretrain(
             weights_only=True,
         )
     wall = time.time() - start
-    trainer.save_checkpoint(str(last_checkpoint(run_dir)), weights_only=False)  # collective: every process calls it
+    steps_now = int(trainer.global_step) - start_step
+    final = run_dir / "backbone.safetensors"
+    if steps_now > 0 or not final.exists():
+        trainer.save_checkpoint(str(last_checkpoint(run_dir)), weights_only=False)  # collective
     if trainer.is_global_zero:
-        export_backbone(module, run_dir / "backbone.safetensors")
+        if steps_now > 0 or not final.exists():
+            export_backbone(module, final)
         skipped = bad_files(loader.dataset)
         if skipped:
             (run_dir / "skipped_images.txt").write_text("\n".join(skipped) + "\n")
+        summary_path = run_dir / "run.json"
+        previous = json.loads(summary_path.read_text()) if resuming and summary_path.exists() else {}
         summary = {
             "recipe": cfg.recipe,
             "global_step": int(trainer.global_step),
             "epochs_completed": int(trainer.current_epoch),
-            "wall_time_s": round(wall, 2),
-            "images_per_s": None,
+            "wall_time_s": round(wall + float(previous.get("wall_time_s", 0.0)), 2),
+            "images_per_s": previous.get("images_per_s"),
             "skipped_images": len(skipped),
             "nonfinite_steps": module.nonfinite_steps,
             "resumed": resuming,
         }
-        steps_now = int(trainer.global_step) - start_step
         if wall > 0 and steps_now > 0:
             summary["images_per_s"] = round(steps_now * cfg.data.batch_size * trainer.world_size / wall, 2)
-        (run_dir / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     return run_dir
