@@ -33,7 +33,7 @@ def test_infonce_objective_is_the_symmetric_moco_loss():
     s, t = _features(bb, 2, seed=1), _features(bb, 2, seed=2)
     student = ViewFeatures(s, None, 2, 0, None)  # type: ignore[arg-type]
     teacher = ViewFeatures(t, None, 2, 0, None)  # type: ignore[arg-type]
-    out = obj(student, teacher, obj.projectors, _state())
+    out = obj(student, teacher, obj.teacher_head(), _state())
     q = obj.predictors["2"](obj.projectors["2"](s[2].cls))
     k = obj.projectors["2"](t[2].cls)
     want = infonce_loss(q[:B], k[B:], 0.2) + infonce_loss(q[B:], k[:B], 0.2)

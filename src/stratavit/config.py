@@ -111,6 +111,8 @@ class TrainConfig:
     epochs: int = 100
     max_steps: int | None = None
     """Stop after this many optimiser steps (schedules are laid out over min(epochs, steps))."""
+    max_time_s: float | None = None
+    """Also stop after this many seconds of training (the schedule still follows epochs/max_steps)."""
     seed: int = 0
     accelerator: str = "auto"
     devices: int = 1

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from stratavit.backbone import Backbone
 from stratavit.config import Config, config_from_dict, to_dict
+from stratavit.distributed import rank, world_size
 from stratavit.objectives import OBJECTIVES, Objective, StepState, ViewFeatures
 from stratavit.schedules import cosine_schedule, momentum_schedule
 from stratavit.teacher import Teacher
@@ -71,6 +74,8 @@ class PretrainModule(L.LightningModule):
         self._stepped = False
         self._schedules: dict[str, np.ndarray] = {}
         self.steps_per_epoch = 1
+        self._embed_data: tuple[Dataset, int, int] | None = None
+        self.show_progress = self.cfg.train.progress_bar
 
     def _objs(self) -> list[Objective]:
         return list(self.objectives.values())  # type: ignore[arg-type]
@@ -117,6 +122,73 @@ class PretrainModule(L.LightningModule):
             total_steps=len(self._schedules.get("lr", [0])),
         )
 
+    # ---------------------------------------------------------------------------------- E-step
+
+    def needs_dataset(self) -> bool:
+        """True if some objective has a per-epoch pass over the whole training set (e.g. k-means)."""
+        return any(type(o).needs_dataset_pass is not Objective.needs_dataset_pass for o in self._objs())
+
+    def set_embedding_dataset(self, dataset: Dataset, batch_size: int, num_workers: int) -> None:
+        """The training images with the evaluation transform, yielding ``(image, label, index)``."""
+        self._embed_data = (dataset, batch_size, num_workers)
+
+    @torch.no_grad()
+    def embed_dataset(self, objectives: dict[str, Objective]) -> dict[str, tuple[Tensor, Tensor]]:
+        """Teacher embeddings of this process's share of the training set for each objective.
+
+        Returns:
+            name -> (local embeddings (n_local, D), their data-set indices (n_local,)).
+        """
+        if self._embed_data is None:
+            raise RuntimeError(
+                f"objectives {list(objectives)} need a pass over the training set each epoch; "
+                "train through stratavit.pretrain (which provides it) or call set_embedding_dataset()"
+            )
+        dataset, batch_size, num_workers = self._embed_data
+        n = len(dataset)  # type: ignore[arg-type]
+        shard = list(range(rank(), n, world_size()))
+        loader = DataLoader(Subset(dataset, shard), batch_size=batch_size, num_workers=num_workers, shuffle=False)
+        levels = sorted({lv for o in objectives.values() for lv in o.teacher_levels()})
+        was_training = self.teacher.training
+        self.teacher.eval()
+        out: dict[str, list[Tensor]] = {name: [] for name in objectives}
+        idx: list[Tensor] = []
+        iterator: Any = loader
+        if self.show_progress and rank() == 0:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(loader, desc=f"E-step: embedding {n} images", leave=False)
+        try:
+            for images, _, index in iterator:
+                images = images.to(self.device)
+                with self.trainer.precision_plugin.forward_context():
+                    feats = self.teacher.backbone(images, levels)
+                    for name, obj in objectives.items():
+                        head = self.teacher.heads[name] if name in self.teacher.heads else None
+                        out[name].append(obj.embed(feats, head).float())
+                idx.append(index.to(self.device))
+        finally:
+            self.teacher.train(was_training)
+        index_all = torch.cat(idx)
+        return {name: (torch.cat(chunks), index_all) for name, chunks in out.items()}
+
+    def on_train_epoch_start(self) -> None:
+        epoch, epochs = int(self.current_epoch), self.cfg.train.epochs
+        due = {name: o for name, o in self.objectives.items() if o.needs_dataset_pass(epoch, epochs)}  # type: ignore[operator]
+        if not due:
+            return
+        n_total = len(self._embed_data[0]) if self._embed_data else 0  # type: ignore[arg-type]
+        started = time.time()
+        embeddings = self.embed_dataset(due)  # type: ignore[arg-type]
+        metrics: dict[str, float] = {}
+        for name, obj in due.items():
+            emb, index = embeddings[name]
+            metrics.update(obj.on_dataset_embeddings(emb, index, n_total, epoch))
+        metrics["estep/seconds"] = time.time() - started
+        if metrics:
+            for lg in self.loggers:
+                lg.log_metrics({**metrics, "epoch": epoch}, step=int(self.global_step))
+
     # ---------------------------------------------------------------------------------- step
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -138,8 +210,8 @@ class PretrainModule(L.LightningModule):
             t_global = self.teacher.backbone(g, self.teacher_levels)
         n_g, n_l = len(batch.global_views), len(batch.local_views) if s_local is not None else 0
         return (
-            ViewFeatures(s_global, s_local, n_g, n_l, batch),
-            ViewFeatures(t_global, None, n_g, 0, batch),
+            ViewFeatures(s_global, s_local, n_g, n_l, batch, self.backbone),
+            ViewFeatures(t_global, None, n_g, 0, batch, self.teacher.backbone),
         )
 
     def compute_losses(self, batch: MultiViewBatch) -> tuple[Tensor, dict[str, Tensor | float]]:

@@ -17,6 +17,7 @@ import logging
 import os
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from stratavit.config import Config, ConfigError, dump_yaml, load_config_file, resolve_config, to_dict
 from stratavit.datasets import DataError, Indexed, bad_files, build_dataset
-from stratavit.views import MultiCropTransform, collate_views
+from stratavit.views import MultiCropTransform, collate_views, eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,13 @@ def pretrain(
 
     module = PretrainModule(to_dict(cfg))
     loader = build_train_loader(cfg, module.backbone.patch_size)
+    if module.needs_dataset():
+        assert cfg.data.path is not None
+        plain = build_dataset(
+            cfg.data.path, split="train", transform=eval_transform(cfg.views.global_size, cfg.views.mean, cfg.views.std),
+            root=cfg.data.root, limit=cfg.data.limit, seed=cfg.train.seed,
+        )
+        module.set_embedding_dataset(Indexed(plain), 2 * cfg.data.batch_size, cfg.data.num_workers)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
 
     ckpt_path = None
@@ -182,6 +190,7 @@ def pretrain(
         default_root_dir=str(run_dir),
         max_epochs=cfg.train.epochs,
         max_steps=cfg.train.max_steps if cfg.train.max_steps is not None else -1,
+        max_time=timedelta(seconds=cfg.train.max_time_s) if cfg.train.max_time_s else None,
         accelerator=cfg.train.accelerator,
         devices=cfg.train.devices,
         num_nodes=cfg.train.num_nodes,

@@ -5,10 +5,14 @@ from __future__ import annotations
 from stratavit.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput, StepState, ViewFeatures
 from stratavit.objectives.dino import DINO, DINOConfig
 from stratavit.objectives.infonce import InfoNCE, InfoNCEConfig
+from stratavit.objectives.patch_aggregate import PatchAggregate, PatchAggregateConfig
+from stratavit.objectives.protonce import ProtoNCE, ProtoNCEConfig
 
 OBJECTIVES: dict[str, type[Objective]] = {
     InfoNCE.name: InfoNCE,
     DINO.name: DINO,
+    ProtoNCE.name: ProtoNCE,
+    PatchAggregate.name: PatchAggregate,
 }
 
 __all__ = [
@@ -17,6 +21,10 @@ __all__ = [
     "DINOConfig",
     "InfoNCE",
     "InfoNCEConfig",
+    "PatchAggregate",
+    "PatchAggregateConfig",
+    "ProtoNCE",
+    "ProtoNCEConfig",
     "Objective",
     "ObjectiveConfig",
     "ObjectiveOutput",

@@ -25,6 +25,9 @@ class ObjectiveConfig:
     """Weight of this objective's loss in the total."""
     levels: list[int] = field(default_factory=lambda: [-1])
     """Backbone levels read (1-based block numbers; -1 = last block)."""
+    levels_for_depth: int | None = None
+    """If set, ``levels`` are given for a backbone of this depth and are rescaled proportionally
+    to the actual depth (e.g. taps [4, 8] of 12 become [2, 4] of 6)."""
 
 
 @dataclass
@@ -50,6 +53,8 @@ class ViewFeatures:
         local: the same for local views (None if there are none or this is the teacher).
         n_global, n_local: number of views in each group.
         batch: the batch (geometry of every view, per sample).
+        backbone: the network that produced these features (student or teacher backbone), for
+            objectives that re-read a block (e.g. its attention).
     """
 
     global_: Features
@@ -57,6 +62,7 @@ class ViewFeatures:
     n_global: int
     n_local: int
     batch: MultiViewBatch
+    backbone: Backbone | None = None
 
 
 @dataclass
@@ -65,6 +71,18 @@ class ObjectiveOutput:
 
     loss: Tensor
     metrics: dict[str, Tensor | float] = field(default_factory=dict)
+
+
+def resolve_levels(cfg: ObjectiveConfig, backbone: Backbone) -> list[int]:
+    """Config levels -> 1-based block numbers of ``backbone`` (rescaled if ``levels_for_depth``)."""
+    levels = list(cfg.levels)
+    if cfg.levels_for_depth is not None:
+        ref = cfg.levels_for_depth
+        levels = [lv if lv < 0 else max(1, min(backbone.depth, round(lv * backbone.depth / ref))) for lv in levels]
+    resolved = [backbone.resolve_level(lv) for lv in levels]
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"levels {cfg.levels} map to repeated blocks {resolved} in a {backbone.depth}-block backbone")
+    return resolved
 
 
 class Objective(nn.Module):
@@ -77,7 +95,7 @@ class Objective(nn.Module):
     def __init__(self, cfg: ObjectiveConfig, backbone: Backbone) -> None:
         super().__init__()
         self.cfg = cfg
-        self.levels = [backbone.resolve_level(lv) for lv in cfg.levels]
+        self.levels = resolve_levels(cfg, backbone)
 
     def student_levels(self) -> list[int]:
         return list(self.levels)
@@ -100,3 +118,15 @@ class Objective(nn.Module):
 
     def on_after_backward(self, state: StepState) -> None:
         """Hook after gradients exist, before the optimiser step (e.g. freeze a layer)."""
+
+    def needs_dataset_pass(self, epoch: int, epochs: int) -> bool:
+        """True if, before ``epoch``, this objective needs embeddings of the whole training set."""
+        return False
+
+    def embed(self, teacher: Features, teacher_head: nn.Module | None) -> Tensor:
+        """(B, D) embeddings of eval-transformed images from teacher features (for a dataset pass)."""
+        raise NotImplementedError
+
+    def on_dataset_embeddings(self, local_emb: Tensor, local_idx: Tensor, n_total: int, epoch: int) -> dict[str, float]:
+        """Receive this process's share of the dataset embeddings (E-step); returns metrics to log."""
+        raise NotImplementedError

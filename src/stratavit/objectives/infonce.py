@@ -4,12 +4,13 @@ Student: feature -> projector g -> predictor h -> q; teacher (EMA): feature -> g
 ``ctr(q, k) = 2τ · CE(q kᵀ/τ, own index)`` with l2-normalised q, k and the keys of the whole
 global batch gathered across processes (no queue). Over the global views, every ordered pair
 (i, j ≠ i) contributes ``ctr(q_i, k_j)``; the sum is scaled so that two views give MoCo v3's
-``ctr(q1, k2) + ctr(q2, k1)``. Each level has its own projector and predictor (MCVT).
+``ctr(q1, k2) + ctr(q2, k1)``. Each level has its own projector and predictor (MCVT), and with
+``norm: own`` its own LayerNorm (EMA-copied to the teacher with the projector).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -26,7 +27,9 @@ from stratavit.objectives.heads import moco_mlp
 class InfoNCEConfig(ObjectiveConfig):
     temperature: float = 0.2
     feature: Literal["cls", "mean_patch"] = "cls"
-    """Per-level feature: the CLS token, or the mean of the patch tokens (both after LayerNorm)."""
+    """Per-level feature: the CLS token, or the mean of the patch tokens."""
+    norm: Literal["backbone", "own"] = "backbone"
+    """LayerNorm before the feature: the backbone's final norm, or a new one per level (MCVT)."""
     proj_hidden_dim: int = 4096
     proj_dim: int = 256
     proj_layers: int = 3
@@ -53,9 +56,23 @@ def infonce_loss(q: Tensor, k: Tensor, temperature: float) -> Tensor:
     return F.cross_entropy(logits, labels) * (2 * temperature)
 
 
-def level_feature(f: LevelFeatures, kind: str) -> Tensor:
-    """(B, C) per-level feature: CLS or mean of patch tokens, after the final LayerNorm."""
-    return f.cls if kind == "cls" else f.patches.mean(dim=1)
+def symmetric_infonce(q: Tensor, k: Tensor, n_views: int, temperature: float) -> Tensor:
+    """Sum of ``ctr(q_i, k_j)`` over ordered view pairs i ≠ j, × 2/(n(n−1)).
+
+    Args:
+        q, k: (n_views · B, D), view-major.
+    """
+    if n_views < 2:
+        raise ValueError("a contrastive loss needs at least 2 global views (views.global_crops >= 2)")
+    qs, ks = q.float().chunk(n_views), k.float().chunk(n_views)
+    total = sum(infonce_loss(qs[i], ks[j], temperature) for i in range(n_views) for j in range(n_views) if i != j)
+    return total * (2.0 / (n_views * (n_views - 1)))  # type: ignore[return-value]
+
+
+def pooled_feature(f: LevelFeatures, kind: str, norm: nn.Module | None = None) -> Tensor:
+    """(B, C) CLS or mean patch token, after ``norm`` (default: the backbone's final norm)."""
+    tokens = norm(f.tokens_pre) if norm is not None else f.tokens
+    return tokens[:, 0] if kind == "cls" else tokens[:, 1:].mean(dim=1)
 
 
 class InfoNCE(Objective):
@@ -67,7 +84,7 @@ class InfoNCE(Objective):
         self.cfg: InfoNCEConfig = cfg
         if cfg.level_weights is not None and len(cfg.level_weights) != len(self.levels):
             raise ValueError(
-                f"objectives.infonce.level_weights has {len(cfg.level_weights)} values for {len(self.levels)} levels"
+                f"objectives.{self.name}.level_weights has {len(cfg.level_weights)} values for {len(self.levels)} levels"
             )
         d = backbone.embed_dim
         self.projectors = nn.ModuleDict(
@@ -76,29 +93,46 @@ class InfoNCE(Objective):
         self.predictors = nn.ModuleDict(
             {str(lv): moco_mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, cfg.pred_layers) for lv in self.levels}
         )
+        self.norms = nn.ModuleDict({str(lv): nn.LayerNorm(d, eps=1e-6) for lv in self.levels}) if cfg.norm == "own" else None
 
     def teacher_head(self) -> nn.Module:
-        return self.projectors
+        parts = {"proj": self.projectors}
+        if self.norms is not None:
+            parts["norm"] = self.norms
+        return nn.ModuleDict(parts)
+
+    def query(self, f: LevelFeatures, lv: int) -> Tensor:
+        """(B, proj_dim) student prediction at level ``lv``."""
+        norm = self.norms[str(lv)] if self.norms is not None else None
+        return self.predictors[str(lv)](self.projectors[str(lv)](pooled_feature(f, self.cfg.feature, norm)))
+
+    def key(self, f: LevelFeatures, lv: int, teacher_head: nn.Module) -> Tensor:
+        """(B, proj_dim) teacher projection at level ``lv`` (no gradient)."""
+        with torch.no_grad():
+            norm = teacher_head["norm"][str(lv)] if "norm" in teacher_head else None
+            return teacher_head["proj"][str(lv)](pooled_feature(f, self.cfg.feature, norm))
+
+    def contrast(
+        self, student: ViewFeatures, teacher: ViewFeatures, teacher_head: nn.Module
+    ) -> tuple[Tensor, dict[str, Tensor | float], dict[int, Tensor]]:
+        """Weighted per-level InfoNCE; also returns each level's queries (n_global · B, proj_dim)."""
+        weights = self.cfg.level_weights or [1.0] * len(self.levels)
+        total: Tensor | float = 0.0
+        metrics: dict[str, Tensor | float] = {}
+        queries: dict[int, Tensor] = {}
+        for lv, w in zip(self.levels, weights):
+            q = queries[lv] = self.query(student.global_[lv], lv)
+            k = self.key(teacher.global_[lv], lv, teacher_head)
+            loss = symmetric_infonce(q, k, student.n_global, self.cfg.temperature)
+            total = total + w * loss
+            if len(self.levels) > 1:
+                metrics[f"{self.name}/block{lv}"] = loss.detach()
+        assert isinstance(total, Tensor)
+        return total, metrics, queries
 
     def forward(
         self, student: ViewFeatures, teacher: ViewFeatures, teacher_head: nn.Module | None, state: StepState
     ) -> ObjectiveOutput:
         assert teacher_head is not None
-        n = student.n_global
-        if n < 2:
-            raise ValueError("infonce needs at least 2 global views (views.global_crops >= 2)")
-        weights = self.cfg.level_weights or [1.0] * len(self.levels)
-        total = torch.zeros((), device=student.global_[self.levels[0]].tokens_pre.device)
-        metrics: dict[str, Tensor | float] = {}
-        for lv, w in zip(self.levels, weights):
-            key = str(lv)
-            q = self.predictors[key](self.projectors[key](level_feature(student.global_[lv], self.cfg.feature)))
-            with torch.no_grad():
-                k = teacher_head[key](level_feature(teacher.global_[lv], self.cfg.feature))
-            qs, ks = q.float().chunk(n), k.float().chunk(n)
-            loss = sum(infonce_loss(qs[i], ks[j], self.cfg.temperature) for i in range(n) for j in range(n) if i != j)
-            loss = loss * (2.0 / (n * (n - 1)))
-            total = total + w * loss
-            if len(self.levels) > 1:
-                metrics[f"infonce/block{lv}"] = loss.detach()
+        total, metrics, _ = self.contrast(student, teacher, teacher_head)
         return ObjectiveOutput(total, metrics)

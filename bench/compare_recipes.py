@@ -1,0 +1,135 @@
+"""Compare recipes at an equal wall-clock budget on CIFAR-10 (shared JPEGs), on this machine.
+
+    .venv/bin/python bench/compare_recipes.py --cifar DIR --out /tmp/cmp --budget 240 \\
+        --recipes mocov3 mcvt cl-edi --train-images 10000 1000
+
+DIR holds ``train/<class>/*.jpg`` and ``test/<class>/*.jpg`` (the unpacked shared CIFAR-10).
+For every training-set size and recipe:
+
+1. probe: a short run (``--probe-steps`` steps) measures the seconds per training step (median
+   of the logged steps after the first two) and, for ProtoNCE, the seconds of one E-step;
+2. run: the schedule is laid out over the number of steps that fits the budget (E-steps
+   included) and ``train.max_time_s`` caps the wall clock at the budget;
+3. evaluate: kNN (k 20, T 0.07) and linear probe on the last block's CLS, kNN at every block,
+   with a fixed labelled bank (``--eval-train`` images of the train split) and test set.
+
+Every run uses the same backbone, views, batch and optimiser (the demo's small ViT, see
+``stratavit.demo``); only the objectives differ. Prints a Markdown table and writes it to
+OUT/compare.md (and the raw numbers to OUT/compare.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from stratavit.demo import DEMO_OVERRIDES
+from stratavit.evaluate import evaluate_run
+from stratavit.train import pretrain
+
+
+def recipe_overrides(recipe: str, n_images: int) -> list[str]:
+    """Small heads for a CPU budget; cluster counts scaled with the data set (PCL: ~N/100..N/25)."""
+    small = ["proj_hidden_dim=1024", "pred_hidden_dim=1024"]
+    if recipe == "mocov3":
+        return [f"objectives.infonce.{s}" for s in small]
+    if recipe == "mcvt":
+        ks = [max(2, n_images // 100), max(4, n_images // 50), max(8, n_images // 25)]
+        return [f"objectives.infonce.{s}" for s in small] + [f"objectives.protonce.{s}" for s in small] + [
+            f"objectives.protonce.num_clusters=[{','.join(map(str, ks))}]",
+        ]
+    if recipe == "cl-edi":
+        return [f"objectives.infonce.{s}" for s in small] + [f"objectives.patch_aggregate.{s}" for s in small]
+    return []
+
+
+def _metric_values(metrics_csv: Path, key: str) -> list[tuple[int, float]]:
+    out = []
+    with metrics_csv.open() as fh:
+        for row in csv.DictReader(fh):
+            if row.get(key):
+                out.append((int(float(row["step"])), float(row[key])))
+    return out
+
+
+def probe(recipe: str, common: list[str], out: Path, steps: int) -> dict[str, float]:
+    """Seconds per step (median over logged steps) and seconds per E-step (0 if none)."""
+    run = out / "probe"
+    started = time.time()
+    over = [*common, f"train.max_steps={steps}", "train.log_every_n_steps=1", "train.epochs=100"]
+    if recipe == "mcvt":
+        over.append("objectives.protonce.warmup_epochs=0")
+    pretrain(recipe, None, run, over)
+    wall = time.time() - started
+    estep = [v for _, v in _metric_values(run / "metrics.csv", "estep/seconds")]
+    info = json.loads((run / "run.json").read_text())
+    step_s = (info["wall_time_s"] - sum(estep)) / steps
+    return {"step_s": step_s, "estep_s": max(estep) if estep else 0.0, "probe_wall_s": wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cifar", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--budget", type=float, default=240.0, help="training seconds per run")
+    ap.add_argument("--recipes", nargs="+", default=["mocov3", "mcvt", "cl-edi"])
+    ap.add_argument("--train-images", type=int, nargs="+", default=[10000, 1000])
+    ap.add_argument("--eval-train", type=int, default=10000)
+    ap.add_argument("--eval-test", type=int, default=2000)
+    ap.add_argument("--probe-steps", type=int, default=15)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    train_dir, test_dir = args.cifar / "train", args.cifar / "test"
+    base = [o for o in DEMO_OVERRIDES if not o.startswith(("train.epochs", "objectives."))]
+    base += ["train.progress_bar=false", "train.log_every_n_steps=5"]
+    batch = int(next(o for o in base if o.startswith("data.batch_size=")).split("=")[1])
+    results: list[dict[str, Any]] = []
+    table = [
+        "| train images | recipe | s/step | step overhead | E-step s | steps | epochs | wall s | kNN | linear | kNN per block |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n in args.train_images:
+        base_step = None
+        for recipe in args.recipes:
+            out = args.out / f"{recipe}-{n}"
+            common = [*base, f"data.path={train_dir}", f"data.limit={n}", *recipe_overrides(recipe, n)]
+            p = probe(recipe, common, out, args.probe_steps)
+            steps_per_epoch = n // batch
+            # steps that fit: budget = steps * step_s + (E-steps) * estep_s, one E-step per epoch after warm-up
+            steps = int(args.budget / p["step_s"])
+            if p["estep_s"] > 0:
+                for _ in range(3):
+                    epochs = max(1, math.ceil(steps / steps_per_epoch))
+                    warm = max(1, round(0.1 * epochs))
+                    steps = int((args.budget - max(0, epochs - warm) * p["estep_s"]) / p["step_s"])
+            epochs = max(1, math.ceil(steps / steps_per_epoch))
+            run = out / "run"
+            t0 = time.time()
+            pretrain(recipe, None, run, [*common, f"train.epochs={epochs}", f"train.max_steps={steps}",
+                                         f"train.max_time_s={args.budget}"])
+            wall = time.time() - t0
+            res = evaluate_run(run, str(train_dir), str(test_dir), train_limit=args.eval_train,
+                               test_limit=args.eval_test, out=out / "eval")
+            info = json.loads((run / "run.json").read_text())
+            if recipe == "mocov3":
+                base_step = p["step_s"]
+            overhead = f"{p['step_s'] / base_step:.2f}×" if base_step else "–"
+            layers = " / ".join(f"{layer['knn_top1']:.1f}" for layer in res["layers"])
+            row = (f"| {n} | {recipe} | {p['step_s']:.3f} | {overhead} | {p['estep_s']:.1f} | {info['global_step']}/{steps} | "
+                   f"{info['epochs_completed']} | {wall:.0f} | {res['knn']['top1']:.2f} | {res['linear']['top1']:.2f} | {layers} |")
+            print(row, flush=True)
+            table.append(row)
+            results.append({"train_images": n, "recipe": recipe, "probe": p, "planned_steps": steps, "run": info,
+                            "wall_s": wall, "knn": res["knn"], "linear": res["linear"], "layers": res["layers"]})
+            (args.out / "compare.md").write_text("\n".join(table) + "\n")
+            (args.out / "compare.json").write_text(json.dumps(results, indent=2) + "\n")
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
