@@ -6,8 +6,9 @@
 DIR holds ``train/<class>/*.jpg`` and ``test/<class>/*.jpg`` (the unpacked shared CIFAR-10).
 For every training-set size and recipe:
 
-1. probe: a short run (``--probe-steps`` steps) measures the seconds per training step (median
-   of the logged steps after the first two) and, for ProtoNCE, the seconds of one E-step;
+1. probe: a short run (``--probe-steps`` steps) estimates the seconds per training step and,
+   for ProtoNCE, the seconds of one E-step (the table's s/step and overhead are measured again
+   in the real run: its wall time minus its E-steps, over its steps);
 2. run: the schedule is laid out over the number of steps that fits the budget (E-steps
    included) and ``train.max_time_s`` caps the wall clock at the budget;
 3. evaluate: kNN (k 20, T 0.07) and linear probe on the last block's CLS, kNN at every block,
@@ -82,6 +83,7 @@ def main() -> None:
     ap.add_argument("--eval-train", type=int, default=10000)
     ap.add_argument("--eval-test", type=int, default=2000)
     ap.add_argument("--probe-steps", type=int, default=15)
+    ap.add_argument("--seed", type=int, default=0, help="train.seed (also picks the data.limit subset)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     train_dir, test_dir = args.cifar / "train", args.cifar / "test"
@@ -90,14 +92,14 @@ def main() -> None:
     batch = int(next(o for o in base if o.startswith("data.batch_size=")).split("=")[1])
     results: list[dict[str, Any]] = []
     table = [
-        "| train images | recipe | s/step | step overhead | E-step s | steps | epochs | wall s | kNN | linear | kNN per block |",
+        "| train images (seed) | recipe | s/step | step overhead | E-steps s (total) | steps done/planned | epochs | wall s | kNN | linear | kNN per block |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n in args.train_images:
         base_step = None
         for recipe in args.recipes:
             out = args.out / f"{recipe}-{n}"
-            common = [*base, f"data.path={train_dir}", f"data.limit={n}", *recipe_overrides(recipe, n)]
+            common = [*base, f"data.path={train_dir}", f"data.limit={n}", f"train.seed={args.seed}", *recipe_overrides(recipe, n)]
             p = probe(recipe, common, out, args.probe_steps)
             steps_per_epoch = n // batch
             # steps that fit: budget = steps * step_s + (E-steps) * estep_s, one E-step per epoch after warm-up
@@ -116,15 +118,18 @@ def main() -> None:
             res = evaluate_run(run, str(train_dir), str(test_dir), train_limit=args.eval_train,
                                test_limit=args.eval_test, out=out / "eval")
             info = json.loads((run / "run.json").read_text())
+            estep_total = sum(v for _, v in _metric_values(run / "metrics.csv", "estep/seconds"))
+            step_s = (info["wall_time_s"] - estep_total) / max(1, info["global_step"])  # measured in the run itself
             if recipe == "mocov3":
-                base_step = p["step_s"]
-            overhead = f"{p['step_s'] / base_step:.2f}×" if base_step else "–"
+                base_step = step_s
+            overhead = f"{step_s / base_step:.2f}×" if base_step else "–"
             layers = " / ".join(f"{layer['knn_top1']:.1f}" for layer in res["layers"])
-            row = (f"| {n} | {recipe} | {p['step_s']:.3f} | {overhead} | {p['estep_s']:.1f} | {info['global_step']}/{steps} | "
+            row = (f"| {n} ({args.seed}) | {recipe} | {step_s:.3f} | {overhead} | {estep_total:.1f} | {info['global_step']}/{steps} | "
                    f"{info['epochs_completed']} | {wall:.0f} | {res['knn']['top1']:.2f} | {res['linear']['top1']:.2f} | {layers} |")
             print(row, flush=True)
             table.append(row)
             results.append({"train_images": n, "recipe": recipe, "probe": p, "planned_steps": steps, "run": info,
+                            "step_s": step_s, "estep_total_s": estep_total,
                             "wall_s": wall, "knn": res["knn"], "linear": res["linear"], "layers": res["layers"]})
             (args.out / "compare.md").write_text("\n".join(table) + "\n")
             (args.out / "compare.json").write_text(json.dumps(results, indent=2) + "\n")

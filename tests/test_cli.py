@@ -149,3 +149,45 @@ def test_two_process_ddp_run_on_cpu(tmp_path, cifar_train):
     assert summary["global_step"] == 3
     assert [int(r["step"]) for r in _rows(run / "metrics.csv")] == [0, 1, 2]
     assert load_backbone(run) is not None
+
+
+MCVT_SMALL = ["objectives.infonce.proj_hidden_dim=64", "objectives.infonce.pred_hidden_dim=64",
+              "objectives.protonce.proj_hidden_dim=64", "objectives.protonce.pred_hidden_dim=64",
+              "objectives.protonce.num_clusters=[4,8]", "backbone.depth=4"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", [1, 2])
+def test_mcvt_runs_its_estep_every_epoch_after_warmup(tmp_path, cifar_train, devices):
+    """MCVT end to end: InfoNCE-only warm-up epoch, then one E-step per epoch (also under 2-process DDP)."""
+    run = tmp_path / "mcvt"
+    res = _cli("pretrain", "--recipe", "mcvt", "--data", str(cifar_train), "--out", str(run), *TINY, *MCVT_SMALL,
+               "train.epochs=3", "data.limit=96", f"train.devices={devices}", "train.accelerator=cpu")
+    assert res.returncode == 0, res.stderr[-3000:]
+    with (run / "metrics.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    estep = [r for r in rows if r.get("estep/seconds")]
+    assert [int(r["epoch"]) for r in estep] == [1, 2]  # warm-up: 10 % of 3 epochs -> 1 epoch
+    for r in estep:
+        assert float(r["protonce/k4/phi_mean"]) == pytest.approx(0.2, rel=1e-4)  # φ rescaled to mean τ
+        assert float(r["protonce/k8/empty"]) == 0
+    steps = [r for r in rows if r.get("loss")]
+    warm = [r for r in steps if int(r["epoch"]) == 0]
+    later = [r for r in steps if int(r["epoch"]) >= 1]
+    assert all(not r.get("protonce/proto") for r in warm)
+    assert all(r.get("protonce/proto") for r in later)
+    assert {"loss/infonce", "loss/protonce", "infonce/block1", "infonce/block3"} <= set(rows[0])
+
+
+@pytest.mark.slow
+def test_cl_edi_runs(tmp_path, cifar_train):
+    run = tmp_path / "cledi"
+    res = _cli("pretrain", "--recipe", "cl-edi", "--data", str(cifar_train), "--out", str(run), *TINY, *MOCO_SMALL,
+               "objectives.patch_aggregate.proj_hidden_dim=64", "objectives.patch_aggregate.pred_hidden_dim=64",
+               "train.max_steps=3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = _rows(run / "metrics.csv")
+    assert len(rows) == 3 and all(r["loss/patch_aggregate"] and r["loss/infonce"] for r in rows)
+    total = [float(r["loss"]) for r in rows]
+    parts = [float(r["loss/infonce"]) + float(r["loss/patch_aggregate"]) for r in rows]
+    assert total == pytest.approx(parts, rel=1e-5)

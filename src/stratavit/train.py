@@ -72,6 +72,18 @@ def _precision(cfg: Config) -> str:
     return "32-true"
 
 
+def _sync_batchnorm(cfg: Config) -> bool:
+    """SyncBatchNorm across processes (MoCo v3's heads) where torch supports it: GPU runs only.
+
+    With gloo on CPU, batch-norm statistics stay per process (torch's SyncBatchNorm needs CUDA).
+    """
+    multi = cfg.train.devices * cfg.train.num_nodes > 1
+    on_gpu = cfg.train.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    if multi and cfg.train.sync_batchnorm and not on_gpu:
+        log.warning("train.sync_batchnorm: not available on CPU; batch-norm statistics stay per process")
+    return bool(cfg.train.sync_batchnorm and multi and on_gpu)
+
+
 def _truncate_metrics(path: Path, from_step: int) -> None:
     """Drop rows logged at or after ``from_step`` (written after the checkpoint of a killed run)."""
     if not path.exists():
@@ -196,7 +208,7 @@ def pretrain(
         num_nodes=cfg.train.num_nodes,
         strategy=cfg.train.strategy,
         precision=_precision(cfg),  # type: ignore[arg-type]
-        sync_batchnorm=cfg.train.sync_batchnorm and cfg.train.devices * cfg.train.num_nodes > 1,
+        sync_batchnorm=_sync_batchnorm(cfg),
         gradient_clip_val=cfg.optim.clip_grad,
         log_every_n_steps=cfg.train.log_every_n_steps,
         logger=loggers,
