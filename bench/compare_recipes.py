@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--eval-test", type=int, default=2000)
     ap.add_argument("--probe-steps", type=int, default=15)
     ap.add_argument("--seed", type=int, default=0, help="train.seed (also picks the data.limit subset)")
+    ap.add_argument("--extra", nargs="*", default=[], metavar="key=value", help="overrides added to every run")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     train_dir, test_dir = args.cifar / "train", args.cifar / "test"
@@ -99,7 +100,7 @@ def main() -> None:
         base_step = None
         for recipe in args.recipes:
             out = args.out / f"{recipe}-{n}"
-            common = [*base, f"data.path={train_dir}", f"data.limit={n}", f"train.seed={args.seed}", *recipe_overrides(recipe, n)]
+            common = [*base, f"data.path={train_dir}", f"data.limit={n}", f"train.seed={args.seed}", *recipe_overrides(recipe, n), *args.extra]
             p = probe(recipe, common, out, args.probe_steps)
             steps_per_epoch = n // batch
             # steps that fit: budget = steps * step_s + (E-steps) * estep_s, one E-step per epoch after warm-up
