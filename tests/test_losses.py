@@ -101,3 +101,40 @@ def test_dino_center_update_and_temperature_warmup():
     assert teacher_temperature(cfg, 15) == pytest.approx(0.055)
     assert teacher_temperature(cfg, 30) == pytest.approx(0.07)
     assert teacher_temperature(cfg, 99) == pytest.approx(0.07)
+
+
+def test_infonce_with_queue_matches_reference():
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    queue = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=1)
+
+    def ref(qn, kn, qu, tau):
+        qn = qn / np.linalg.norm(qn, axis=1, keepdims=True)
+        kn = kn / np.linalg.norm(kn, axis=1, keepdims=True)
+        keys = np.concatenate([kn, qu])
+        total = 0.0
+        for i in range(len(qn)):
+            logits = keys @ qn[i] / tau
+            total += np.log(np.exp(logits - logits.max()).sum()) + logits.max() - logits[i]
+        return 2 * tau * total / len(qn)
+
+    got = infonce_loss(q, k, 0.2, queue).item()
+    assert got == pytest.approx(ref(q.numpy(), k.numpy(), queue.numpy(), 0.2), rel=1e-5)
+    assert got > infonce_loss(q, k, 0.2).item()  # more negatives, higher loss
+
+
+def test_infonce_queue_is_a_fifo():
+    from stratavit.backbone import Backbone
+    from stratavit.config import BackboneConfig
+    from stratavit.objectives.infonce import InfoNCE, InfoNCEConfig
+
+    bb = Backbone(BackboneConfig(arch="vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2))
+    obj = InfoNCE(InfoNCEConfig(queue_size=5, proj_dim=4, proj_hidden_dim=8, pred_hidden_dim=8), bb)
+    keys = torch.eye(4)[:3] * 2
+    obj.enqueue(1, keys)
+    obj.enqueue(1, keys)
+    queue = obj.queue(1)
+    e = torch.eye(4)
+    # first batch -> slots 0, 1, 2; second batch -> slots 3, 4, then wraps to 0
+    torch.testing.assert_close(queue, torch.stack([e[2], e[1], e[2], e[0], e[1]]))
+    assert int(obj.queue_ptr_1) == 1

@@ -37,35 +37,44 @@ class InfoNCEConfig(ObjectiveConfig):
     pred_layers: int = 2
     level_weights: list[float] | None = None
     """Weight of each level's loss (default 1 each)."""
+    queue_size: int = 0
+    """Extra negatives: a FIFO queue of this many past keys per level (MoCo v2 style; 0 = off,
+    MoCo v3's default). MCVT's shallow levels allow it as an option [inferred]."""
 
 
-def infonce_loss(q: Tensor, k: Tensor, temperature: float) -> Tensor:
-    """MoCo v3 ``ctr``: ``2τ · CE(q k_allᵀ / τ, own index)``.
+def infonce_loss(q: Tensor, k: Tensor, temperature: float, queue: Tensor | None = None) -> Tensor:
+    """MoCo v3 ``ctr``: ``2τ · CE(q [k_all; queue]ᵀ / τ, own index)``.
 
     Args:
         q: (B, D) queries of this process (normalised here).
         k: (B, D) keys of this process (normalised here, no gradient); keys of all processes are
             gathered, so the negatives are the whole global batch.
+        queue: optional (Q, D) l2-normalised past keys, extra negatives.
     Returns:
         scalar, mean over this process's B queries.
     """
     q = F.normalize(q, dim=1)
     k_all = F.normalize(gather_concat(k), dim=1)
+    if queue is not None and queue.numel():
+        k_all = torch.cat([k_all, queue.to(k_all.dtype)])
     logits = q @ k_all.t() / temperature
     labels = torch.arange(q.shape[0], device=q.device) + rank() * q.shape[0]
     return F.cross_entropy(logits, labels) * (2 * temperature)
 
 
-def symmetric_infonce(q: Tensor, k: Tensor, n_views: int, temperature: float) -> Tensor:
+def symmetric_infonce(q: Tensor, k: Tensor, n_views: int, temperature: float, queue: Tensor | None = None) -> Tensor:
     """Sum of ``ctr(q_i, k_j)`` over ordered view pairs i ≠ j, × 2/(n(n−1)).
 
     Args:
         q, k: (n_views · B, D), view-major.
+        queue: optional (Q, D) extra negatives shared by every pair.
     """
     if n_views < 2:
         raise ValueError("a contrastive loss needs at least 2 global views (views.global_crops >= 2)")
     qs, ks = q.float().chunk(n_views), k.float().chunk(n_views)
-    total = sum(infonce_loss(qs[i], ks[j], temperature) for i in range(n_views) for j in range(n_views) if i != j)
+    total = sum(
+        infonce_loss(qs[i], ks[j], temperature, queue) for i in range(n_views) for j in range(n_views) if i != j
+    )
     return total * (2.0 / (n_views * (n_views - 1)))  # type: ignore[return-value]
 
 
@@ -94,6 +103,27 @@ class InfoNCE(Objective):
             {str(lv): moco_mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, cfg.pred_layers) for lv in self.levels}
         )
         self.norms = nn.ModuleDict({str(lv): nn.LayerNorm(d, eps=1e-6) for lv in self.levels}) if cfg.norm == "own" else None
+        if cfg.queue_size < 0:
+            raise ValueError(f"objectives.{self.name}.queue_size must be >= 0")
+        for lv in self.levels:
+            self.register_buffer(f"queue_{lv}", F.normalize(torch.randn(cfg.queue_size, cfg.proj_dim), dim=1))
+            self.register_buffer(f"queue_ptr_{lv}", torch.zeros((), dtype=torch.long))
+
+    def queue(self, lv: int) -> Tensor | None:
+        """(Q, proj_dim) past keys of level ``lv`` (None when the queue is off)."""
+        return getattr(self, f"queue_{lv}") if self.cfg.queue_size > 0 else None
+
+    @torch.no_grad()
+    def enqueue(self, lv: int, keys: Tensor) -> None:
+        """Write the gathered, normalised ``keys`` (n, D) into level ``lv``'s FIFO queue."""
+        if self.cfg.queue_size <= 0:
+            return
+        queue, ptr = getattr(self, f"queue_{lv}"), getattr(self, f"queue_ptr_{lv}")
+        keys = F.normalize(gather_concat(keys.float()), dim=1)[: self.cfg.queue_size]
+        n, size = keys.shape[0], queue.shape[0]
+        pos = (int(ptr) + torch.arange(n, device=queue.device)) % size
+        queue[pos] = keys.to(queue.dtype)
+        ptr.fill_((int(ptr) + n) % size)
 
     def teacher_head(self) -> nn.Module:
         parts = {"proj": self.projectors}
@@ -123,7 +153,10 @@ class InfoNCE(Objective):
         for lv, w in zip(self.levels, weights):
             q = queries[lv] = self.query(student.global_[lv], lv)
             k = self.key(teacher.global_[lv], lv, teacher_head)
-            loss = symmetric_infonce(q, k, student.n_global, self.cfg.temperature)
+            queue = self.queue(lv)
+            loss = symmetric_infonce(q, k, student.n_global, self.cfg.temperature, queue.clone() if queue is not None else None)
+            if self.training:
+                self.enqueue(lv, k)
             total = total + w * loss
             if len(self.levels) > 1:
                 metrics[f"{self.name}/block{lv}"] = loss.detach()
