@@ -256,6 +256,18 @@ def _layer_table(results: Mapping[str, Any]) -> str | None:
     return _md_table(header, rows)
 
 
+def _meta_lines(meta: Mapping[str, Any], indent: str = "") -> list[str]:
+    """Markdown bullet list of a (possibly nested) mapping; nested mappings become sub-lists."""
+    lines = []
+    for k, v in meta.items():
+        if isinstance(v, Mapping):
+            lines.append(f"{indent}- **{k}**:")
+            lines.extend(_meta_lines(v, indent + "  "))
+        else:
+            lines.append(f"{indent}- **{k}**: {_fmt(v)}")
+    return lines
+
+
 def write_report(
     out_dir: Path,
     results: dict,
@@ -284,7 +296,7 @@ def write_report(
 
     meta = results.get("meta")
     if isinstance(meta, Mapping) and meta:
-        parts.append("\n".join(f"- **{k}**: {_fmt(v)}" for k, v in meta.items()))
+        parts.append("\n".join(_meta_lines(meta)))
 
     parts.append("## Headline\n\n" + _headline(results))
 
