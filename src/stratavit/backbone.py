@@ -60,10 +60,6 @@ class LevelFeatures:
         """(B, N, C) patch tokens before the final norm."""
         return self.tokens_pre[:, 1:]
 
-    def chunk(self, n: int) -> list["LevelFeatures"]:
-        """Split a concatenated view group (n·B, ...) back into n views of (B, ...)."""
-        return [LevelFeatures(t, self.grid, self.norm) for t in self.tokens_pre.chunk(n)]
-
 
 Features = dict[int, LevelFeatures]
 """Level (1-based block number) -> :class:`LevelFeatures`."""
@@ -190,8 +186,3 @@ class Backbone(nn.Module):
         for lv in levels:
             out[lv] = out[self.resolve_level(lv)]
         return out
-
-
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-

@@ -27,6 +27,7 @@ from stratavit.datasets import build_dataset
 from stratavit.evaluation import (
     extract_block_features,
     knn_per_layer,
+    knn_top1,
     linear_probe_top1,
     raw_pixel_features,
     write_report,
@@ -129,8 +130,6 @@ def evaluate_run(
                                        cache_path=cache / _cache_name("pixels", "train", *data_key))
         pte, pyte = raw_pixel_features(test_ds, batch_size=batch_size, desc="raw pixels test",
                                        cache_path=cache / _cache_name("pixels", "test", *data_key))
-        from stratavit.evaluation import knn_top1
-
         results["baselines"] = {
             "random_init": {
                 "knn_top1": rand_layers[-1],

@@ -65,7 +65,8 @@ class PretrainModule(L.LightningModule):
         self.objectives = nn.ModuleDict(
             {name: OBJECTIVES[name](ocfg, self.backbone) for name, ocfg in self.cfg.objectives.items()}
         )
-        self.teacher = Teacher(self.backbone, self._teacher_heads())
+        self._student_heads = self._teacher_heads()  # plain dict: the modules are already registered
+        self.teacher = Teacher(self.backbone, self._student_heads)
         self.student_levels = sorted({lv for o in self._objs() for lv in o.student_levels()})
         self.teacher_levels = sorted({lv for o in self._objs() for lv in o.teacher_levels()})
         self.uses_local = any(o.reads_local_views for o in self._objs()) and self.cfg.views.local_crops > 0
@@ -262,7 +263,7 @@ class PretrainModule(L.LightningModule):
         if not self._stepped:
             return
         step = int(self.global_step) - 1  # the optimiser step that just finished
-        self.teacher.update(self.backbone, self._teacher_heads(), self._schedule("momentum", max(step, 0)))
+        self.teacher.update(self.backbone, self._student_heads, self._schedule("momentum", max(step, 0)))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["nonfinite_steps"] = self.nonfinite_steps

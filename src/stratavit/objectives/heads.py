@@ -2,8 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from stratavit.objectives.base import ObjectiveConfig
+
+
+@dataclass
+class ContrastiveHeadConfig(ObjectiveConfig):
+    """Fields of a MoCo v3-style contrastive objective: temperature, projector and predictor sizes."""
+
+    temperature: float = 0.2
+    proj_hidden_dim: int = 4096
+    proj_dim: int = 256
+    proj_layers: int = 3
+    pred_hidden_dim: int = 4096
+    pred_layers: int = 2
 
 
 def moco_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, last_bn: bool = True) -> nn.Sequential:
@@ -20,6 +36,13 @@ def moco_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, last_b
     if last_bn:
         layers.append(nn.BatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*layers)
+
+
+def moco_heads(in_dim: int, cfg: ContrastiveHeadConfig) -> tuple[nn.Sequential, nn.Sequential]:
+    """MoCo v3 projector (in_dim -> proj_dim) and predictor (proj_dim -> proj_dim), in that order."""
+    projector = moco_mlp(in_dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers)
+    predictor = moco_mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, cfg.pred_layers)
+    return projector, predictor
 
 
 class DINOHead(nn.Module):

@@ -19,22 +19,16 @@ from torch import Tensor, nn
 
 from stratavit.backbone import Backbone, LevelFeatures
 from stratavit.distributed import gather_concat, rank
-from stratavit.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput, StepState, ViewFeatures
-from stratavit.objectives.heads import moco_mlp
+from stratavit.objectives.base import Objective, ObjectiveOutput, StepState, ViewFeatures
+from stratavit.objectives.heads import ContrastiveHeadConfig, moco_mlp
 
 
 @dataclass
-class InfoNCEConfig(ObjectiveConfig):
-    temperature: float = 0.2
+class InfoNCEConfig(ContrastiveHeadConfig):
     feature: Literal["cls", "mean_patch"] = "cls"
     """Per-level feature: the CLS token, or the mean of the patch tokens."""
     norm: Literal["backbone", "own"] = "backbone"
     """LayerNorm before the feature: the backbone's final norm, or a new one per level (MCVT)."""
-    proj_hidden_dim: int = 4096
-    proj_dim: int = 256
-    proj_layers: int = 3
-    pred_hidden_dim: int = 4096
-    pred_layers: int = 2
     level_weights: list[float] | None = None
     """Weight of each level's loss (default 1 each)."""
     queue_size: int = 0
@@ -154,7 +148,7 @@ class InfoNCE(Objective):
             q = queries[lv] = self.query(student.global_[lv], lv)
             k = self.key(teacher.global_[lv], lv, teacher_head)
             queue = self.queue(lv)
-            loss = symmetric_infonce(q, k, student.n_global, self.cfg.temperature, queue.clone() if queue is not None else None)
+            loss = symmetric_infonce(q, k, student.n_global, self.cfg.temperature, queue)
             if self.training:
                 self.enqueue(lv, k)
             total = total + w * loss

@@ -25,23 +25,17 @@ from torch import Tensor, nn
 
 from stratavit.backbone import Backbone, Features, LevelFeatures
 from stratavit.config import ConfigError
-from stratavit.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput, StepState, ViewFeatures
-from stratavit.objectives.heads import moco_mlp
+from stratavit.objectives.base import Objective, ObjectiveOutput, StepState, ViewFeatures
+from stratavit.objectives.heads import ContrastiveHeadConfig, moco_heads
 from stratavit.objectives.infonce import symmetric_infonce
 
 
 @dataclass
-class PatchAggregateConfig(ObjectiveConfig):
+class PatchAggregateConfig(ContrastiveHeadConfig):
     aggregator: Literal["transformer", "mean_mlp", "cls_attention"] = "transformer"
     agg_depth: int = 1
     agg_heads: int | None = None
     """Heads of the aggregation transformer (default: the backbone's)."""
-    temperature: float = 0.2
-    proj_hidden_dim: int = 4096
-    proj_dim: int = 256
-    proj_layers: int = 3
-    pred_hidden_dim: int = 4096
-    pred_layers: int = 2
     cross_weight: float = 0.0
     """Weight of the optional CLS ↔ detail cross term (0 = off)."""
 
@@ -109,8 +103,7 @@ class PatchAggregate(Objective):
             if self.level < 2:
                 raise ConfigError("objectives.patch_aggregate: cls_attention needs a level >= 2 (it reads the block's input)")
             self.aggregator = None
-        self.projector = moco_mlp(d, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers)
-        self.predictor = moco_mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, cfg.pred_layers)
+        self.projector, self.predictor = moco_heads(d, cfg)
 
     def student_levels(self) -> list[int]:
         if self.cfg.aggregator == "cls_attention":
