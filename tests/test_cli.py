@@ -191,3 +191,25 @@ def test_cl_edi_runs(tmp_path, cifar_train):
     total = [float(r["loss"]) for r in rows]
     parts = [float(r["loss/infonce"]) + float(r["loss/patch_aggregate"]) for r in rows]
     assert total == pytest.approx(parts, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_unreadable_images_are_skipped_counted_and_listed_from_loader_workers(tmp_path, cifar_train):
+    """A corrupt and a truncated JPEG in the data: training goes on, both are listed in the run folder
+    even though a loader worker (not the main process) met them."""
+    import shutil
+
+    data = tmp_path / "data"
+    for i, src in enumerate(sorted((cifar_train / "cat").glob("*.jpg"))[:15]):
+        (data / ("a" if i % 2 else "b")).mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, data / ("a" if i % 2 else "b") / src.name)
+    (data / "a" / "corrupt.jpg").write_bytes(b"definitely not a jpeg")
+    good = (data / "b").glob("*.jpg").__next__().read_bytes()
+    (data / "b" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    run = tmp_path / "run"
+    res = _cli("pretrain", "--recipe", "mocov3", "--data", str(data), "--out", str(run), *TINY, *MOCO_SMALL,
+               "data.batch_size=17", "data.num_workers=1", "train.epochs=1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    listed = (run / "skipped_images.txt").read_text().split()
+    assert sorted(Path(p).name for p in listed) == ["corrupt.jpg", "truncated.jpg"]
+    assert json.loads((run / "run.json").read_text())["skipped_images"] == 2

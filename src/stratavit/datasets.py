@@ -73,6 +73,8 @@ class ImageFolderDataset(Dataset):
             )
         self.targets = [t for _, t in self.samples]
         self.bad_files: list[str] = []
+        self.skip_log: Path | None = None
+        """If set, every unreadable path is also appended to this file (works from loader workers)."""
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -90,6 +92,9 @@ class ImageFolderDataset(Dataset):
                 if path not in self.bad_files:
                     self.bad_files.append(path)
                     log.warning("skipping unreadable image %s (%s)", path, e)
+                    if self.skip_log is not None:
+                        with open(self.skip_log, "a") as fh:  # one short line: an atomic append
+                            fh.write(path + "\n")
         raise DataError(f"none of the {len(self.samples)} images in {self.root} could be read")
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
@@ -201,8 +206,25 @@ def dataset_targets(ds: Dataset) -> list[int] | None:
     return [int(t) for t in targets] if targets is not None else None
 
 
-def bad_files(ds: Dataset) -> list[str]:
-    """Unreadable files this process met while reading ``ds`` (see :class:`ImageFolderDataset`)."""
+def _base(ds: Dataset) -> Dataset:
     while isinstance(ds, (Subset, Indexed)):
         ds = ds.dataset if isinstance(ds, Subset) else ds.base
-    return list(getattr(ds, "bad_files", []))
+    return ds
+
+
+def bad_files(ds: Dataset) -> list[str]:
+    """Unreadable files met while reading ``ds``: those logged to its skip log by any process
+    (loader workers included), else those this process met (see :class:`ImageFolderDataset`)."""
+    base = _base(ds)
+    log_path = getattr(base, "skip_log", None)
+    found = list(getattr(base, "bad_files", []))
+    if log_path is not None and Path(log_path).exists():
+        found += Path(log_path).read_text().splitlines()
+    return sorted(set(found))
+
+
+def set_skip_log(ds: Dataset, path: Path) -> None:
+    """Make the ImageFolder behind ``ds`` append unreadable paths to ``path``."""
+    base = _base(ds)
+    if isinstance(base, ImageFolderDataset):
+        base.skip_log = Path(path)

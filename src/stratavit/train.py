@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from stratavit.config import Config, ConfigError, dump_yaml, load_config_file, resolve_config, to_dict
-from stratavit.datasets import DataError, Indexed, bad_files, build_dataset
+from stratavit.datasets import DataError, Indexed, bad_files, build_dataset, set_skip_log
 from stratavit.views import MultiCropTransform, collate_views, eval_transform
 
 log = logging.getLogger(__name__)
@@ -104,12 +104,18 @@ def _truncate_metrics(path: Path, from_step: int) -> None:
     os.replace(tmp, path)
 
 
-def build_train_loader(cfg: Config, patch_size: int) -> DataLoader:
-    """Multi-crop training loader: batches are :class:`~stratavit.views.MultiViewBatch`."""
+def build_train_loader(cfg: Config, patch_size: int, skip_log: Path | None = None) -> DataLoader:
+    """Multi-crop training loader: batches are :class:`~stratavit.views.MultiViewBatch`.
+
+    Unreadable images are skipped; with ``skip_log`` their paths are appended to that file by
+    whichever process (loader worker) met them.
+    """
     if cfg.data.path is None:
         raise ConfigError("no training data: pass --data DIR (an ImageFolder directory) or a named set such as cifar10")
     transform = MultiCropTransform(cfg.views, patch_size)
     ds = build_dataset(cfg.data.path, split="train", transform=transform, root=cfg.data.root, limit=cfg.data.limit, seed=cfg.train.seed)
+    if skip_log is not None:
+        set_skip_log(ds, skip_log)
     n = len(ds)  # type: ignore[arg-type]
     if n < cfg.data.batch_size:
         raise DataError(
@@ -162,7 +168,7 @@ def pretrain(
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
 
     module = PretrainModule(to_dict(cfg))
-    loader = build_train_loader(cfg, module.backbone.patch_size)
+    loader = build_train_loader(cfg, module.backbone.patch_size, skip_log=run_dir / "skipped_images.txt")
     if module.needs_dataset():
         assert cfg.data.path is not None
         plain = build_dataset(
@@ -239,7 +245,7 @@ def pretrain(
         if steps_now > 0 or not final.exists():
             export_backbone(module, final)
         skipped = bad_files(loader.dataset)
-        if skipped:
+        if skipped:  # de-duplicated (several workers may meet the same file)
             (run_dir / "skipped_images.txt").write_text("\n".join(skipped) + "\n")
         summary_path = run_dir / "run.json"
         previous = json.loads(summary_path.read_text()) if resuming and summary_path.exists() else {}
