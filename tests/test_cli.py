@@ -49,6 +49,8 @@ def test_bad_override_fails_before_training(tmp_path):
     assert not (tmp_path / "r" / "checkpoints").exists()
     res = _cli("pretrain", "--recipe", "mocov3", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"))
     assert res.returncode == 2 and "does not exist" in res.stderr
+    res = _cli("evaluate", str(tmp_path / "not-a-run"), "--train", str(tmp_path), "--test", str(tmp_path))
+    assert res.returncode == 2 and "not a stratavit run folder" in res.stderr
 
 
 @pytest.mark.slow
@@ -119,6 +121,9 @@ def test_resume_continues_steps_and_loss_curve(tmp_path, cifar_train):
     assert ckpt["global_step"] == 4
     with pytest.raises(Exception, match="nothing to continue"):
         pretrain(out=tmp_path / "other", overrides=over, resume=True, **args)
+    with pytest.raises(Exception, match="already past"):  # a limit below the checkpoint: clear error, nothing lost
+        pretrain(out=tmp_path / "crash", overrides=[*over, "train.max_steps=2"], resume=True, **args)
+    assert torch.load(tmp_path / "crash" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
     resumed = pretrain(out=tmp_path / "crash", overrides=over, resume=True, **args)
     rows = _rows(resumed / "metrics.csv")
     assert [int(r["step"]) for r in rows] == list(range(16))  # no gap, no duplicate

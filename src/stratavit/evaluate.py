@@ -93,6 +93,10 @@ def evaluate_run(
     out_dir = Path(out) if out is not None else run_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = out_dir / "cache"
+    if not (run_dir / "config.yaml").exists():
+        raise ExportError(
+            f"{run_dir} is not a stratavit run folder (no config.yaml); pass the --out folder of `stratavit pretrain`"
+        )
     cfg: Config = load_config_file(run_dir / "config.yaml")
     model = load_run_backbone(run_dir, which)
     size = img_size or int(model.patch_embed.img_size[0])

@@ -176,7 +176,6 @@ def pretrain(
             root=cfg.data.root, limit=cfg.data.limit, seed=cfg.train.seed,
         )
         module.set_embedding_dataset(Indexed(plain), 2 * cfg.data.batch_size, cfg.data.num_workers)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
 
     ckpt_path = None
     start_step = 0
@@ -184,8 +183,16 @@ def pretrain(
         ckpt_path = last_checkpoint(run_dir)
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         start_step = int(state.get("global_step", 0))
-        _truncate_metrics(run_dir / "metrics.csv", start_step)
+        ck_epoch = int(state.get("epoch", 0))
         del state
+        if ck_epoch > cfg.train.epochs or (cfg.train.max_steps is not None and start_step > cfg.train.max_steps):
+            raise ConfigError(
+                f"{run_dir} was checkpointed at epoch {ck_epoch}, step {start_step}, already past "
+                f"train.epochs={cfg.train.epochs} / train.max_steps={cfg.train.max_steps}; continue without "
+                "that override (the run's config.yaml has its own) or raise it"
+            )
+        _truncate_metrics(run_dir / "metrics.csv", start_step)
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))  # only once the settings are known to work
 
     loggers: list[Any] = [RunCSVLogger(str(run_dir))]
     try:
