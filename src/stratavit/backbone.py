@@ -92,6 +92,26 @@ def sincos_pos_embed_2d(grid: tuple[int, int], dim: int, temperature: float = 10
     return torch.cat([ox.sin(), ox.cos(), oy.sin(), oy.cos()], dim=1).float()
 
 
+def cls_attention(block: nn.Module, tokens_in: Tensor) -> Tensor:
+    """Attention of the CLS query over all tokens in a timm ViT ``Block``, per head.
+
+    Args:
+        block: the timm ``Block`` whose attention is read (its ``norm1``, ``attn.qkv``,
+            ``attn.q_norm`` / ``attn.k_norm`` and ``attn.scale`` are used).
+        tokens_in: ``(B, T, C)`` tokens entering that block (pre-norm), CLS first.
+    Returns:
+        ``(B, H, T)`` softmax weights of token 0's query; each row sums to 1.
+    """
+    attn = block.attn
+    x = block.norm1(tokens_in)
+    b, n, c = x.shape
+    h = attn.num_heads
+    qkv = attn.qkv(x).reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    logits = (q[:, :, :1] @ k.transpose(-2, -1)) * attn.scale  # (B, H, 1, T)
+    return logits.softmax(dim=-1)[:, :, 0]
+
+
 class Backbone(nn.Module):
     """timm ViT wrapper: ``forward(x, levels)`` -> :data:`Features`.
 

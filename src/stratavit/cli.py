@@ -18,10 +18,11 @@ from stratavit import __version__
 def _user_errors() -> tuple[type[BaseException], ...]:
     from stratavit.config import ConfigError
     from stratavit.datasets import DataError
+    from stratavit.evaluation.errors import EvaluationError
     from stratavit.export import ExportError
     from stratavit.module import NonFiniteLossError
 
-    return (ConfigError, DataError, ExportError, NonFiniteLossError, FileNotFoundError)
+    return (ConfigError, DataError, EvaluationError, ExportError, NonFiniteLossError, FileNotFoundError)
 
 
 def _quiet_libraries() -> None:

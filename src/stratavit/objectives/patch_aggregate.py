@@ -23,7 +23,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from stratavit.backbone import Backbone, Features, LevelFeatures
+from stratavit.backbone import Backbone, Features, LevelFeatures, cls_attention
 from stratavit.config import ConfigError
 from stratavit.objectives.base import Objective, ObjectiveOutput, StepState, ViewFeatures
 from stratavit.objectives.heads import ContrastiveHeadConfig, moco_heads
@@ -73,14 +73,7 @@ def cls_attention_weights(block: nn.Module, tokens_in: Tensor) -> Tensor:
         block: the timm ``Block`` whose attention is read.
         tokens_in: the tokens entering that block (pre-norm).
     """
-    attn = block.attn
-    x = block.norm1(tokens_in)
-    b, n, c = x.shape
-    h = attn.num_heads
-    qkv = attn.qkv(x).reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-    logits = (q[:, :, :1] @ k.transpose(-2, -1)) * attn.scale  # (B, H, 1, 1 + N)
-    weights = logits.softmax(dim=-1)[:, :, 0, 1:].mean(dim=1)  # (B, N)
+    weights = cls_attention(block, tokens_in)[:, :, 1:].mean(dim=1)  # (B, N)
     return weights / weights.sum(dim=1, keepdim=True)
 
 
