@@ -44,25 +44,32 @@ def model() -> torch.nn.Module:
 def test_shapes_and_last_block_matches_forward_features(model):
     data = _RandomImages()
     model.train()
-    feats, labels = extract_block_features(model, data, batch_size=4)  # 4 + 4 + 2: partial batch
+    out = extract_block_features(model, data, batch_size=4)  # 4 + 4 + 2: partial batch
+    feats, labels = out.cls, out.labels
     assert model.training  # mode restored
     assert feats.shape == (DEPTH, N, DIM) and feats.dtype == torch.float32
+    assert out.patch.shape == (DEPTH, N, DIM)
     assert labels.dtype == torch.int64 and labels.tolist() == data.labels
 
     model.eval()
     with torch.no_grad():
-        ref_last = model.forward_features(data.images)[:, 0]
-        # block 1 by hand: embed, first block, final norm, CLS
+        last = model.forward_features(data.images)
+        # block 1 by hand: embed, first block, final norm
         x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(data.images))))
-        ref_first = model.norm(model.blocks[0](x))[:, 0]
-    torch.testing.assert_close(feats[-1], ref_last, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(feats[0], ref_first, atol=1e-5, rtol=1e-5)
+        first = model.norm(model.blocks[0](x))
+    torch.testing.assert_close(feats[-1], last[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(feats[0], first[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.patch[-1], last[:, 1:].mean(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.patch[0], first[:, 1:].mean(1), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(feats[0], feats[1])
+    assert out.pooled("mean_patch") is out.patch
+    with pytest.raises(ValueError, match="pooling"):
+        out.pooled("max")
 
 
 def test_cache_is_written_and_reused(model, tmp_path, monkeypatch):
     data = _RandomImages()
-    cache = tmp_path / "sub" / "feats.pt"
+    cache = tmp_path / "sub" / "feats"
     calls = {"n": 0}
     original = model.forward_intermediates
 
@@ -71,18 +78,35 @@ def test_cache_is_written_and_reused(model, tmp_path, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(model, "forward_intermediates", counting)
-    feats, labels = extract_block_features(model, data, batch_size=5, cache_path=cache)
-    assert calls["n"] == 2 and cache.is_file()
-    assert not list(cache.parent.glob("*.tmp"))  # temp file replaced atomically
+    memory = extract_block_features(model, data, batch_size=5)
+    calls["n"] = 0
+    out = extract_block_features(model, data, batch_size=5, cache_dir=cache)
+    assert calls["n"] == 2 and (cache / "meta.json").is_file()
+    assert not list(cache.parent.glob("*.tmp"))  # temp folder replaced atomically
+    assert torch.equal(out.cls, memory.cls) and torch.equal(out.patch, memory.patch)
 
-    feats2, labels2 = extract_block_features(model, data, batch_size=5, cache_path=cache)
+    out2 = extract_block_features(model, data, batch_size=5, cache_dir=cache)
     assert calls["n"] == 2  # served from the cache, model not run
-    assert torch.equal(feats, feats2) and torch.equal(labels, labels2)
+    assert torch.equal(out.cls, out2.cls) and torch.equal(out.labels, out2.labels)
 
     # a cache for a different dataset size is ignored (and rewritten)
     with pytest.warns(UserWarning):
-        feats3, _ = extract_block_features(model, _RandomImages(n=6), batch_size=5, cache_path=cache)
-    assert feats3.shape == (DEPTH, 6, DIM) and calls["n"] == 4
+        out3 = extract_block_features(model, _RandomImages(n=6), batch_size=5, cache_dir=cache)
+    assert out3.cls.shape == (DEPTH, 6, DIM) and calls["n"] == 4
+
+
+def test_interrupted_extraction_leaves_no_cache(model, tmp_path):
+    class _Broken(_RandomImages):
+        def __getitem__(self, i):
+            if i == 7:
+                raise OSError("disk went away")
+            return super().__getitem__(i)
+
+    cache = tmp_path / "feats"
+    with pytest.raises(OSError):
+        extract_block_features(model, _Broken(), batch_size=4, cache_dir=cache)
+    assert not cache.exists() and not list(tmp_path.iterdir())  # no partial store left behind
+    assert extract_block_features(model, _RandomImages(), batch_size=4, cache_dir=cache).cls.shape == (DEPTH, N, DIM)
 
 
 def test_raw_pixel_features(tmp_path):

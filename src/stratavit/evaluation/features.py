@@ -2,31 +2,38 @@
 
 Two extractors are provided:
 
-* :func:`extract_block_features` -- the CLS token of *every* transformer block
-  of a timm ``VisionTransformer`` (each passed through the model's final norm),
-  so that per-layer probes can be run from a single forward pass.
+* :func:`extract_block_features` -- the CLS token and the mean patch token of
+  *every* transformer block of a timm ``VisionTransformer`` (each passed through
+  the model's final norm), so that per-layer probes run from a single forward
+  pass; stored in a disk-backed, memory-mapped cache for large data sets.
 * :func:`raw_pixel_features` -- the flattened input images, the trivial
   "raw pixels" baseline.
 
-Both optionally cache their result on disk (``torch.save`` of a dict of
-tensors, written atomically) so that repeated evaluations are cheap.
+Both optionally cache their result on disk (written atomically) so that
+repeated evaluations are cheap.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-__all__ = ["extract_block_features", "raw_pixel_features"]
+from stratavit.evaluation.tokens import block_tokens
+
+__all__ = ["BlockFeatures", "extract_block_features", "raw_pixel_features"]
 
 
 # --------------------------------------------------------------------------- #
@@ -107,6 +114,57 @@ def _as_labels(y: Tensor | Iterable[int]) -> Tensor:
 # --------------------------------------------------------------------------- #
 # public API
 # --------------------------------------------------------------------------- #
+@dataclass
+class BlockFeatures:
+    """Pooled features of every transformer block for a whole data set.
+
+    Attributes:
+        cls: ``(L, N, C)`` float32 -- CLS token after block ``l + 1``, through the final norm
+            (models without a class token: the mean patch token).
+        patch: ``(L, N, C)`` float32 -- mean of the normed patch tokens after block ``l + 1``.
+        labels: ``(N,)`` int64.
+
+    With a cache folder the two feature tensors are views of disk-backed ``np.memmap`` arrays, so
+    only the rows a probe touches (one block at a time) are paged into memory.
+    """
+
+    cls: Tensor
+    patch: Tensor
+    labels: Tensor
+
+    def pooled(self, pooling: str) -> Tensor:
+        """``(L, N, C)`` features for ``pooling`` in ``{"cls", "mean_patch"}``."""
+        if pooling == "cls":
+            return self.cls
+        if pooling == "mean_patch":
+            return self.patch
+        raise ValueError(f"pooling must be 'cls' or 'mean_patch', not {pooling!r}")
+
+
+_STORE_FILES = ("cls.f32", "patch.f32", "labels.i64", "meta.json")
+
+
+def _open_store(cache_dir: Path, expected_n: int) -> BlockFeatures | None:
+    """Memory-map a complete feature store written by :func:`_create_store`, if it matches."""
+    meta_path = cache_dir / "meta.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if int(meta["n"]) != expected_n:
+        warnings.warn(
+            f"feature cache {cache_dir} holds {meta['n']} samples but the dataset has {expected_n}; recomputing",
+            stacklevel=3,
+        )
+        return None
+    shape = (int(meta["layers"]), int(meta["n"]), int(meta["dim"]))
+    arrays = [np.memmap(cache_dir / name, dtype=np.float32, mode="r", shape=shape) for name in _STORE_FILES[:2]]
+    labels = np.fromfile(cache_dir / "labels.i64", dtype=np.int64)
+    with warnings.catch_warnings():  # read-only memmaps: torch warns about non-writable arrays
+        warnings.simplefilter("ignore", UserWarning)
+        cls, patch = (torch.from_numpy(a) for a in arrays)
+    return BlockFeatures(cls, patch, torch.from_numpy(labels.copy()))
+
+
 def extract_block_features(
     model: nn.Module,
     dataset: Dataset,
@@ -115,82 +173,84 @@ def extract_block_features(
     num_workers: int = 0,
     device: str | torch.device = "cpu",
     desc: str = "features",
-    cache_path: Path | None = None,
-) -> tuple[Tensor, Tensor]:
-    """CLS token of every transformer block, post final norm, for a whole dataset.
+    cache_dir: Path | None = None,
+) -> BlockFeatures:
+    """CLS and mean-patch features of every transformer block, one forward pass per batch.
 
     Args:
-        model: a timm ``VisionTransformer`` (any model exposing timm's
-            ``forward_intermediates`` with prefix tokens). It is moved to
-            ``device`` in place; its train/eval mode is restored afterwards.
-        dataset: yields ``(image (3, H, W) float, label int)``; it is iterated
-            in order (no shuffling), so ``feats[:, i]`` belongs to ``dataset[i]``.
+        model: a timm ``VisionTransformer`` (anything with timm's ``forward_intermediates``). It is
+            moved to ``device`` in place; its train/eval mode is restored afterwards.
+        dataset: yields ``(image (3, H, W) float, label int)``; iterated in order (no shuffling),
+            so row ``i`` belongs to ``dataset[i]``.
         batch_size, num_workers: DataLoader settings.
         device: where the forward passes run.
-        desc: label of the tqdm progress bar (written to stderr).
-        cache_path: if given and the file exists (and holds ``len(dataset)``
-            samples) the features are loaded from it instead of being computed;
-            otherwise they are computed and saved there atomically.
+        desc: label of the progress bar (stderr).
+        cache_dir: folder of a disk-backed feature store. If it holds a complete store for
+            ``len(dataset)`` samples it is memory-mapped instead of recomputed; otherwise the
+            features are streamed batch by batch into a new store (memory stays bounded by one
+            batch), which replaces the folder atomically when complete. ``None``: in memory.
 
     Returns:
-        ``feats``: float32 ``(L, N, C)`` on CPU -- ``L`` = number of blocks,
-        ``N`` = ``len(dataset)``, ``C`` = embed dim; ``feats[l]`` is the CLS
-        token after block ``l + 1`` passed through the model's final norm
-        (so ``feats[-1]`` equals ``model.forward_features(x)[:, 0]``).
-        ``labels``: int64 ``(N,)`` on CPU.
-
-        Models without a class token (``model.cls_token is None``) fall back
-        to the mean of the (normed) patch tokens.
+        :class:`BlockFeatures` with ``cls`` / ``patch`` ``(L, N, C)`` float32 and ``labels`` ``(N,)``;
+        ``cls[-1]`` equals ``model.forward_features(x)[:, 0]``.
     """
     n = len(dataset)  # type: ignore[arg-type]
-    cached = _load_cache(cache_path, n)
-    if cached is not None:
-        return cached
+    if n == 0:
+        raise ValueError("extract_block_features: the dataset is empty")
+    if cache_dir is not None:
+        cached = _open_store(Path(cache_dir), n)
+        if cached is not None:
+            return cached
 
     dev = torch.device(device)
-    has_cls = getattr(model, "cls_token", None) is not None
     was_training = model.training
     model.to(dev)
     model.eval()
-
-    feats: Tensor | None = None
-    labels = torch.empty(n, dtype=torch.int64)
+    depth, dim = len(model.blocks), int(model.num_features)  # type: ignore[arg-type]
+    shape = (depth, n, dim)
+    tmp_dir: Path | None = None
+    if cache_dir is None:
+        cls_out, patch_out = np.empty(shape, np.float32), np.empty(shape, np.float32)
+    else:
+        cache_dir = Path(cache_dir)
+        cache_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=cache_dir.name + ".", suffix=".tmp", dir=cache_dir.parent))
+        cls_out = np.memmap(tmp_dir / "cls.f32", dtype=np.float32, mode="w+", shape=shape)
+        patch_out = np.memmap(tmp_dir / "patch.f32", dtype=np.float32, mode="w+", shape=shape)
+    labels = np.empty(n, dtype=np.int64)
     loader = _loader(dataset, batch_size, num_workers, dev)
     start = 0
     try:
         with torch.inference_mode():
             for images, targets in _progress(loader, desc, total=len(loader)):
-                images = images.to(dev, non_blocking=True).float()
-                outs = model.forward_intermediates(
-                    images,
-                    indices=None,
-                    norm=True,
-                    return_prefix_tokens=True,
-                    output_fmt="NLC",
-                    intermediates_only=True,
-                )
-                per_block = []
-                for out in outs:
-                    # (spatial (B, P, C), prefix (B, T, C)) or just spatial if no prefix tokens
-                    spatial, prefix = out if isinstance(out, (tuple, list)) else (out, None)
-                    # timm puts the class token first among the prefix tokens
-                    per_block.append(prefix[:, 0] if has_cls and prefix is not None else spatial.mean(1))
-                batch = torch.stack(per_block, 0).float().cpu()  # (L, B, C)
-                bsz = batch.shape[1]
-                if feats is None:
-                    feats = torch.empty(batch.shape[0], n, batch.shape[2], dtype=torch.float32)
-                feats[:, start : start + bsz] = batch
-                labels[start : start + bsz] = _as_labels(targets)
+                blocks = block_tokens(model, images.to(dev, non_blocking=True).float())
+                bsz = images.shape[0]
+                for i, b in enumerate(blocks):
+                    patch = b.mean_patch
+                    cls_out[i, start : start + bsz] = (b.cls if b.cls is not None else patch).cpu().numpy()
+                    patch_out[i, start : start + bsz] = patch.cpu().numpy()
+                labels[start : start + bsz] = _as_labels(targets).numpy()
                 start += bsz
+        if start != n:
+            raise RuntimeError(f"dataset yielded {start} samples but len(dataset) == {n}")
+        if tmp_dir is None:
+            return BlockFeatures(torch.from_numpy(cls_out), torch.from_numpy(patch_out), torch.from_numpy(labels))
+        cls_out.flush()
+        patch_out.flush()
+        del cls_out, patch_out
+        labels.tofile(tmp_dir / "labels.i64")
+        (tmp_dir / "meta.json").write_text(json.dumps({"layers": depth, "n": n, "dim": dim}))
+        if cache_dir.exists():
+            shutil.rmtree(cache_dir)
+        os.replace(tmp_dir, cache_dir)
+        tmp_dir = None
     finally:
         model.train(was_training)
-
-    if feats is None:
-        raise ValueError("extract_block_features: the dataset is empty")
-    if start != n:
-        raise RuntimeError(f"dataset yielded {start} samples but len(dataset) == {n}")
-    _save_cache(cache_path, feats, labels)
-    return feats, labels
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+    opened = _open_store(cache_dir, n)
+    assert opened is not None
+    return opened
 
 
 def raw_pixel_features(
