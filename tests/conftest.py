@@ -64,3 +64,16 @@ def cifar_train(cifar_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def cifar_test(cifar_dir: Path) -> Path:
     return cifar_dir / "_test" / "test"
+
+
+@pytest.fixture(scope="session")
+def horses_dir() -> Path:
+    """Weizmann Horses in the dense-probe layout: ``{train,val}/{images,masks}/``."""
+    src = SHARED / "datasets" / "weizmann-horses"
+    archive = src / "weizmann-horses.tar.gz"
+    if not archive.exists():
+        message = f"shared Weizmann Horses not found at {src} (set STRATAVIT_SHARED to the shared/ folder)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return _unpack(archive, CACHE / "weizmann-horses")

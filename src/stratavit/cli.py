@@ -1,4 +1,4 @@
-"""Command line: ``stratavit {recipes,config,pretrain,evaluate,export,demo}``."""
+"""Command line: ``stratavit {recipes,config,pretrain,evaluate,compare,export,demo}``."""
 
 from __future__ import annotations
 
@@ -75,13 +75,44 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         test_limit=args.test_limit,
         batch_size=args.batch_size,
         img_size=args.img_size,
+        resize=args.resize,
         which=args.which,
         baselines=args.baselines,
+        num_workers=args.num_workers,
+        linear_epochs=args.linear_epochs,
+        dense_train=args.dense_train,
+        dense_val=args.dense_val,
+        dense_blocks=args.dense_blocks,
+        dense_size=args.dense_size,
+        correspondence_images=args.correspondence,
+        visuals=not args.no_visuals,
+        seed=args.seed,
     )
     out = Path(args.out) if args.out else Path(args.run_dir) / "eval"
-    print(json.dumps({k: results[k] for k in ("knn", "linear") if k in results}))
-    print(f"report: {out / 'report.md'}")
+    summary = {"knn_top1": results["knn"]["top1"], "linear_top1": results["linear"]["top1"]}
+    if "dense" in results:
+        summary["dense_miou"] = results["dense"]["miou"]
+    if "correspondence" in results:
+        summary["correspondence_top1"] = results["correspondence"]["top1"]
+    print(json.dumps({k: round(v, 2) for k, v in summary.items()}))
+    print(f"results: {out / 'results.json'}")
+    print(f"report:  {out / 'report.md'}")
     return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from stratavit.evaluation.compare import compare_runs
+
+    compare_runs([Path(r) for r in args.run_dirs], Path(args.out), labels=args.labels, eval_subdir=args.eval_subdir)
+    print(f"table: {Path(args.out) / 'compare.md'} ({Path(args.out) / 'compare.csv'})")
+    return 0
+
+
+def _blocks(text: str) -> list[int]:
+    try:
+        return [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give block numbers like 4,8,12 or -1") from None
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -128,7 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=2")
     s.set_defaults(func=cmd_pretrain)
 
-    s = sub.add_parser("evaluate", help="kNN, linear probe and per-layer kNN of a run's backbone")
+    s = sub.add_parser(
+        "evaluate",
+        help="per-block kNN and linear probes (CLS and patches), dense probe, correspondence, visual report",
+    )
     s.add_argument("run_dir")
     s.add_argument("--train", required=True, help="labelled train set (ImageFolder dir or named set)")
     s.add_argument("--test", required=True, help="labelled test set (ImageFolder dir or named set, e.g. cifar10:test)")
@@ -137,9 +171,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test-limit", type=int, help="use a fixed random subset of the test set")
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--img-size", type=int, help="evaluation resolution (default: the backbone's)")
+    s.add_argument("--resize", choices=("center_crop", "stretch"), default="center_crop",
+                   help="how images of other sizes reach --img-size (default: shorter side + centre crop)")
     s.add_argument("--which", choices=("teacher", "student"), default="teacher")
     s.add_argument("--baselines", action="store_true", help="also evaluate random init and raw pixels")
+    s.add_argument("--num-workers", type=int, default=0, help="data loader workers")
+    s.add_argument("--linear-epochs", type=int, default=100, help="epochs of each linear probe (default 100)")
+    s.add_argument("--dense-train", help="images/ + masks/ folder to train the dense probe on")
+    s.add_argument("--dense-val", help="images/ + masks/ folder to report the dense probe's mIoU on")
+    s.add_argument("--dense-blocks", type=_blocks, help="blocks of the dense probe, e.g. 4,8,12 (default: 4 spread)")
+    s.add_argument("--dense-size", type=int, help="input size of the dense probe (default: --img-size)")
+    s.add_argument("--correspondence", type=int, default=200, metavar="N",
+                   help="held-out images for the correspondence score (default 200; 0 skips it)")
+    s.add_argument("--no-visuals", action="store_true", help="skip the pictures and report.html")
+    s.add_argument("--seed", type=int, default=0, help="seed of subsets, crops and probes")
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("compare", help="one table and overlaid plots across evaluated runs")
+    s.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    s.add_argument("--out", required=True, help="folder for compare.md, compare.csv and the plots")
+    s.add_argument("--labels", nargs="+", help="one label per run (default: recipe names)")
+    s.add_argument("--eval-subdir", default="eval", help="evaluation folder inside each run (default eval)")
+    s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("export", help="write the backbone as safetensors a plain timm ViT loads")
     s.add_argument("run_dir")

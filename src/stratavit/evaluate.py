@@ -1,14 +1,17 @@
-"""``evaluate``: frozen-feature evaluation of a run's backbone (kNN, linear probe, per-layer kNN).
+"""``evaluate``: frozen-feature evaluation of a run's backbone, per block and per level.
 
 Writes ``OUT/results.json``::
 
-    {"knn": {"top1": …}, "linear": {"top1": …},
-     "layers": [{"block": i, "knn_top1": …}, …],          # block is 1-based
-     "baselines": {"random_init": {"knn_top1": …, "layers": […]}, "raw_pixels": {"knn_top1": …}},  # optional
+    {"knn": {"top1": …}, "linear": {"top1": …},                        # last block, CLS
+     "layers": [{"block": i, "knn_top1": …, "linear_top1": …,           # block is 1-based
+                 "knn_top1_patch": …, "linear_top1_patch": …}, …],       # *_patch: mean patch token
+     "dense": {"miou": …, "pixel_acc": …, "layers": [{"block": i, "miou": …}, …]},   # optional
+     "correspondence": {"top1": …, "layers": [{"block": i, "top1": …, "chance": …}, …]},
+     "baselines": {"random_init": {…same keys…}, "raw_pixels": {"knn_top1": …, "linear_top1": …}},
      "meta": {…}}
 
-and ``OUT/report.md`` with plots. Features are cached under ``OUT/cache`` keyed by the weights,
-the data and the resolution, so re-running is cheap.
+and ``OUT/report.md`` (+ PNGs, + a self-contained ``report.html``). Features are cached under
+``OUT/cache`` keyed by the weights, the data and the resolution, so re-running is cheap.
 """
 
 from __future__ import annotations
@@ -16,25 +19,24 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from stratavit.config import Config, load_config_file
 from stratavit.datasets import build_dataset
-from stratavit.evaluation import (
-    extract_block_features,
-    knn_per_layer,
-    knn_top1,
-    linear_probe_top1,
-    raw_pixel_features,
-    write_report,
-)
+from stratavit.evaluation import knn_per_layer, knn_top1, linear_probe_top1, raw_pixel_features, write_report
+from stratavit.evaluation.correspondence import correspondence_score
+from stratavit.evaluation.errors import EvaluationError
+from stratavit.evaluation.features import BlockFeatures, extract_block_features
+from stratavit.evaluation.tokens import model_at_size
 from stratavit.export import ExportError, backbone_from_checkpoint, load_backbone, random_backbone
 from stratavit.train import last_checkpoint
-from stratavit.views import eval_transform
+from stratavit.views import describe_resize, eval_transform
 
 
 def load_run_backbone(run_dir: Path, which: str = "teacher") -> nn.Module:
@@ -57,11 +59,55 @@ def _weights_key(run_dir: Path, which: str) -> str:
 
 
 def _cache_name(*parts: Any) -> str:
-    return hashlib.sha1(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:16] + ".pt"
+    return hashlib.sha1(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:16]
 
 
 def _num_classes(*label_sets: torch.Tensor) -> int:
     return int(max(int(ls.max()) for ls in label_sets)) + 1
+
+
+def _class_names(ds: Dataset) -> list[str] | None:
+    while not hasattr(ds, "classes") and hasattr(ds, "dataset"):
+        ds = ds.dataset  # type: ignore[attr-defined]
+    names = getattr(ds, "classes", None)
+    return [str(c) for c in names] if names else None
+
+
+def _pil_images(spec: str, count: int, seed: int) -> list:
+    """``count`` images of a labelled set as PIL (a fixed random subset), for geometric probes."""
+    ds = build_dataset(spec, split="test", transform=None, limit=count, seed=seed)
+    return [ds[i][0] for i in range(len(ds))]  # type: ignore[arg-type]
+
+
+def classification_probes(
+    train: BlockFeatures,
+    test: BlockFeatures,
+    *,
+    num_classes: int,
+    k: int,
+    temperature: float,
+    linear_epochs: int,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """kNN and linear probe on CLS and mean-patch features of every block.
+
+    Returns ``(layers, last)``: per-block rows and the last block's CLS linear-probe result
+    (with its test predictions, for the confusion matrix).
+    """
+    depth = train.cls.shape[0]
+    layers: list[dict[str, Any]] = [{"block": i + 1} for i in range(depth)]
+    last: dict[str, Any] = {}
+    for pooling, suffix in (("cls", ""), ("mean_patch", "_patch")):
+        ftr, fte = train.pooled(pooling), test.pooled(pooling)
+        knn = knn_per_layer(ftr, train.labels, fte, test.labels, k=k, temperature=temperature, num_classes=num_classes)
+        for i in range(depth):
+            lin = linear_probe_top1(
+                ftr[i], train.labels, fte[i], test.labels, num_classes=num_classes, epochs=linear_epochs
+            )
+            layers[i][f"knn_top1{suffix}"] = knn[i]
+            layers[i][f"linear_top1{suffix}"] = lin["top1"]
+            if pooling == "cls" and i == depth - 1:
+                last = lin
+    return layers, last
 
 
 def evaluate_run(
@@ -74,72 +120,134 @@ def evaluate_run(
     test_limit: int | None = None,
     batch_size: int = 256,
     img_size: int | None = None,
+    resize: str = "center_crop",
     which: str = "teacher",
     baselines: bool = False,
     num_workers: int = 0,
     k: int = 20,
     temperature: float = 0.07,
+    linear_epochs: int = 100,
+    dense_train: str | Path | None = None,
+    dense_val: str | Path | None = None,
+    dense_blocks: Sequence[int] | None = None,
+    dense_size: int | None = None,
+    correspondence_images: int = 200,
+    visuals: bool = True,
+    seed: int = 0,
     meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the backbone of ``run_dir`` on labelled ``train``/``test`` sets; returns the results.
+    """Evaluate the backbone of ``run_dir``; writes ``results.json`` and the report; returns the results.
 
     Args:
-        train, test: ImageFolder directories or named sets (``cifar10``, ``cifar10:test``, …).
-        img_size: evaluation resolution (default: the backbone's). Images are resized (shorter
-            side) and centre-cropped to it; the policy is recorded in ``meta``.
+        train, test: labelled ImageFolder directories or named sets (``cifar10``, ``cifar10:test``, …),
+            of any image size: images are brought to ``img_size`` by the ``resize`` policy.
+        img_size: evaluation resolution (default: the backbone's; position embeddings are resampled
+            when it differs). resize: ``center_crop`` or ``stretch`` (recorded in ``meta``).
         baselines: also evaluate the same architecture at random initialisation and raw pixels.
+        linear_epochs: epochs of every linear probe (one per block and pooling).
+        dense_train, dense_val: ``images/`` + ``masks/`` folders for the dense probe (both or none).
+        dense_blocks: blocks of the dense probe (1-based, ``-1`` = last; default: up to 4 evenly
+            spaced blocks ending at the last). dense_size: its input size (default ``img_size``).
+        correspondence_images: held-out test images for the correspondence score (0: skip).
+        visuals: write the attention / PCA / matches / confusion / embedding pictures.
     """
     run_dir = Path(run_dir)
     out_dir = Path(out) if out is not None else run_dir / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cache = out_dir / "cache"
     if not (run_dir / "config.yaml").exists():
         raise ExportError(
             f"{run_dir} is not a stratavit run folder (no config.yaml); pass the --out folder of `stratavit pretrain`"
         )
+    if (dense_train is None) != (dense_val is None):
+        raise EvaluationError("the dense probe needs both --dense-train and --dense-val (images/ + masks/ folders)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache = out_dir / "cache"
     cfg: Config = load_config_file(run_dir / "config.yaml")
-    model = load_run_backbone(run_dir, which)
-    size = img_size or int(model.patch_embed.img_size[0])
-    transform = eval_transform(size, cfg.views.mean, cfg.views.std)
-    train_ds = build_dataset(train, split="train", transform=transform, limit=train_limit, seed=0)
-    test_ds = build_dataset(test, split="test", transform=transform, limit=test_limit, seed=0)
-    data_key = (train, test, train_limit, test_limit, size)
+    base_model = load_run_backbone(run_dir, which)
+    size = img_size or int(base_model.patch_embed.img_size[0])
+    try:
+        model = model_at_size(base_model, size)
+        transform = eval_transform(size, cfg.views.mean, cfg.views.std, resize)
+    except ValueError as e:
+        raise EvaluationError(str(e)) from None
+    train_ds = build_dataset(train, split="train", transform=transform, limit=train_limit, seed=seed)
+    test_ds = build_dataset(test, split="test", transform=transform, limit=test_limit, seed=seed)
+    data_key = (train, test, train_limit, test_limit, size, resize)
     started = time.time()
+    timings: dict[str, float] = {}
 
-    def features(net: nn.Module, tag: str, label: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        ftr, ytr = extract_block_features(
-            net, train_ds, batch_size=batch_size, num_workers=num_workers, desc=f"{label} features (train)",
-            cache_path=cache / _cache_name(tag, "train", *data_key),
+    def features(net: nn.Module, tag: str, label: str) -> tuple[BlockFeatures, BlockFeatures]:
+        t0 = time.time()
+        got = tuple(
+            extract_block_features(
+                net, ds, batch_size=batch_size, num_workers=num_workers, desc=f"{label} features ({split})",
+                cache_dir=cache / _cache_name(tag, split, *data_key),
+            )
+            for ds, split in ((train_ds, "train"), (test_ds, "test"))
         )
-        fte, yte = extract_block_features(
-            net, test_ds, batch_size=batch_size, num_workers=num_workers, desc=f"{label} features (test)",
-            cache_path=cache / _cache_name(tag, "test", *data_key),
-        )
-        return ftr, ytr, fte, yte
+        timings[f"{label} features"] = round(time.time() - t0, 1)
+        return got  # type: ignore[return-value]
 
-    ftr, ytr, fte, yte = features(model, _weights_key(run_dir, which), which)
-    n_cls = _num_classes(ytr, yte)
-    per_layer = knn_per_layer(ftr, ytr, fte, yte, k=k, temperature=temperature, num_classes=n_cls)
-    lin = linear_probe_top1(ftr[-1], ytr, fte[-1], yte, num_classes=n_cls)
+    def probes(net: nn.Module, tag: str, label: str) -> tuple[dict[str, Any], dict[str, Any], BlockFeatures]:
+        ftr, fte = features(net, tag, label)
+        n_cls = _num_classes(ftr.labels, fte.labels)
+        t0 = time.time()
+        layers, last = classification_probes(
+            ftr, fte, num_classes=n_cls, k=k, temperature=temperature, linear_epochs=linear_epochs
+        )
+        timings[f"{label} probes"] = round(time.time() - t0, 1)
+        part: dict[str, Any] = {"layers": layers}
+        if dense_train is not None:
+            part["dense"] = _dense(net, tag, label)
+        if correspondence_images > 0:
+            part["correspondence"] = _correspondence(net, label)
+        return part, last, fte
+
+    def _dense(net: nn.Module, tag: str, label: str) -> dict[str, Any]:
+        from stratavit.evaluation.dense import dense_probe
+
+        t0 = time.time()
+        d_size = dense_size or size
+        try:
+            net_d = model_at_size(net, d_size)
+            res = dense_probe(
+                net_d, Path(str(dense_train)), Path(str(dense_val)), blocks=_dense_blocks(net_d, dense_blocks),
+                size=d_size, mean=cfg.views.mean, std=cfg.views.std, num_workers=num_workers,
+                cache_dir=cache / _cache_name("dense", tag, dense_train, dense_val, d_size),
+            )
+        except ValueError as e:
+            raise EvaluationError(str(e)) from None
+        timings[f"{label} dense"] = round(time.time() - t0, 1)
+        return res
+
+    corr_example: dict[str, Any] = {}
+
+    def _correspondence(net: nn.Module, label: str) -> dict[str, Any]:
+        t0 = time.time()
+        res = correspondence_score(
+            net, _pil_images(test, correspondence_images, seed), size=size, mean=cfg.views.mean, std=cfg.views.std,
+            seed=seed, batch_size=min(batch_size, 128),
+        )
+        example = res.pop("example")
+        if not corr_example:
+            corr_example.update(example)
+        timings[f"{label} correspondence"] = round(time.time() - t0, 1)
+        return res
+
+    main, last, test_feats = probes(model, _weights_key(run_dir, which), which)
     results: dict[str, Any] = {
-        "knn": {"top1": per_layer[-1], "k": k, "temperature": temperature},
-        "linear": {"top1": lin["top1"], "train_top1": lin["train_top1"]},
-        "layers": [{"block": i + 1, "knn_top1": acc} for i, acc in enumerate(per_layer)],
+        "knn": {"top1": main["layers"][-1]["knn_top1"], "k": k, "temperature": temperature},
+        "linear": {"top1": last["top1"], "train_top1": last["train_top1"], "epochs": linear_epochs},
+        **main,
     }
     if baselines:
-        rand = random_backbone(cfg.backbone, seed=cfg.train.seed).vit
-        rtr, rytr, rte, ryte = features(rand, f"random-init-{cfg.backbone}-{cfg.train.seed}", "random init")
-        rand_layers = knn_per_layer(rtr, rytr, rte, ryte, k=k, temperature=temperature, num_classes=n_cls)
-        ptr, pytr = raw_pixel_features(train_ds, batch_size=batch_size, desc="raw pixels train",
-                                       cache_path=cache / _cache_name("pixels", "train", *data_key))
-        pte, pyte = raw_pixel_features(test_ds, batch_size=batch_size, desc="raw pixels test",
-                                       cache_path=cache / _cache_name("pixels", "test", *data_key))
+        rand = model_at_size(random_backbone(cfg.backbone, seed=cfg.train.seed).vit.eval(), size)
+        rand_part, rand_last, _ = probes(rand, f"random-init-{cfg.backbone}-{cfg.train.seed}", "random init")
+        raw = _raw_pixels(train_ds, test_ds, cache, data_key, batch_size, k, temperature, linear_epochs)
         results["baselines"] = {
             "random_init": {
-                "knn_top1": rand_layers[-1],
-                "layers": [{"block": i + 1, "knn_top1": a} for i, a in enumerate(rand_layers)],
+                "knn_top1": rand_part["layers"][-1]["knn_top1"], "linear_top1": rand_last["top1"], **rand_part
             },
-            "raw_pixels": {"knn_top1": knn_top1(ptr, pytr, pte, pyte, k=k, temperature=temperature, num_classes=n_cls)},
+            "raw_pixels": raw,
         }
     results["meta"] = {
         "run_dir": str(run_dir),
@@ -147,10 +255,12 @@ def evaluate_run(
         "weights": which,
         "train": train,
         "test": test,
-        "train_images": len(ytr),
-        "test_images": len(yte),
-        "classes": n_cls,
-        "resize_policy": f"resize shorter side to {size}, centre crop {size}x{size}",
+        "train_images": len(train_ds),  # type: ignore[arg-type]
+        "test_images": len(test_ds),  # type: ignore[arg-type]
+        "classes": _num_classes(test_feats.labels),
+        "img_size": size,
+        "resize_policy": describe_resize(size, resize),
+        "seconds": timings,
         "eval_seconds": round(time.time() - started, 1),
         **(meta or {}),
     }
@@ -158,10 +268,44 @@ def evaluate_run(
     if run_json.exists():
         results["meta"]["training"] = json.loads(run_json.read_text())
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    figures: list[tuple[str, Path]] = []
+    if visuals:
+        from stratavit.evaluation.report_figures import report_figures
+
+        figures = report_figures(
+            out_dir, model, test_ds, test_feats, last, results, corr_example,
+            mean=cfg.views.mean, std=cfg.views.std, class_names=_class_names(test_ds), seed=seed,
+        )
     write_report(
         out_dir,
         results,
         metrics_csv=run_dir / "metrics.csv",
         title=f"stratavit evaluation: {cfg.recipe}",
+        figures=figures,
+        html=visuals,
     )
     return results
+
+
+def _dense_blocks(model: nn.Module, blocks: Sequence[int] | None) -> list[int]:
+    """The dense probe's blocks: as given, else up to 4 evenly spaced blocks ending at the last."""
+    if blocks:
+        return list(blocks)
+    depth = len(model.blocks)  # type: ignore[arg-type]
+    count = min(4, depth)
+    return sorted({round(depth * (i + 1) / count) for i in range(count)})
+
+
+def _raw_pixels(
+    train_ds: Dataset, test_ds: Dataset, cache: Path, data_key: tuple, batch_size: int, k: int,
+    temperature: float, linear_epochs: int,
+) -> dict[str, Any]:
+    ptr, ytr = raw_pixel_features(train_ds, batch_size=batch_size, desc="raw pixels (train)",
+                                  cache_path=cache / (_cache_name("pixels", "train", *data_key) + ".pt"))
+    pte, yte = raw_pixel_features(test_ds, batch_size=batch_size, desc="raw pixels (test)",
+                                  cache_path=cache / (_cache_name("pixels", "test", *data_key) + ".pt"))
+    n_cls = _num_classes(ytr, yte)
+    return {
+        "knn_top1": knn_top1(ptr, ytr, pte, yte, k=k, temperature=temperature, num_classes=n_cls),
+        "linear_top1": linear_probe_top1(ptr, ytr, pte, yte, num_classes=n_cls, epochs=linear_epochs)["top1"],
+    }

@@ -193,14 +193,28 @@ class _ToRGB:
         return img.convert("RGB")
 
 
-def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) -> Any:
-    """Deterministic evaluation transform: resize the shorter side, centre-crop to img_size."""
-    return T.Compose(
-        [
-            _ToRGB(),
-            T.Resize(img_size, antialias=True),
-            T.CenterCrop(img_size),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
+RESIZE_POLICIES = ("center_crop", "stretch")
+
+
+def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float], resize: str = "center_crop") -> Any:
+    """Deterministic evaluation transform to ``img_size x img_size``.
+
+    ``resize="center_crop"``: resize the shorter side to ``img_size`` and centre-crop (keeps the
+    aspect ratio, loses the borders of non-square images); ``"stretch"``: resize both sides
+    (keeps everything, distorts the aspect ratio).
+    """
+    if resize not in RESIZE_POLICIES:
+        raise ValueError(f"resize policy {resize!r} is not one of {', '.join(RESIZE_POLICIES)}")
+    geometry = (
+        [T.Resize(img_size, antialias=True), T.CenterCrop(img_size)]
+        if resize == "center_crop"
+        else [T.Resize((img_size, img_size), antialias=True)]
     )
+    return T.Compose([_ToRGB(), *geometry, T.ToTensor(), T.Normalize(mean, std)])
+
+
+def describe_resize(img_size: int, resize: str) -> str:
+    """The human-readable resize policy recorded with evaluation results."""
+    if resize == "stretch":
+        return f"resize to {img_size}x{img_size} (aspect ratio not kept)"
+    return f"resize shorter side to {img_size}, centre crop {img_size}x{img_size}"

@@ -215,8 +215,14 @@ def plot_layer_curve(
 # markdown
 # --------------------------------------------------------------------------- #
 def _headline(results: Mapping[str, Any]) -> str:
+    extra = [
+        (part, key, label)
+        for part, key, label in (("dense", "miou", "dense mIoU (%)"), ("correspondence", "top1", "correspondence (%)"))
+        if _get(results, part, key) is not None
+    ]
     rows = [
         ["pre-trained backbone (last block)", _get(results, "knn", "top1"), _get(results, "linear", "top1")]
+        + [_get(results, part, key) for part, key, _ in extra]
     ]
     for name, base in (_get(results, "baselines") or {}).items():
         if not isinstance(base, Mapping):
@@ -224,8 +230,8 @@ def _headline(results: Mapping[str, Any]) -> str:
         knn = base.get("knn_top1", _get(base, "knn", "top1"))
         lin = base.get("linear_top1", _get(base, "linear", "top1"))
         suffix = " (last block)" if name == "random_init" else ""
-        rows.append([_baseline_label(name) + suffix, knn, lin])
-    return _md_table(["model", "kNN top-1 (%)", "linear top-1 (%)"], rows)
+        rows.append([_baseline_label(name) + suffix, knn, lin] + [_get(base, part, key) for part, key, _ in extra])
+    return _md_table(["model", "kNN top-1 (%)", "linear top-1 (%)", *(label for *_, label in extra)], rows)
 
 
 def _layer_table(results: Mapping[str, Any]) -> str | None:
@@ -268,6 +274,26 @@ def _meta_lines(meta: Mapping[str, Any], indent: str = "") -> list[str]:
     return lines
 
 
+def _block_section(
+    results: Mapping[str, Any], part: str, columns: Sequence[tuple[str, str]], intro: str
+) -> str | None:
+    """Markdown table of ``results[part]["layers"]`` (and the random-init baseline's, if any)."""
+    rows_by_block = {int(r["block"]): r for r in _get(results, part, "layers") or [] if "block" in r}
+    if not rows_by_block:
+        return None
+    base = {int(r["block"]): r for r in _get(results, "baselines", "random_init", part, "layers") or []}
+    header = ["block", *(label for _, label in columns)]
+    if base:
+        header += [f"random init {label}" for _, label in columns]
+    rows = []
+    for block, row in sorted(rows_by_block.items()):
+        cells: list[Any] = [block, *(row.get(key) for key, _ in columns)]
+        if base:
+            cells += [base.get(block, {}).get(key) for key, _ in columns]
+        rows.append(cells)
+    return intro + "\n\n" + _md_table(header, rows)
+
+
 def write_report(
     out_dir: Path,
     results: dict,
@@ -275,6 +301,8 @@ def write_report(
     metrics_csv: Path | None = None,
     title: str = "stratavit evaluation",
     extra_md: str = "",
+    figures: Sequence[tuple[str, Path]] = (),
+    html: bool = False,
 ) -> Path:
     """Write ``out_dir/report.md`` (plus ``loss_curve.png`` / ``layer_curve.png``).
 
@@ -286,6 +314,8 @@ def write_report(
             ``None``, missing, or without loss values).
         title: H1 title of the report.
         extra_md: Markdown appended verbatim at the end.
+        figures: ``(caption, png)`` pictures shown in a "Pictures" section (paths made relative).
+        html: also write a self-contained ``report.html`` (images embedded).
 
     Returns:
         Path of ``report.md``.
@@ -323,6 +353,28 @@ def write_report(
         )
         parts.append(f"![kNN top-1 per block]({os.path.relpath(png, out_dir)})")
 
+    dense = _block_section(
+        results, "dense", [("miou", "mIoU (%)"), ("pixel_acc", "pixel acc. (%)")],
+        "## Dense probe\n\nA linear segmentation head on frozen patch tokens (upsampled logits, "
+        f"cross-entropy), {_fmt(_get(results, 'dense', 'num_classes'))} classes, "
+        f"input {_fmt(_get(results, 'dense', 'size'))} px, evaluated at the masks' own resolution.",
+    )
+    if dense is not None:
+        parts.append(dense)
+    corr = _block_section(
+        results, "correspondence", [("top1", "top-1 (%)"), ("exact", "exact (%)"), ("chance", "chance (%)")],
+        "## Correspondence\n\nTwo random crops of each of "
+        f"{_fmt(_get(results, 'correspondence', 'pairs'))} held-out images: is the nearest patch (cosine) "
+        "of the other view within one patch of the true location? *exact*: the very patch; *chance*: a "
+        "random guess.",
+    )
+    if corr is not None:
+        parts.append(corr)
+
+    if figures:
+        pics = [f"**{caption}**\n\n![{caption}]({os.path.relpath(png, out_dir)})" for caption, png in figures]
+        parts.append("## Pictures\n\n" + "\n\n".join(pics))
+
     if metrics_csv is not None:
         png = plot_loss_curve(Path(metrics_csv), out_dir / LOSS_PNG)
         if png is not None:
@@ -335,4 +387,8 @@ def write_report(
 
     report = out_dir / "report.md"
     report.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
+    if html:
+        from stratavit.evaluation.visuals import write_html
+
+        write_html(report, out_dir / "report.html")
     return report
