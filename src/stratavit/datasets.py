@@ -116,18 +116,19 @@ class Indexed(Dataset):
         return x, y, index
 
 
-def sample_archive() -> Path:
-    """Path of the CIFAR-10 sample archive shipped inside the package."""
-    return Path(str(resources.files("stratavit") / "assets" / "cifar10_sample.tar.gz"))
+def sample_archive(name: str = "cifar10_sample") -> Path:
+    """Path of a sample archive shipped inside the package (``assets/<name>.tar.gz``)."""
+    return Path(str(resources.files("stratavit") / "assets" / f"{name}.tar.gz"))
 
 
-def sample_dir() -> Path:
-    """Unpack the shipped CIFAR-10 sample once (to the cache) and return its folder.
+def sample_dir(name: str = "cifar10_sample") -> Path:
+    """Unpack a shipped sample once (to the cache) and return its folder.
 
-    The folder holds ``train/<class>/*.jpg`` and ``test/<class>/*.jpg``.
+    ``cifar10_sample`` holds ``train/<class>/*.jpg`` and ``test/<class>/*.jpg``;
+    ``horses_sample`` holds ``{train,val}/{images,masks}/`` (the dense-probe layout).
     """
-    archive = sample_archive()
-    target = cache_dir() / f"cifar10_sample-{archive.stat().st_size}"
+    archive = sample_archive(name)
+    target = cache_dir() / f"{name}-{archive.stat().st_size}"
     done = target / ".complete"
     if not done.exists():
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
