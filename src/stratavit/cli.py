@@ -177,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--baselines", action="store_true", help="also evaluate random init and raw pixels")
     s.add_argument("--num-workers", type=int, default=0, help="data loader workers")
     s.add_argument("--linear-epochs", type=int, default=100, help="epochs of each linear probe (default 100)")
-    s.add_argument("--dense-train", help="images/ + masks/ folder to train the dense probe on")
-    s.add_argument("--dense-val", help="images/ + masks/ folder to report the dense probe's mIoU on")
+    s.add_argument("--dense-train", help="images/ + masks/ folder to train the dense probe on (or horses-sample:train)")
+    s.add_argument("--dense-val", help="images/ + masks/ folder to report the dense probe's mIoU on (or horses-sample:val)")
     s.add_argument("--dense-blocks", type=_blocks, help="blocks of the dense probe, e.g. 4,8,12 (default: 4 spread)")
     s.add_argument("--dense-size", type=int, help="input size of the dense probe (default: --img-size)")
     s.add_argument("--correspondence", type=int, default=200, metavar="N",

@@ -23,6 +23,18 @@ log = logging.getLogger(__name__)
 NAMED_DATASETS = ("cifar10", "cifar100", "stl10")
 SAMPLE_NAME = "cifar10-sample"
 """``--data cifar10-sample`` (or ``cifar10-sample:test``) reads the sample shipped in the package."""
+HORSES_SAMPLE = "horses-sample"
+"""``--dense-train horses-sample:train --dense-val horses-sample:val``: the shipped Weizmann Horses sample."""
+
+
+def segmentation_root(spec: str | Path) -> Path:
+    """An ``images/`` + ``masks/`` folder, or ``horses-sample:{train,val}`` (shipped, unpacked on first use)."""
+    name, _, split = str(spec).partition(":")
+    if name == HORSES_SAMPLE and not Path(spec).exists():
+        if split not in ("train", "val"):
+            raise DataError(f"{spec}: use {HORSES_SAMPLE}:train or {HORSES_SAMPLE}:val")
+        return sample_dir("horses_sample") / split
+    return Path(spec)
 
 
 class DataError(ValueError):

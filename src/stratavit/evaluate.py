@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from stratavit.config import Config, load_config_file
-from stratavit.datasets import build_dataset
+from stratavit.datasets import build_dataset, segmentation_root
 from stratavit.evaluation import knn_per_layer, knn_top1, linear_probe_top1, raw_pixel_features, write_report
 from stratavit.evaluation.correspondence import correspondence_score
 from stratavit.evaluation.errors import EvaluationError
@@ -145,7 +145,8 @@ def evaluate_run(
             when it differs). resize: ``center_crop`` or ``stretch`` (recorded in ``meta``).
         baselines: also evaluate the same architecture at random initialisation and raw pixels.
         linear_epochs: epochs of every linear probe (one per block and pooling).
-        dense_train, dense_val: ``images/`` + ``masks/`` folders for the dense probe (both or none).
+        dense_train, dense_val: ``images/`` + ``masks/`` folders for the dense probe (both or none),
+            or ``horses-sample:train`` / ``horses-sample:val`` (the shipped Weizmann Horses sample).
         dense_blocks: blocks of the dense probe (1-based, ``-1`` = last; default: up to 4 evenly
             spaced blocks ending at the last). dense_size: its input size (default ``img_size``).
         correspondence_images: held-out test images for the correspondence score (0: skip).
@@ -210,7 +211,8 @@ def evaluate_run(
         try:
             net_d = model_at_size(net, d_size)
             res = dense_probe(
-                net_d, Path(str(dense_train)), Path(str(dense_val)), blocks=_dense_blocks(net_d, dense_blocks),
+                net_d, segmentation_root(str(dense_train)), segmentation_root(str(dense_val)),
+                blocks=_dense_blocks(net_d, dense_blocks),
                 size=d_size, mean=cfg.views.mean, std=cfg.views.std, num_workers=num_workers,
                 cache_dir=cache / _cache_name("dense", tag, dense_train, dense_val, d_size),
             )
