@@ -104,7 +104,7 @@ def classification_probes(
                 ftr[i], train.labels, fte[i], test.labels, num_classes=num_classes, epochs=linear_epochs
             )
             layers[i][f"knn_top1{suffix}"] = knn[i]
-            layers[i][f"linear_top1{suffix}"] = lin["top1"]
+            layers[i][f"linear_top1{suffix}"] = round(lin["top1"], 2)
             if pooling == "cls" and i == depth - 1:
                 last = lin
     return layers, last
@@ -238,7 +238,7 @@ def evaluate_run(
     main, last, test_feats = probes(model, _weights_key(run_dir, which), which)
     results: dict[str, Any] = {
         "knn": {"top1": main["layers"][-1]["knn_top1"], "k": k, "temperature": temperature},
-        "linear": {"top1": last["top1"], "train_top1": last["train_top1"], "epochs": linear_epochs},
+        "linear": {"top1": round(last["top1"], 2), "train_top1": round(last["train_top1"], 2), "epochs": linear_epochs},
         **main,
     }
     if baselines:
@@ -247,7 +247,8 @@ def evaluate_run(
         raw = _raw_pixels(train_ds, test_ds, cache, data_key, batch_size, k, temperature, linear_epochs)
         results["baselines"] = {
             "random_init": {
-                "knn_top1": rand_part["layers"][-1]["knn_top1"], "linear_top1": rand_last["top1"], **rand_part
+                "knn_top1": rand_part["layers"][-1]["knn_top1"], "linear_top1": round(rand_last["top1"], 2),
+                **rand_part,
             },
             "raw_pixels": raw,
         }
@@ -309,5 +310,5 @@ def _raw_pixels(
     n_cls = _num_classes(ytr, yte)
     return {
         "knn_top1": knn_top1(ptr, ytr, pte, yte, k=k, temperature=temperature, num_classes=n_cls),
-        "linear_top1": linear_probe_top1(ptr, ytr, pte, yte, num_classes=n_cls, epochs=linear_epochs)["top1"],
+        "linear_top1": round(linear_probe_top1(ptr, ytr, pte, yte, num_classes=n_cls, epochs=linear_epochs)["top1"], 2),
     }

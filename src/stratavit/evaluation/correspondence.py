@@ -233,9 +233,9 @@ def correspondence_score(
     layers = [
         {
             "block": n,
-            "top1": _pct(t["correct"], t["queries"]),
-            "exact": _pct(t["exact"], t["queries"]),
-            "chance": _pct(t["chance"], t["queries"]),
+            "top1": round(_pct(t["correct"], t["queries"]), 2),
+            "exact": round(_pct(t["exact"], t["queries"]), 2),
+            "chance": round(_pct(t["chance"], t["queries"]), 2),
         }
         for n, t in totals.items()
     ]

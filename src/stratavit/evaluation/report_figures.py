@@ -55,8 +55,9 @@ def report_figures(
     if panels is not None:
         figures.append(("Per-block probes: kNN and linear on CLS and mean patch, correspondence, dense", panels))
 
-    count = min(n_images, len(test_ds))  # type: ignore[arg-type]
-    images = torch.stack([test_ds[i][0] for i in range(count)])
+    n = len(test_ds)  # type: ignore[arg-type]
+    picks = torch.linspace(0, n - 1, min(n_images, n)).round().long().unique().tolist()  # spread over classes
+    images = torch.stack([test_ds[i][0] for i in picks])
     model.eval()
     with torch.inference_mode():
         attn = cls_attention_maps(model, images)
