@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from matplotlib import colormaps
 from torch import Tensor
 
-from stratavit.evaluation.report import _new_figure, _save
+from stratavit.evaluation.report import _get, _new_figure, _save
 
 __all__ = [
     "plot_attention_maps",
@@ -122,14 +122,6 @@ def _block_series(rows: Any, key: str) -> tuple[list[int], list[float]]:
             pts.append((int(r["block"]), v))
     pts.sort()
     return [p[0] for p in pts], [p[1] for p in pts]
-
-
-def _get(d: Any, *keys: str) -> Any:
-    for key in keys:
-        if not isinstance(d, Mapping) or key not in d:
-            return None
-        d = d[key]
-    return d
 
 
 # --------------------------------------------------------------------------- #
