@@ -63,3 +63,29 @@ def test_sincos_table_hand_values():
 def test_non_vit_arch_is_refused():
     with pytest.raises(ConfigError):
         Backbone(BackboneConfig(arch="resnet18"))
+
+
+def test_mask_replaces_patch_embeddings_through_timm():
+    torch.manual_seed(0)
+    bb = Backbone(_cfg()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    n = (32 // bb.patch_size) ** 2
+    plain = bb(x, [-1])[-1].tokens_pre
+    mask = torch.zeros(2, n, dtype=torch.bool)
+    mask[0, 3] = mask[1, :5] = True
+    # the token equal to the real embedding of patch 3 of image 0 and of patches 0-4 of image 1
+    # would change nothing; a zero token changes exactly the masked images' outputs
+    with torch.no_grad():
+        emb = bb.vit.patch_embed(x).reshape(2, n, -1)
+    same = bb(x[:1], [-1], mask=mask[:1], mask_token=emb[0, 3])[-1].tokens_pre
+    torch.testing.assert_close(same, plain[:1])
+    masked = bb(x, [-1], mask=mask, mask_token=torch.zeros(bb.embed_dim))[-1].tokens_pre
+    assert not torch.allclose(masked[0], plain[0]) and not torch.allclose(masked[1], plain[1])
+    unmasked = bb(x, [-1], mask=torch.zeros(2, n, dtype=torch.bool), mask_token=torch.zeros(bb.embed_dim))
+    torch.testing.assert_close(unmasked[-1].tokens_pre, plain)
+    with pytest.raises(ValueError, match="does not match"):
+        bb(x, [-1], mask=mask[:, :4], mask_token=torch.zeros(bb.embed_dim))
+    # a learned token gets gradients only through masked positions
+    token = torch.zeros(bb.embed_dim, requires_grad=True)
+    bb(x, [-1], mask=mask, mask_token=token)[-1].tokens_pre.sum().backward()
+    assert token.grad is not None and token.grad.abs().sum() > 0

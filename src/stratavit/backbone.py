@@ -112,6 +112,12 @@ def cls_attention(block: nn.Module, tokens_in: Tensor) -> Tensor:
     return logits.softmax(dim=-1)[:, :, 0]
 
 
+def _apply_mask(embedded: Tensor, mask: Tensor, token: Tensor) -> Tensor:
+    """Patch embeddings (B, N, C) or (B, gh, gw, C) with masked positions replaced by ``token`` (C,)."""
+    m = mask.reshape(*embedded.shape[:-1], 1)
+    return torch.where(m, token.to(embedded.dtype).expand_as(embedded), embedded)
+
+
 class Backbone(nn.Module):
     """timm ViT wrapper: ``forward(x, levels)`` -> :data:`Features`.
 
@@ -179,9 +185,19 @@ class Backbone(nn.Module):
             raise ConfigError(f"level {level} does not exist in a {depth}-block backbone (use 1..{depth} or -1)")
         return resolved
 
-    def forward(self, x: Tensor, levels: Sequence[int] = (-1,)) -> Features:
+    def forward(
+        self,
+        x: Tensor,
+        levels: Sequence[int] = (-1,),
+        mask: Tensor | None = None,
+        mask_token: Tensor | None = None,
+    ) -> Features:
         """Run the ViT on images (B, 3, H, W) and collect the requested levels.
 
+        Args:
+            mask: optional (B, N) bool, True where a patch embedding is replaced by ``mask_token``
+                (C,) before the position embedding is added (masked image modelling, iBOT); the
+                timm model itself runs unchanged.
         Returns:
             dict level -> :class:`LevelFeatures` with ``tokens_pre`` (B, 1 + N, C) and the grid
             ``(H / p, W / p)``. Only the blocks up to the deepest requested level are run.
@@ -191,7 +207,29 @@ class Backbone(nn.Module):
         if x.shape[-1] % p or x.shape[-2] % p:
             raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of the patch size {p}")
         grid = (x.shape[-2] // p, x.shape[-1] // p)
-        taken = self.vit.forward_intermediates(
+        handle = None
+        if mask is not None:
+            if mask_token is None:
+                raise ValueError("a mask needs a mask_token")
+            if mask.shape != (x.shape[0], grid[0] * grid[1]):
+                raise ValueError(f"mask of shape {tuple(mask.shape)} does not match {x.shape[0]} images of {grid} patches")
+            handle = self.vit.patch_embed.register_forward_hook(
+                lambda _m, _i, out: _apply_mask(out, mask, mask_token)
+            )
+        try:
+            taken = self._intermediates(x, wanted)
+        finally:
+            if handle is not None:
+                handle.remove()
+        out: Features = {}
+        for lv, (patches, prefix) in zip(wanted, taken):
+            out[lv] = LevelFeatures(torch.cat([prefix[:, :1], patches], dim=1), grid, self.vit.norm)
+        for lv in levels:
+            out[lv] = out[self.resolve_level(lv)]
+        return out
+
+    def _intermediates(self, x: Tensor, wanted: list[int]) -> list:
+        return self.vit.forward_intermediates(
             x,
             indices=[lv - 1 for lv in wanted],
             return_prefix_tokens=True,
@@ -200,9 +238,3 @@ class Backbone(nn.Module):
             output_fmt="NLC",
             intermediates_only=True,
         )
-        out: Features = {}
-        for lv, (patches, prefix) in zip(wanted, taken):
-            out[lv] = LevelFeatures(torch.cat([prefix[:, :1], patches], dim=1), grid, self.vit.norm)
-        for lv in levels:
-            out[lv] = out[self.resolve_level(lv)]
-        return out

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from stratavit.backbone import Backbone
-from stratavit.config import Config, config_from_dict, to_dict
+from stratavit.config import Config, ConfigError, config_from_dict, to_dict
 from stratavit.distributed import rank, world_size
 from stratavit.objectives import OBJECTIVES, Objective, StepState, ViewFeatures
 from stratavit.schedules import cosine_schedule, momentum_schedule
@@ -70,6 +70,11 @@ class PretrainModule(L.LightningModule):
         self.student_levels = sorted({lv for o in self._objs() for lv in o.student_levels()})
         self.teacher_levels = sorted({lv for o in self._objs() for lv in o.teacher_levels()})
         self.uses_local = any(o.reads_local_views for o in self._objs()) and self.cfg.views.local_crops > 0
+        maskers = [n for n, o in self.objectives.items() if type(o).student_masks is not Objective.student_masks]
+        if len(maskers) > 1:
+            raise ConfigError(f"objectives {maskers} all mask the student's views; a recipe can have only one")
+        self._masker: str | None = maskers[0] if maskers else None
+        self._augmenters = [o for o in self._objs() if type(o).augment_student is not Objective.augment_student]
         self._nonfinite_streak = 0
         self.nonfinite_steps = 0
         self._stepped = False
@@ -203,15 +208,30 @@ class PretrainModule(L.LightningModule):
     def compute_features(self, batch: MultiViewBatch) -> tuple[ViewFeatures, ViewFeatures]:
         """Student features of every view group and teacher features of the global views."""
         g = torch.cat([v.images for v in batch.global_views])
-        s_global = self.backbone(g, self.student_levels)
+        state = self.state()
+        n_g = len(batch.global_views)
+        masks, token = None, None
+        if self._masker is not None:
+            p = self.backbone.patch_size
+            grid = (g.shape[-2] // p, g.shape[-1] // p)
+            masked = self.objectives[self._masker].student_masks(n_g, batch.batch_size, grid, state, g.device)  # type: ignore[operator]
+            if masked is not None:
+                masks, token = masked
+        s_in = g
+        for obj in self._augmenters:
+            s_in = obj.augment_student(s_in, "global", state)
+        s_global = self.backbone(s_in, self.student_levels, mask=masks, mask_token=token)
         s_local = None
         if self.uses_local and batch.local_views:
-            s_local = self.backbone(torch.cat([v.images for v in batch.local_views]), self.student_levels)
+            local = torch.cat([v.images for v in batch.local_views])
+            for obj in self._augmenters:
+                local = obj.augment_student(local, "local", state)
+            s_local = self.backbone(local, self.student_levels)
         with torch.no_grad():
             t_global = self.teacher.backbone(g, self.teacher_levels)
-        n_g, n_l = len(batch.global_views), len(batch.local_views) if s_local is not None else 0
+        n_l = len(batch.local_views) if s_local is not None else 0
         return (
-            ViewFeatures(s_global, s_local, n_g, n_l, batch, self.backbone),
+            ViewFeatures(s_global, s_local, n_g, n_l, batch, self.backbone, masks),
             ViewFeatures(t_global, None, n_g, 0, batch, self.teacher.backbone),
         )
 

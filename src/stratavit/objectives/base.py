@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from stratavit.backbone import Backbone, Features
@@ -55,6 +56,8 @@ class ViewFeatures:
         batch: the batch (geometry of every view, per sample).
         backbone: the network that produced these features (student or teacher backbone), for
             objectives that re-read a block (e.g. its attention).
+        masks: (n_global · B, N) bool, True where the student's global-view patch was replaced by
+            the mask token (masked image modelling); None when nothing was masked.
     """
 
     global_: Features
@@ -63,6 +66,7 @@ class ViewFeatures:
     n_local: int
     batch: MultiViewBatch
     backbone: Backbone | None = None
+    masks: Tensor | None = None
 
 
 @dataclass
@@ -115,6 +119,20 @@ class Objective(nn.Module):
         state: StepState,
     ) -> ObjectiveOutput:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def student_masks(
+        self, n_views: int, batch_size: int, grid: tuple[int, int], state: StepState, device: torch.device
+    ) -> tuple[Tensor, Tensor] | None:
+        """Masks for the student's global views: ``((n_views · B, N) bool, mask token (C,))`` or None.
+
+        At most one objective of a recipe masks; the engine runs the student's global views with
+        these masks and hands them to every objective in ``ViewFeatures.masks``.
+        """
+        return None
+
+    def augment_student(self, images: Tensor, group: str, state: StepState) -> Tensor:
+        """Student-only augmentation of a view group (``"global"`` or ``"local"``), (V·B, 3, H, W)."""
+        return images
 
     def on_after_backward(self, state: StepState) -> None:
         """Hook after gradients exist, before the optimiser step (e.g. freeze a layer)."""
