@@ -11,8 +11,11 @@ For every training-set size and recipe:
    in the real run: its wall time minus its E-steps, over its steps);
 2. run: the schedule is laid out over the number of steps that fits the budget (E-steps
    included) and ``train.max_time_s`` caps the wall clock at the budget;
-3. evaluate: kNN (k 20, T 0.07) and linear probe on the last block's CLS, kNN at every block,
-   with a fixed labelled bank (``--eval-train`` images of the train split) and test set.
+3. evaluate: kNN (k 20, T 0.07) and linear probe at every block (CLS and mean patch), the
+   correspondence score per block and, with ``--dense``, the dense probe on the shipped horses
+   sample, with a fixed labelled bank (``--eval-train`` images of the train split) and test set.
+
+The first recipe listed is the base of the step-overhead column.
 
 Every run uses the same backbone, views, batch and optimiser (the demo's small ViT, see
 ``stratavit.demo``); only the objectives differ. Prints a Markdown table and writes it to
@@ -46,6 +49,16 @@ def recipe_overrides(recipe: str, n_images: int) -> list[str]:
         ]
     if recipe == "cl-edi":
         return [f"objectives.infonce.{s}" for s in small] + [f"objectives.patch_aggregate.{s}" for s in small]
+    dino_small = ["out_dim=4096", "hidden_dim=512", "bottleneck_dim=128"]
+    dino_views = ["views.local_crops=4", "views.local_size=16", "views.local_scale=[0.1,0.4]"]
+    if recipe == "dino":
+        return dino_views + [f"objectives.dino.{s}" for s in dino_small]
+    if recipe == "local-global":
+        return dino_views + [f"objectives.patch_match.{s}" for s in dino_small]
+    if recipe == "ibot":
+        return dino_views + [f"objectives.ibot_mim.{s}" for s in dino_small]
+    if recipe == "sere":
+        return dino_views + [f"objectives.ibot_mim.{s}" for s in dino_small]
     return []
 
 
@@ -85,6 +98,9 @@ def main() -> None:
     ap.add_argument("--probe-steps", type=int, default=15)
     ap.add_argument("--seed", type=int, default=0, help="train.seed (also picks the data.limit subset)")
     ap.add_argument("--extra", nargs="*", default=[], metavar="key=value", help="overrides added to every run")
+    ap.add_argument("--dense", action="store_true",
+                    help="also run the dense probe (shipped Weizmann Horses sample at 64 px) and report it")
+    ap.add_argument("--correspondence", type=int, default=200, help="held-out images for the correspondence score")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     train_dir, test_dir = args.cifar / "train", args.cifar / "test"
@@ -93,8 +109,10 @@ def main() -> None:
     batch = int(next(o for o in base if o.startswith("data.batch_size=")).split("=")[1])
     results: list[dict[str, Any]] = []
     table = [
-        "| train images (seed) | recipe | s/step | step overhead | E-steps s (total) | steps done/planned | epochs | wall s | kNN | linear | kNN per block |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| train images (seed) | recipe | s/step | step overhead | E-steps s (total) | steps done/planned | epochs | wall s "
+        "| kNN | linear | kNN per block | linear per block | kNN mean-patch per block | correspondence per block "
+        "| dense mIoU per block |",
+        "|" + "---|" * 15,
     ]
     for n in args.train_images:
         base_step = None
@@ -117,21 +135,31 @@ def main() -> None:
                                          f"train.max_time_s={args.budget}"])
             wall = time.time() - t0
             res = evaluate_run(run, str(train_dir), str(test_dir), train_limit=args.eval_train,
-                               test_limit=args.eval_test, out=out / "eval")
+                               test_limit=args.eval_test, out=out / "eval", visuals=False,
+                               correspondence_images=args.correspondence,
+                               dense_train="horses-sample:train" if args.dense else None,
+                               dense_val="horses-sample:val" if args.dense else None, dense_size=64)
             info = json.loads((run / "run.json").read_text())
             estep_total = sum(v for _, v in _metric_values(run / "metrics.csv", "estep/seconds"))
             step_s = (info["wall_time_s"] - estep_total) / max(1, info["global_step"])  # measured in the run itself
-            if recipe == "mocov3":
-                base_step = step_s
+            if base_step is None:
+                base_step = step_s  # the first recipe is the base of the overhead column
             overhead = f"{step_s / base_step:.2f}×" if base_step else "–"
-            layers = " / ".join(f"{layer['knn_top1']:.1f}" for layer in res["layers"])
+            def per_block(rows: list[dict[str, Any]], key: str) -> str:
+                return " / ".join(f"{r[key]:.1f}" for r in rows) if rows else "–"
+
             row = (f"| {n} ({args.seed}) | {recipe} | {step_s:.3f} | {overhead} | {estep_total:.1f} | {info['global_step']}/{steps} | "
-                   f"{info['epochs_completed']} | {wall:.0f} | {res['knn']['top1']:.2f} | {res['linear']['top1']:.2f} | {layers} |")
+                   f"{info['epochs_completed']} | {wall:.0f} | {res['knn']['top1']:.2f} | {res['linear']['top1']:.2f} | "
+                   f"{per_block(res['layers'], 'knn_top1')} | {per_block(res['layers'], 'linear_top1')} | "
+                   f"{per_block(res['layers'], 'knn_top1_patch')} | "
+                   f"{per_block(res.get('correspondence', {}).get('layers', []), 'top1')} | "
+                   f"{per_block(res.get('dense', {}).get('layers', []), 'miou')} |")
             print(row, flush=True)
             table.append(row)
             results.append({"train_images": n, "recipe": recipe, "probe": p, "planned_steps": steps, "run": info,
                             "step_s": step_s, "estep_total_s": estep_total,
-                            "wall_s": wall, "knn": res["knn"], "linear": res["linear"], "layers": res["layers"]})
+                            "wall_s": wall, "knn": res["knn"], "linear": res["linear"], "layers": res["layers"],
+                            "dense": res.get("dense"), "correspondence": res.get("correspondence")})
             (args.out / "compare.md").write_text("\n".join(table) + "\n")
             (args.out / "compare.json").write_text(json.dumps(results, indent=2) + "\n")
     print("\n".join(table))
