@@ -130,9 +130,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from stratavit.demo import run_demo
 
     results = run_demo(Path(args.out), args.overrides)
-    print(f"\nkNN top-1: pre-trained {results['knn']['top1']:.2f} %, "
-          f"random init {results['baselines']['random_init']['knn_top1']:.2f} %, "
-          f"raw pixels {results['baselines']['raw_pixels']['knn_top1']:.2f} %")
+    rand, raw = results["baselines"]["random_init"], results["baselines"]["raw_pixels"]
+    print(f"\n{'(last block)':<22}{'pre-trained':>12}{'random init':>13}{'raw pixels':>12}")
+    rows = [
+        ("kNN top-1 %", results["knn"]["top1"], rand["knn_top1"], raw["knn_top1"]),
+        ("linear top-1 %", results["linear"]["top1"], rand["linear_top1"], raw["linear_top1"]),
+        ("dense mIoU % (horses)", results["dense"]["miou"], rand["dense"]["miou"], None),
+        ("correspondence %", results["correspondence"]["top1"], rand["correspondence"]["top1"], None),
+    ]
+    for name, *values in rows:
+        print(f"{name:<22}" + "".join(f"{v:>12.2f} " if v is not None else f"{'–':>12} " for v in values))
     print(f"report: {Path(args.out) / 'eval' / 'report.md'}")
     return 0
 
