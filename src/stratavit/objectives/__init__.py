@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from stratavit.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput, StepState, ViewFeatures
 from stratavit.objectives.dino import DINO, DINOConfig
+from stratavit.objectives.ibot_mim import IBOT, IBOTConfig
 from stratavit.objectives.infonce import InfoNCE, InfoNCEConfig
 from stratavit.objectives.patch_aggregate import PatchAggregate, PatchAggregateConfig
 from stratavit.objectives.protonce import ProtoNCE, ProtoNCEConfig
@@ -13,12 +14,15 @@ OBJECTIVES: dict[str, type[Objective]] = {
     DINO.name: DINO,
     ProtoNCE.name: ProtoNCE,
     PatchAggregate.name: PatchAggregate,
+    IBOT.name: IBOT,
 }
 
 __all__ = [
     "OBJECTIVES",
     "DINO",
     "DINOConfig",
+    "IBOT",
+    "IBOTConfig",
     "InfoNCE",
     "InfoNCEConfig",
     "PatchAggregate",
