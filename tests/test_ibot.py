@@ -302,11 +302,11 @@ def test_head_shapes_and_config_checks():
 def test_patch_temperature_schedule():
     cfg = _small_cfg(warmup_teacher_patch_temp=0.04, teacher_patch_temp=0.07, warmup_teacher_temp_epochs=10)
     assert teacher_patch_temperature(cfg, 0) == pytest.approx(0.04)
-    assert teacher_patch_temperature(cfg, 5) == pytest.approx(0.055)
-    assert teacher_patch_temperature(cfg, 10) == pytest.approx(0.07)
+    assert teacher_patch_temperature(cfg, 5) == pytest.approx(0.04 + 0.03 * 5 / 9)  # linspace(0.04, 0.07, 10)[5]
+    assert teacher_patch_temperature(cfg, 9) == pytest.approx(0.07)
     late = _small_cfg(warmup_teacher_temp_epochs=10, pred_start_epoch=4)
     assert teacher_patch_temperature(late, 3) == pytest.approx(0.04)
-    assert teacher_patch_temperature(late, 9) == pytest.approx(0.055)
+    assert teacher_patch_temperature(late, 9) == pytest.approx(0.04 + 0.03 * 5 / 9)
 
 
 def test_last_layers_frozen_in_first_epoch():

@@ -98,7 +98,8 @@ def test_dino_center_update_and_temperature_warmup():
     assert torch.allclose(new, torch.tensor([[0.2, 0.2, 0.2]]))
     cfg = DINOConfig(teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=30)
     assert teacher_temperature(cfg, 0) == pytest.approx(0.04)
-    assert teacher_temperature(cfg, 15) == pytest.approx(0.055)
+    assert teacher_temperature(cfg, 15) == pytest.approx(0.04 + 0.03 * 15 / 29)  # linspace(0.04, 0.07, 30)[15]
+    assert teacher_temperature(cfg, 29) == pytest.approx(0.07)
     assert teacher_temperature(cfg, 30) == pytest.approx(0.07)
     assert teacher_temperature(cfg, 99) == pytest.approx(0.07)
 

@@ -37,10 +37,12 @@ class DINOConfig(ObjectiveConfig):
 
 
 def teacher_temperature(cfg: DINOConfig, epoch: int) -> float:
-    """Linear warm-up from ``warmup_teacher_temp`` to ``teacher_temp`` over the warm-up epochs."""
-    if epoch >= cfg.warmup_teacher_temp_epochs or cfg.warmup_teacher_temp_epochs <= 0:
+    """Linear warm-up from ``warmup_teacher_temp`` to ``teacher_temp``, reached at epoch
+    ``warmup_teacher_temp_epochs − 1`` (the reference's ``linspace`` over the warm-up epochs)."""
+    warm = cfg.warmup_teacher_temp_epochs
+    if warm <= 1 or epoch >= warm - 1:
         return cfg.teacher_temp
-    frac = epoch / cfg.warmup_teacher_temp_epochs
+    frac = epoch / (warm - 1)
     return cfg.warmup_teacher_temp + frac * (cfg.teacher_temp - cfg.warmup_teacher_temp)
 
 
