@@ -8,6 +8,7 @@ from stratavit.objectives.ibot_mim import IBOT, IBOTConfig
 from stratavit.objectives.infonce import InfoNCE, InfoNCEConfig
 from stratavit.objectives.patch_aggregate import PatchAggregate, PatchAggregateConfig
 from stratavit.objectives.protonce import ProtoNCE, ProtoNCEConfig
+from stratavit.objectives.self_relation import SelfRelation, SelfRelationConfig
 
 OBJECTIVES: dict[str, type[Objective]] = {
     InfoNCE.name: InfoNCE,
@@ -15,6 +16,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     ProtoNCE.name: ProtoNCE,
     PatchAggregate.name: PatchAggregate,
     IBOT.name: IBOT,
+    SelfRelation.name: SelfRelation,
 }
 
 __all__ = [
@@ -29,6 +31,8 @@ __all__ = [
     "PatchAggregateConfig",
     "ProtoNCE",
     "ProtoNCEConfig",
+    "SelfRelation",
+    "SelfRelationConfig",
     "Objective",
     "ObjectiveConfig",
     "ObjectiveOutput",
