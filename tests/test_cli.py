@@ -198,6 +198,28 @@ def test_cl_edi_runs(tmp_path, cifar_train):
     assert total == pytest.approx(parts, rel=1e-5)
 
 
+DINO_FAMILY_SMALL = ["out_dim=128", "hidden_dim=64", "bottleneck_dim=32"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, parts, weights", [
+    ("ibot", ["ibot_mim"], [1.0]),
+    ("sere", ["ibot_mim", "self_relation"], [1.65, 1.0]),
+])
+def test_masked_recipes_run(tmp_path, cifar_train, recipe, parts, weights):
+    run = tmp_path / recipe
+    res = _cli("pretrain", "--recipe", recipe, "--data", str(cifar_train), "--out", str(run), *TINY,
+               *[f"objectives.ibot_mim.{s}" for s in DINO_FAMILY_SMALL], "views.local_crops=2", "train.max_steps=3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = _rows(run / "metrics.csv")
+    assert len(rows) == 3 and all(r[f"loss/{p}"] for r in rows for p in parts)
+    assert all(0.0 <= float(r["ibot/mask_ratio"]) <= 0.5 for r in rows)
+    total = [float(r["loss"]) for r in rows]
+    summed = [sum(w * float(r[f"loss/{p}"]) for p, w in zip(parts, weights)) for r in rows]
+    assert total == pytest.approx(summed, rel=1e-5)
+    assert (run / "backbone.safetensors").exists()
+
+
 @pytest.mark.slow
 def test_unreadable_images_are_skipped_counted_and_listed_from_loader_workers(tmp_path, cifar_train):
     """A corrupt and a truncated JPEG in the data: training goes on, both are listed in the run folder
