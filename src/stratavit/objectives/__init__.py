@@ -7,6 +7,7 @@ from stratavit.objectives.dino import DINO, DINOConfig
 from stratavit.objectives.ibot_mim import IBOT, IBOTConfig
 from stratavit.objectives.infonce import InfoNCE, InfoNCEConfig
 from stratavit.objectives.patch_aggregate import PatchAggregate, PatchAggregateConfig
+from stratavit.objectives.patch_match import PatchMatch, PatchMatchConfig
 from stratavit.objectives.protonce import ProtoNCE, ProtoNCEConfig
 from stratavit.objectives.self_relation import SelfRelation, SelfRelationConfig
 
@@ -17,6 +18,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     PatchAggregate.name: PatchAggregate,
     IBOT.name: IBOT,
     SelfRelation.name: SelfRelation,
+    PatchMatch.name: PatchMatch,
 }
 
 __all__ = [
@@ -29,6 +31,8 @@ __all__ = [
     "InfoNCEConfig",
     "PatchAggregate",
     "PatchAggregateConfig",
+    "PatchMatch",
+    "PatchMatchConfig",
     "ProtoNCE",
     "ProtoNCEConfig",
     "SelfRelation",
