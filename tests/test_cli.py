@@ -221,6 +221,18 @@ def test_masked_recipes_run(tmp_path, cifar_train, recipe, parts, weights):
 
 
 @pytest.mark.slow
+def test_local_global_runs_with_patch_jitter(tmp_path, cifar_train):
+    run = tmp_path / "lg"
+    res = _cli("pretrain", "--recipe", "local-global", "--data", str(cifar_train), "--out", str(run), *TINY,
+               *[f"objectives.patch_match.{s}" for s in DINO_FAMILY_SMALL], "objectives.patch_match.patch_jitter_p=0.5",
+               "views.local_crops=2", "train.max_steps=3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = _rows(run / "metrics.csv")
+    assert len(rows) == 3 and all(float(r["patch_match/matched_per_pair"]) > 0 for r in rows)
+    assert [float(r["loss"]) for r in rows] == pytest.approx([float(r["loss/patch_match"]) for r in rows])
+
+
+@pytest.mark.slow
 def test_unreadable_images_are_skipped_counted_and_listed_from_loader_workers(tmp_path, cifar_train):
     """A corrupt and a truncated JPEG in the data: training goes on, both are listed in the run folder
     even though a loader worker (not the main process) met them."""

@@ -73,6 +73,8 @@ def patchwise_jitter(images: Tensor, patch: int, p: float, strength: float, gene
     ``mean + (x − mean) · c + b`` with its own contrast ``c ~ U(1 − s, 1 + s)`` around the cell's
     mean and brightness shift ``b ~ U(−s, s)`` (``s = strength``, in normalised units).
     """
+    if p <= 0:
+        return images
     b, _, h, w = images.shape
     gh, gw = h // patch, w // patch
     shape = (b, 1, gh, gw)

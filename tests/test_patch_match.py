@@ -1,0 +1,224 @@
+"""Local-Global: patch matching on hand-worked boxes, same source pixels, the loss against a reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stratavit.backbone import Backbone
+from stratavit.config import BackboneConfig, ViewsConfig
+from stratavit.geometry import patch_centers_in_source
+from stratavit.objectives import OBJECTIVES, PatchMatch, PatchMatchConfig, StepState, ViewFeatures
+from stratavit.objectives.patch_match import matched_cross_entropy, patchwise_jitter
+from stratavit.patch_matching import match_patches
+from stratavit.views import MultiCropTransform, collate_views
+
+NO, YES = torch.tensor([False]), torch.tensor([True])
+FULL = torch.tensor([[0.0, 0.0, 32.0, 32.0]])
+
+
+def test_identical_crops_match_every_token_to_itself():
+    m = match_patches(FULL, NO, (4, 4), FULL, NO, (4, 4))
+    assert m.idx_a.tolist() == [list(range(17))] and m.idx_b.tolist() == [list(range(17))] and m.valid.all()
+
+
+def test_flipped_crop_matches_mirrored_columns():
+    m = match_patches(FULL, NO, (4, 4), FULL, YES, (4, 4))
+    # token 1 + r*4 + c of A <-> token 1 + r*4 + (3 - c) of B
+    want = [0] + [1 + r * 4 + (3 - c) for r in range(4) for c in range(4)]
+    assert m.idx_a.tolist() == [list(range(17))] and m.idx_b.tolist() == [want]
+
+
+def test_disjoint_crops_match_cls_only():
+    m = match_patches(FULL, NO, (4, 4), torch.tensor([[40.0, 40.0, 56.0, 56.0]]), NO, (2, 2))
+    assert m.valid.tolist() == [[True, False, False, False, False]] and m.patch_pairs.tolist() == [0]
+
+
+def test_local_crop_inside_global_crop_gives_the_sub_grid():
+    # global: source [0, 32)^2 on a 4x4 grid (8 px patches); local: [8, 24)^2 on a 2x2 grid.
+    # Overlap = the local crop: global columns start round(4*8/32)=1, count round(4*16/32)=2 ->
+    # columns 1, 2, rows 1, 2 -> tokens 1+1*4+1=6, 7, 10, 11; the local grid is whole: tokens 1..4.
+    m = match_patches(FULL, NO, (4, 4), torch.tensor([[8.0, 8.0, 24.0, 24.0]]), NO, (2, 2))
+    assert m.idx_a.tolist() == [[0, 6, 7, 10, 11]] and m.idx_b.tolist() == [[0, 1, 2, 3, 4]]
+    # flipped local crop: its columns mirrored and walked in reverse
+    m = match_patches(FULL, NO, (4, 4), torch.tensor([[8.0, 8.0, 24.0, 24.0]]), YES, (2, 2))
+    assert m.idx_a.tolist() == [[0, 6, 7, 10, 11]] and m.idx_b.tolist() == [[0, 2, 1, 4, 3]]
+
+
+def test_larger_sub_grid_is_subsampled_with_floor_linspace():
+    # A: [0, 32) on 8 columns (4 px); B: [0, 32) on 3 columns. Rows: 1 row each (height one patch).
+    a = torch.tensor([[0.0, 0.0, 32.0, 4.0]])
+    m = match_patches(a, NO, (1, 8), a, NO, (1, 3))
+    picks = np.floor(np.linspace(0, 7, 3)).astype(int).tolist()  # [0, 3, 7]
+    assert m.idx_a.tolist() == [[0] + [1 + c for c in picks]] and m.idx_b.tolist() == [[0, 1, 2, 3]]
+
+
+def test_every_sample_gets_its_own_matches():
+    boxes_a = torch.cat([FULL, FULL, FULL])
+    boxes_b = torch.tensor([[0.0, 0.0, 32.0, 32.0], [16.0, 0.0, 48.0, 32.0], [100.0, 100.0, 120.0, 120.0]])
+    flips = torch.tensor([False, False, False])
+    m = match_patches(boxes_a, flips, (4, 4), boxes_b, flips, (4, 4))
+    assert m.patch_pairs.tolist() == [16, 8, 0]
+    # sample 1: A columns 2, 3 <-> B columns 0, 1 on every row
+    got = sorted(zip(m.idx_a[1][m.valid[1]].tolist(), m.idx_b[1][m.valid[1]].tolist()))
+    want = sorted([(0, 0)] + [(1 + r * 4 + c, 1 + r * 4 + c - 2) for r in range(4) for c in (2, 3)])
+    assert got == want
+    assert (m.idx_a[~m.valid] == 0).all()  # padding points at CLS, masked out
+
+
+def _coordinate_image(w: int = 64, h: int = 48):
+    from PIL import Image
+
+    xs = np.tile(np.linspace(0, 255, w, dtype=np.float32), (h, 1))
+    ys = np.tile(np.linspace(0, 255, h, dtype=np.float32)[:, None], (1, w))
+    return Image.fromarray(np.stack([xs, ys, np.full_like(xs, 128)], -1).round().astype(np.uint8)), w, h
+
+
+def test_matched_patches_of_identity_augmented_views_show_the_same_source_pixels():
+    """Real view maker, crops and flips only: matched patches of two views cover the same place."""
+    img, w, h = _coordinate_image()
+    cfg = ViewsConfig(global_size=32, local_size=16, local_crops=2, global_scale=[0.3, 1.0], local_scale=[0.1, 0.4],
+                      mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0], color_jitter_p=0.0, grayscale_p=0.0,
+                      global_blur_p=[0.0, 0.0], global_solarize_p=[0.0, 0.0], local_blur_p=0.0)
+    torch.manual_seed(0)
+    transform = MultiCropTransform(cfg, patch_size=4)
+    batch = collate_views([(transform(img), 0, i) for i in range(16)])
+    views = batch.global_views + batch.local_views
+    checked = 0
+    for q in batch.global_views:
+        for v in views:
+            if v is q:
+                continue
+            size_q, size_v = q.images.shape[-1], v.images.shape[-1]
+            gq, gv = (size_q // 4,) * 2, (size_v // 4,) * 2
+            m = match_patches(q.boxes, q.flips, gq, v.boxes, v.flips, gv)
+            # mean (x, y) code of each patch, from the pixels of each view
+            code_q = F.avg_pool2d(q.images[:, :2], 4).flatten(2).transpose(1, 2)  # (B, N, 2)
+            code_v = F.avg_pool2d(v.images[:, :2], 4).flatten(2).transpose(1, 2)
+            for b in range(16):
+                pairs = m.valid[b, 1:]
+                if not pairs.any():
+                    continue
+                a = code_q[b, m.idx_a[b, 1:][pairs] - 1] * 255
+                c = code_v[b, m.idx_b[b, 1:][pairs] - 1] * 255
+                # the codes advance 255/63 per source pixel in x, 255/47 in y; allow about one
+                # patch of the coarser view in source pixels (plus rounding of the sub-grid)
+                patch_src = max(float(q.boxes[b, 2] - q.boxes[b, 0]) / gq[1], float(v.boxes[b, 2] - v.boxes[b, 0]) / gv[1])
+                dx = (a[:, 0] - c[:, 0]).abs() * (w - 1) / 255
+                dy = (a[:, 1] - c[:, 1]).abs() * (h - 1) / 255
+                assert float(dx.mean()) < patch_src and float(dy.mean()) < patch_src * 1.5
+                checked += int(pairs.sum())
+    assert checked > 200
+
+
+def _tiny_case(k: int = 8, n_local: int = 1):
+    torch.manual_seed(0)
+    bb = Backbone(BackboneConfig(arch="vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2))
+    cfg = PatchMatchConfig(out_dim=k, hidden_dim=16, bottleneck_dim=8, center_momentum=0.9)
+    obj = PatchMatch(cfg, bb)
+    cfg_views = ViewsConfig(global_size=16, local_size=8, local_crops=n_local, mean=[0.5] * 3, std=[0.25] * 3)
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)) for _ in range(3)]
+    batch = collate_views([(MultiCropTransform(cfg_views, 8)(im), 0, i) for i, im in enumerate(imgs)])
+    g = torch.cat([v.images for v in batch.global_views])
+    l = torch.cat([v.images for v in batch.local_views])
+    student = ViewFeatures(bb(g), bb(l), 2, n_local, batch, bb)
+    with torch.no_grad():
+        teacher = ViewFeatures(bb(g), None, 2, 0, batch, bb)
+    return obj, student, teacher, batch
+
+
+def _reference_loss(obj: PatchMatch, student, teacher, batch) -> float:
+    """Loops over samples and pairs in NumPy-like style, independent of the vectorised code."""
+    cfg = obj.cfg
+    t = obj.head(teacher.global_[-1].tokens).detach().double()
+    t_views = t.chunk(2)
+    s_groups = [(batch.global_views, obj.head(student.global_[-1].tokens).double().chunk(2), (2, 2)),
+                (batch.local_views, obj.head(student.local[-1].tokens).double().chunk(len(batch.local_views)), (1, 1))]
+    center = obj.center.double()
+    total, pairs = 0.0, 0
+    for views, s_views, grid in s_groups:
+        for iq, q in enumerate(batch.global_views):
+            for iv, v in enumerate(views):
+                if views is batch.global_views and iv == iq:
+                    continue
+                per_sample = []
+                for b in range(batch.batch_size):
+                    m = match_patches(q.boxes[b:b + 1], q.flips[b:b + 1], (2, 2), v.boxes[b:b + 1], v.flips[b:b + 1], grid)
+                    ces = []
+                    for i, j, ok in zip(m.idx_a[0].tolist(), m.idx_b[0].tolist(), m.valid[0].tolist()):
+                        if not ok:
+                            continue
+                        pt = torch.softmax((t_views[iq][b, i] - center[i]) / cfg.teacher_temp, -1)
+                        ls = torch.log_softmax(s_views[iv][b, j] / cfg.student_temp, -1)
+                        ces.append(float(-(pt * ls).sum().detach()))
+                    per_sample.append(sum(ces) / len(ces))
+                total += sum(per_sample) / len(per_sample)
+                pairs += 1
+    return total / pairs
+
+
+def test_loss_matches_a_per_sample_reference_and_updates_the_per_position_centre():
+    obj, student, teacher, batch = _tiny_case()
+    obj.center.normal_()  # a non-trivial centre, per position
+    before = obj.center.clone()
+    want = _reference_loss(obj, student, teacher, batch)
+    out = obj(student, teacher, obj.head, StepState(0, 5, 10, 100))
+    assert out.loss.item() == pytest.approx(want, rel=1e-4)
+    t = obj.head(teacher.global_[-1].tokens).detach()  # (2B, 5, K)
+    torch.testing.assert_close(obj.center, before * 0.9 + t.mean(0) * 0.1)
+    assert obj.center.shape == (5, 8)
+
+
+def test_matching_logits_give_a_lower_loss_than_shuffled_ones():
+    teacher = torch.randn(4, 5, 8)
+    probs = F.softmax(teacher / 0.1, -1)
+    idx = torch.arange(5).expand(4, 5)
+    w = torch.ones(4, 5)
+    good = matched_cross_entropy(probs, F.log_softmax(teacher / 0.1, -1), idx, idx, w)
+    bad = matched_cross_entropy(probs, F.log_softmax(teacher[:, torch.tensor([1, 2, 3, 4, 0])] / 0.1, -1), idx, idx, w)
+    assert good < bad
+    # the weighted mean ignores padding entirely
+    w_pad = w.clone()
+    w_pad[:, 3:] = 0
+    noisy = F.log_softmax(torch.randn(4, 5, 8), -1)
+    mixed = torch.cat([F.log_softmax(teacher / 0.1, -1)[:, :3], noisy[:, 3:]], 1)
+    assert matched_cross_entropy(probs, mixed, idx, idx, w_pad) == pytest.approx(
+        float(matched_cross_entropy(probs[:, :3], F.log_softmax(teacher / 0.1, -1)[:, :3], idx[:, :3], idx[:, :3], w[:, :3])))
+
+
+def test_gradients_reach_the_student_only():
+    obj, student, teacher, _ = _tiny_case()
+    out = obj(student, teacher, obj.head, StepState(0, 5, 10, 100))
+    out.loss.backward()
+    assert student.global_[-1].tokens_pre.requires_grad
+    assert not teacher.global_[-1].tokens_pre.requires_grad
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in obj.head.parameters())
+    assert out.metrics["patch_match/matched_per_pair"] > 0
+
+
+def test_patchwise_jitter_changes_patches_independently():
+    x = torch.randn(2, 3, 16, 16)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(patchwise_jitter(x, 4, 0.0, 0.4, g), x)
+    y = patchwise_jitter(x, 4, 1.0, 0.4, torch.Generator().manual_seed(0))
+    cells = (y - x).abs().reshape(2, 3, 4, 4, 4, 4).mean(dim=(1, 3, 5))  # (2, 4, 4) change per patch
+    assert (cells > 0).all() and cells.std() > 0
+    half = patchwise_jitter(x, 4, 0.5, 0.4, torch.Generator().manual_seed(1))
+    unchanged = ((half - x).abs().reshape(2, 3, 4, 4, 4, 4).amax(dim=(1, 3, 5)) < 1e-6).float().mean()
+    assert 0.2 < float(unchanged) < 0.8
+
+
+def test_registered_and_configurable():
+    assert OBJECTIVES["patch_match"] is PatchMatch
+    from stratavit.config import resolve_config
+
+    cfg = resolve_config("local-global", ["objectives.patch_match.patch_jitter_p=0.5"])
+    assert cfg.objectives["patch_match"].patch_jitter_p == 0.5
+    assert math.isclose(cfg.objectives["patch_match"].patch_weight, 1.0)
