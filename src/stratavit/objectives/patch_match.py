@@ -154,7 +154,8 @@ class PatchMatch(Objective):
                     matched += float(m.patch_pairs.float().mean())
         loss = total / pairs
         with torch.no_grad():
-            entropy = -(t_probs[0] * torch.log(t_probs[0].clamp_min(1e-12))).sum(-1).mean()
+            cls_probs = t_probs[0][:, 0]  # the CLS targets: a cheap collapse signal
+            entropy = -(cls_probs * torch.log(cls_probs.clamp_min(1e-12))).sum(-1).mean()
             if self.training:
                 flat = updated_center(self.center.reshape(1, -1), t_out.reshape(t_out.shape[0], -1),
                                       self.cfg.center_momentum)
