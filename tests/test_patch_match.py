@@ -222,3 +222,43 @@ def test_registered_and_configurable():
     cfg = resolve_config("local-global", ["objectives.patch_match.patch_jitter_p=0.5"])
     assert cfg.objectives["patch_match"].patch_jitter_p == 0.5
     assert math.isclose(cfg.objectives["patch_match"].patch_weight, 1.0)
+
+
+TINY = [
+    "backbone.arch=vit_tiny_patch16_224", "backbone.img_size=32", "backbone.patch_size=4", "backbone.embed_dim=32",
+    "backbone.depth=2", "backbone.num_heads=2", "views.global_size=32", "views.local_size=16", "views.local_crops=2",
+    "data.batch_size=4", "objectives.patch_match.out_dim=64", "objectives.patch_match.hidden_dim=32",
+    "objectives.patch_match.bottleneck_dim=16", "objectives.patch_match.patch_jitter_p=0.5",
+]
+
+
+def test_engine_step_of_the_local_global_recipe():
+    """PretrainModule end to end: jitter hook, EMA teacher head, loss, gradients, frozen last layer, centre."""
+    from PIL import Image
+
+    from stratavit.config import resolve_config, to_dict
+    from stratavit.module import PretrainModule
+
+    torch.manual_seed(0)
+    cfg = resolve_config("local-global", TINY)
+    module = PretrainModule(to_dict(cfg))
+    obj = module.objectives["patch_match"]
+    assert module.uses_local and obj in module._augmenters
+    assert module.teacher.heads["patch_match"] is not obj.head  # the engine's EMA copy
+    tf = MultiCropTransform(cfg.views, patch_size=4)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)) for _ in range(4)]
+    batch = collate_views([(tf(im), 0, i) for i, im in enumerate(images)])
+    g = torch.cat([v.images for v in batch.global_views])
+    assert not torch.equal(obj.augment_student(g, "global", module.state()), g)  # the per-patch jitter is on
+    center = obj.center.clone()
+    total, logs = module.compute_losses(batch)
+    assert torch.isfinite(total) and float(logs["loss/patch_match"]) == pytest.approx(float(total.detach()))
+    # 2 global (8x8) + 2 local (4x4) views: 2 global-global + 4 global-local pairs, all with CLS
+    assert 0 < logs["patch_match/matched_per_pair"] <= 64
+    assert obj.center.shape == (65, 64) and not torch.equal(obj.center, center)
+    total.backward()
+    assert module.backbone.vit.blocks[-1].mlp.fc2.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in module.teacher.parameters())
+    module.on_after_backward()  # epoch 0 < freeze_last_layer_epochs: last layer gets no update
+    assert all(p.grad is None for p in obj.head.last_layer.parameters())
