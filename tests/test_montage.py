@@ -68,3 +68,92 @@ def test_tile_tokens_pool_exactly_the_patches_inside_each_tile():
     assert pooled.tolist() == [[[1.5, 1.5], [1.5, 5.5], [5.5, 1.5], [5.5, 5.5]]]
     with pytest.raises(ValueError, match="does not split"):
         tile_tokens(patches, (8, 8), 3)
+
+
+# --------------------------------------------------------------------------- the objective
+
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from stratavit.objectives.montage import region_contrast  # noqa: E402
+
+
+def test_region_contrast_hand_value_and_minimum_at_the_true_sources():
+    targets = torch.eye(3)  # three orthogonal image embeddings
+    pred = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 5.0]])  # normalised: e0, e2
+    labels = torch.tensor([0, 2])
+    # T = 1: each row's logits are [1, 0, 0] / [0, 0, 1] -> CE = -1 + log(e + 2) each; times 2T
+    want = 2 * (-1 + math.log(math.e + 2))
+    assert region_contrast(pred, targets, labels, 1.0).item() == pytest.approx(want, rel=1e-6)
+    g = torch.Generator().manual_seed(0)
+    t = F.normalize(torch.randn(16, 8, generator=g), dim=1)
+    src = torch.randint(0, 16, (40,), generator=g)
+    right = region_contrast(t[src] * 3, t, src, 1.0)
+    wrong = region_contrast(t[src] * 3, t, (src + 1) % 16, 1.0)
+    assert right < wrong
+
+
+MCL_TINY = [
+    "backbone.arch=vit_tiny_patch16_224", "backbone.img_size=32", "backbone.patch_size=4", "backbone.embed_dim=32",
+    "backbone.depth=2", "backbone.num_heads=2", "views.global_size=32", "views.local_size=32", "data.batch_size=64",
+    "objectives.montage.proj_hidden_dim=32", "objectives.montage.pred_hidden_dim=32", "objectives.montage.proj_dim=16",
+]
+
+
+def _mcl_module(extra=()):
+    from stratavit.config import resolve_config, to_dict
+    from stratavit.module import PretrainModule
+
+    torch.manual_seed(0)
+    cfg = resolve_config("mcl", [*MCL_TINY, *extra])
+    return cfg, PretrainModule(to_dict(cfg))
+
+
+def _batch_for(cfg, n=64):
+    from PIL import Image
+
+    from stratavit.views import MultiCropTransform, collate_views
+
+    tf = MultiCropTransform(cfg.views, patch_size=4)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)) for _ in range(n)]
+    return collate_views([(tf(im), 0, i) for i, im in enumerate(images)])
+
+
+def test_engine_step_runs_every_montage_level_and_trains_the_backbone_through_the_tiles():
+    cfg, module = _mcl_module()
+    obj = module.objectives["montage"]
+    assert obj in module._extra_viewers and module.teacher.heads["montage"] is not obj.neck
+    batch = _batch_for(cfg)
+    total, logs = module.compute_losses(batch)
+    assert torch.isfinite(total)
+    # every level of both sides: 2T * CE over 64 targets starts near 2 * ln 64 per side
+    for i in range(4):
+        assert 2 * 2 * math.log(64) * 0.8 < float(logs[f"montage/level{i}"]) < 2 * 2 * math.log(64) * 1.2
+    weights = [0.5, 0.25, 0.125, 0.125]
+    assert float(total.detach()) == pytest.approx(
+        sum(w * float(logs[f"montage/level{i}"]) for i, w in enumerate(weights)), rel=1e-5)
+    # the montage canvases went through the student: 2 sides x (16 + 4 + 1) canvases
+    student, _ = module.compute_features(batch)
+    assert student.extra["montage"][-1].tokens_pre.shape[0] == 2 * (16 + 4 + 1)
+    assert [(side, level, m.ratio) for side, level, m in obj._pending] == [
+        (s, lv, 2**lv) for s in (0, 1) for lv in (1, 2, 3)]
+    total.backward()
+    assert module.backbone.vit.patch_embed.proj.weight.grad is None  # frozen patch embedding (mcl recipe)
+    assert module.backbone.vit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in obj.predictors.parameters() if p.requires_grad)
+
+
+def test_montage_geometry_errors_are_clear():
+    from stratavit.config import ConfigError
+
+    cfg, module = _mcl_module(["views.local_crops=2"])
+    with pytest.raises(ConfigError, match="views.local_crops=6"):
+        module.compute_losses(_batch_for(cfg))
+    cfg, module = _mcl_module(["data.batch_size=16"])
+    with pytest.raises(ConfigError, match="multiple of 64"):
+        module.compute_losses(_batch_for(cfg, n=16))
+    with pytest.raises(ConfigError, match="one level weight per montage level"):
+        _mcl_module(["objectives.montage.level_weights=[1.0]"])

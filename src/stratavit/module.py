@@ -75,6 +75,7 @@ class PretrainModule(L.LightningModule):
             raise ConfigError(f"objectives {maskers} all mask the student's views; a recipe can have only one")
         self._masker: str | None = maskers[0] if maskers else None
         self._augmenters = [o for o in self._objs() if type(o).augment_student is not Objective.augment_student]
+        self._extra_viewers = [o for o in self._objs() if type(o).student_views is not Objective.student_views]
         self._nonfinite_streak = 0
         self.nonfinite_steps = 0
         self._stepped = False
@@ -227,11 +228,15 @@ class PretrainModule(L.LightningModule):
             for obj in self._augmenters:
                 local = obj.augment_student(local, "local", state)
             s_local = self.backbone(local, self.student_levels)
+        extra = {}
+        for obj in self._extra_viewers:
+            for name, images in obj.student_views(batch, state).items():
+                extra[name] = self.backbone(images, obj.student_levels())
         with torch.no_grad():
             t_global = self.teacher.backbone(g, self.teacher_levels)
         n_l = len(batch.local_views) if s_local is not None else 0
         return (
-            ViewFeatures(s_global, s_local, n_g, n_l, batch, self.backbone, masks),
+            ViewFeatures(s_global, s_local, n_g, n_l, batch, self.backbone, masks, extra),
             ViewFeatures(t_global, None, n_g, 0, batch, self.teacher.backbone),
         )
 

@@ -6,6 +6,7 @@ from stratavit.objectives.base import Objective, ObjectiveConfig, ObjectiveOutpu
 from stratavit.objectives.dino import DINO, DINOConfig
 from stratavit.objectives.ibot_mim import IBOT, IBOTConfig
 from stratavit.objectives.infonce import InfoNCE, InfoNCEConfig
+from stratavit.objectives.montage import MontageConfig, MontageObjective
 from stratavit.objectives.patch_aggregate import PatchAggregate, PatchAggregateConfig
 from stratavit.objectives.patch_match import PatchMatch, PatchMatchConfig
 from stratavit.objectives.protonce import ProtoNCE, ProtoNCEConfig
@@ -19,6 +20,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     IBOT.name: IBOT,
     SelfRelation.name: SelfRelation,
     PatchMatch.name: PatchMatch,
+    MontageObjective.name: MontageObjective,
 }
 
 __all__ = [
@@ -29,6 +31,8 @@ __all__ = [
     "IBOTConfig",
     "InfoNCE",
     "InfoNCEConfig",
+    "MontageConfig",
+    "MontageObjective",
     "PatchAggregate",
     "PatchAggregateConfig",
     "PatchMatch",

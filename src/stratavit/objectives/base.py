@@ -67,6 +67,8 @@ class ViewFeatures:
     batch: MultiViewBatch
     backbone: Backbone | None = None
     masks: Tensor | None = None
+    extra: dict[str, Features] = field(default_factory=dict)
+    """Features of the extra image batches objectives asked for (:meth:`Objective.student_views`)."""
 
 
 @dataclass
@@ -129,6 +131,14 @@ class Objective(nn.Module):
         these masks and hands them to every objective in ``ViewFeatures.masks``.
         """
         return None
+
+    def student_views(self, batch: MultiViewBatch, state: StepState) -> dict[str, Tensor]:
+        """Extra image batches ``name -> (n, 3, H, W)`` for the student backbone (e.g. montages).
+
+        The engine runs each through the student at this objective's student levels and hands the
+        features to :meth:`forward` in ``student.extra[name]``.
+        """
+        return {}
 
     def augment_student(self, images: Tensor, group: str, state: StepState) -> Tensor:
         """Student-only augmentation of a view group (``"global"`` or ``"local"``), (V·B, 3, H, W)."""
