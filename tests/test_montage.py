@@ -137,7 +137,7 @@ def test_engine_step_runs_every_montage_level_and_trains_the_backbone_through_th
         sum(w * float(logs[f"montage/level{i}"]) for i, w in enumerate(weights)), rel=1e-5)
     # the montage canvases went through the student: 2 sides x (16 + 4 + 1) canvases
     student, _ = module.compute_features(batch)
-    assert student.extra["montage"][-1].tokens_pre.shape[0] == 2 * (16 + 4 + 1)
+    assert student.extra["montage"][obj.levels[0]].tokens_pre.shape[0] == 2 * (16 + 4 + 1)
     assert [(side, level, m.ratio) for side, level, m in obj._pending] == [
         (s, lv, 2**lv) for s in (0, 1) for lv in (1, 2, 3)]
     total.backward()
