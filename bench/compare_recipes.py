@@ -49,6 +49,10 @@ def recipe_overrides(recipe: str, n_images: int) -> list[str]:
         ]
     if recipe == "cl-edi":
         return [f"objectives.infonce.{s}" for s in small] + [f"objectives.patch_aggregate.{s}" for s in small]
+    if recipe == "mcl":
+        return [f"objectives.montage.{s}" for s in small] + [
+            "views.local_crops=6", "views.local_size=32", "views.local_scale=[0.2,1.0]", "views.local_blur_p=0.0",
+        ]
     dino_small = ["out_dim=4096", "hidden_dim=512", "bottleneck_dim=128"]
     dino_views = ["views.local_crops=4", "views.local_size=16", "views.local_scale=[0.1,0.4]"]
     if recipe == "dino":

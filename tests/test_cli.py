@@ -233,6 +233,21 @@ def test_local_global_runs_with_patch_jitter(tmp_path, cifar_train):
 
 
 @pytest.mark.slow
+def test_mcl_runs_every_montage_level(tmp_path, cifar_train):
+    run = tmp_path / "mcl"
+    tiny = [o for o in TINY if not o.startswith(("data.batch_size", "views.local_size"))]
+    res = _cli("pretrain", "--recipe", "mcl", "--data", str(cifar_train), "--out", str(run), *tiny,
+               "data.batch_size=64", "views.local_size=32", "objectives.montage.proj_hidden_dim=64",
+               "objectives.montage.pred_hidden_dim=64", "objectives.montage.proj_dim=32", "train.max_steps=2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = _rows(run / "metrics.csv")
+    assert len(rows) == 2 and all(r[f"montage/level{i}"] for r in rows for i in range(4))
+    res = _cli("pretrain", "--recipe", "mcl", "--data", str(cifar_train), "--out", str(tmp_path / "bad"), *tiny,
+               "data.batch_size=32", "views.local_size=32", "train.max_steps=1")
+    assert res.returncode == 2 and "multiple of 64" in res.stderr
+
+
+@pytest.mark.slow
 def test_unreadable_images_are_skipped_counted_and_listed_from_loader_workers(tmp_path, cifar_train):
     """A corrupt and a truncated JPEG in the data: training goes on, both are listed in the run folder
     even though a loader worker (not the main process) met them."""

@@ -149,11 +149,14 @@ def test_engine_step_runs_every_montage_level_and_trains_the_backbone_through_th
 def test_montage_geometry_errors_are_clear():
     from stratavit.config import ConfigError
 
-    cfg, module = _mcl_module(["views.local_crops=2"])
-    with pytest.raises(ConfigError, match="views.local_crops=6"):
-        module.compute_losses(_batch_for(cfg))
-    cfg, module = _mcl_module(["data.batch_size=16"])
+    with pytest.raises(ConfigError, match="views.local_crops=6"):  # refused when the module is built
+        _mcl_module(["views.local_crops=2"])
     with pytest.raises(ConfigError, match="multiple of 64"):
+        _mcl_module(["data.batch_size=16"])
+    with pytest.raises(ConfigError, match="local_size equal"):
+        _mcl_module(["views.local_size=16"])
+    cfg, module = _mcl_module()
+    with pytest.raises(ConfigError, match="multiple of 64"):  # a last partial batch is refused too
         module.compute_losses(_batch_for(cfg, n=16))
     with pytest.raises(ConfigError, match="one level weight per montage level"):
         _mcl_module(["objectives.montage.level_weights=[1.0]"])

@@ -76,6 +76,8 @@ class PretrainModule(L.LightningModule):
         self._masker: str | None = maskers[0] if maskers else None
         self._augmenters = [o for o in self._objs() if type(o).augment_student is not Objective.augment_student]
         self._extra_viewers = [o for o in self._objs() if type(o).student_views is not Objective.student_views]
+        for obj in self._objs():
+            obj.check_setup(self.cfg.views, self.cfg.data.batch_size)
         self._nonfinite_streak = 0
         self.nonfinite_steps = 0
         self._stepped = False

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from stratavit.backbone import Backbone, Features
+from stratavit.config import ViewsConfig
 from stratavit.views import MultiViewBatch
 
 
@@ -131,6 +132,9 @@ class Objective(nn.Module):
         these masks and hands them to every objective in ``ViewFeatures.masks``.
         """
         return None
+
+    def check_setup(self, views: ViewsConfig, batch_size: int) -> None:
+        """Raise ``ConfigError`` before training when the views or batch cannot work for this objective."""
 
     def student_views(self, batch: MultiViewBatch, state: StepState) -> dict[str, Tensor]:
         """Extra image batches ``name -> (n, 3, H, W)`` for the student backbone (e.g. montages).

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stratavit.backbone import Backbone
-from stratavit.config import ConfigError
+from stratavit.config import ConfigError, ViewsConfig
 from stratavit.distributed import gather_concat, rank
 from stratavit.montage import Montage, check_montage_geometry, make_montage, tile_tokens
 from stratavit.objectives.base import Objective, ObjectiveOutput, StepState, ViewFeatures
@@ -78,22 +78,25 @@ class MontageObjective(Objective):
     def teacher_head(self) -> nn.Module:
         return self.neck
 
+    def check_setup(self, views: ViewsConfig, batch_size: int) -> None:
+        levels = self.cfg.montage_levels
+        need = 2 * (levels - 1)
+        if views.global_crops != 2 or views.local_crops < need:
+            raise ConfigError(
+                f"objectives.montage with {levels} montage levels needs views.global_crops=2 and "
+                f"views.local_crops={need} fresh crops (one per level and side), got "
+                f"{views.global_crops} and {views.local_crops}"
+            )
+        if need and views.local_size != views.global_size:
+            raise ConfigError("objectives.montage: set views.local_size equal to views.global_size (montage canvases)")
+        check_montage_geometry(batch_size, views.global_size, self.patch_size, levels)
+
     def student_views(self, batch: MultiViewBatch, state: StepState) -> dict[str, Tensor]:
         levels = self.cfg.montage_levels
         self._pending = []
         if levels == 1:
             return {}
-        need = 2 * (levels - 1)
-        if len(batch.global_views) != 2 or len(batch.local_views) < need:
-            raise ConfigError(
-                f"objectives.montage with {levels} montage levels needs views.global_crops=2 and "
-                f"views.local_crops={need} fresh crops (one per level and side), got "
-                f"{len(batch.global_views)} and {len(batch.local_views)}"
-            )
-        size = batch.local_views[0].images.shape[-1]
-        if size != batch.global_views[0].images.shape[-1]:
-            raise ConfigError("objectives.montage: set views.local_size equal to views.global_size (montage canvases)")
-        check_montage_geometry(batch.batch_size, size, self.patch_size, levels)
+        check_montage_geometry(batch.batch_size, batch.local_views[0].images.shape[-1], self.patch_size, levels)
         gen = torch.Generator().manual_seed(state.step * 7919 + rank())
         canvases = []
         for side in range(2):
