@@ -107,6 +107,21 @@ def test_transfer_to_other_image_sizes_and_bad_input(tiny_run, horses_dir, tmp_p
     res = _cli("evaluate", str(tiny_run), "--train", str(folder / "train"), "--test", str(folder / "val"),
                "--dense-train", str(folder / "train"), "--dense-val", str(folder / "val"), "--out", str(tmp_path / "bad"))
     assert res.returncode == 2 and "masks" in res.stderr
+    assert not (tmp_path / "bad" / "cache").exists()  # refused before any feature was extracted
+    res = _cli("evaluate", str(tiny_run), "--train", str(folder / "train"), "--test", str(folder / "val"),
+               "--dense-train", str(horses_dir / "train"), "--dense-val", str(horses_dir / "val"),
+               "--dense-blocks", "7", "--out", str(tmp_path / "bad"))
+    assert res.returncode == 2 and "block 7 does not exist" in res.stderr
+    assert not (tmp_path / "bad" / "cache").exists()
+
+    # an unreadable image is skipped, counted and listed, and the evaluation goes on
+    (folder / "train" / "a" / "broken.jpg").write_bytes(b"not a jpeg")
+    res = _cli("evaluate", str(tiny_run), "--train", str(folder / "train"), "--test", str(folder / "val"),
+               "--linear-epochs", "2", "--correspondence", "0", "--no-visuals", "--out", str(tmp_path / "skip"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "1 unreadable image(s) were skipped" in res.stderr
+    assert json.loads((tmp_path / "skip" / "results.json").read_text())["meta"]["skipped_images"] == 1
+    assert "broken.jpg" in (tmp_path / "skip" / "skipped_images.txt").read_text()
 
 
 @pytest.mark.slow

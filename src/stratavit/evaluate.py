@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,12 +29,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from stratavit.config import Config, load_config_file
-from stratavit.datasets import build_dataset, segmentation_root
+from stratavit.datasets import bad_files, build_dataset, segmentation_root, set_skip_log
 from stratavit.evaluation import knn_per_layer, knn_top1, linear_probe_top1, raw_pixel_features, write_report
 from stratavit.evaluation.correspondence import correspondence_score
 from stratavit.evaluation.errors import EvaluationError
 from stratavit.evaluation.features import BlockFeatures, extract_block_features
-from stratavit.evaluation.tokens import model_at_size
+from stratavit.evaluation.tokens import model_at_size, resolve_blocks
 from stratavit.export import ExportError, backbone_from_checkpoint, load_backbone, random_backbone
 from stratavit.train import last_checkpoint
 from stratavit.views import describe_resize, eval_transform
@@ -172,6 +173,10 @@ def evaluate_run(
         raise EvaluationError(str(e)) from None
     train_ds = build_dataset(train, split="train", transform=transform, limit=train_limit, seed=seed)
     test_ds = build_dataset(test, split="test", transform=transform, limit=test_limit, seed=seed)
+    skip_log = out_dir / "skipped_images.txt"
+    for ds in (train_ds, test_ds):
+        set_skip_log(ds, skip_log)
+    dense_setup = _check_dense(model, dense_train, dense_val, dense_blocks, dense_size or size, cfg) if dense_train else None
     data_key = (train, test, train_limit, test_limit, size, resize)
     started = time.time()
     timings: dict[str, float] = {}
@@ -206,14 +211,13 @@ def evaluate_run(
     def _dense(net: nn.Module, tag: str, label: str) -> dict[str, Any]:
         from stratavit.evaluation.dense import dense_probe
 
+        assert dense_setup is not None
         t0 = time.time()
-        d_size = dense_size or size
+        train_root, val_root, blocks, d_size = dense_setup
         try:
-            net_d = model_at_size(net, d_size)
             res = dense_probe(
-                net_d, segmentation_root(str(dense_train)), segmentation_root(str(dense_val)),
-                blocks=_dense_blocks(net_d, dense_blocks),
-                size=d_size, mean=cfg.views.mean, std=cfg.views.std, num_workers=num_workers,
+                model_at_size(net, d_size), train_root, val_root, blocks=blocks, size=d_size, mean=cfg.views.mean,
+                std=cfg.views.std, num_workers=num_workers,
                 cache_dir=cache / _cache_name("dense", tag, dense_train, dense_val, d_size),
             )
         except ValueError as e:
@@ -222,11 +226,14 @@ def evaluate_run(
         return res
 
     corr_example: dict[str, Any] = {}
+    corr_images: list = []
 
     def _correspondence(net: nn.Module, label: str) -> dict[str, Any]:
         t0 = time.time()
+        if not corr_images:  # read once, shared by the pre-trained and the random-init backbone
+            corr_images.extend(_pil_images(test, correspondence_images, seed))
         res = correspondence_score(
-            net, _pil_images(test, correspondence_images, seed), size=size, mean=cfg.views.mean, std=cfg.views.std,
+            net, corr_images, size=size, mean=cfg.views.mean, std=cfg.views.std,
             seed=seed, batch_size=min(batch_size, 128),
         )
         example = res.pop("example")
@@ -263,6 +270,7 @@ def evaluate_run(
         "classes": _num_classes(test_feats.labels),
         "img_size": size,
         "resize_policy": describe_resize(size, resize),
+        "skipped_images": len(set(bad_files(train_ds)) | set(bad_files(test_ds))),  # one shared skip log
         "seconds": timings,
         "eval_seconds": round(time.time() - started, 1),
         **(meta or {}),
@@ -270,6 +278,12 @@ def evaluate_run(
     run_json = run_dir / "run.json"
     if run_json.exists():
         results["meta"]["training"] = json.loads(run_json.read_text())
+    if results["meta"]["skipped_images"]:
+        print(
+            f"warning: {results['meta']['skipped_images']} unreadable image(s) were skipped (the next readable image "
+            f"stands in for each); they are listed in {skip_log}",
+            file=sys.stderr,
+        )
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     figures: list[tuple[str, Path]] = []
     if visuals:
@@ -288,6 +302,26 @@ def evaluate_run(
         html=visuals,
     )
     return results
+
+
+def _check_dense(
+    model: nn.Module, train: str | Path, val: str | Path | None, blocks: Sequence[int] | None, size: int, cfg: Config
+) -> tuple[Path, Path, list[int], int]:
+    """Validate the dense probe's folders, blocks and size before any feature is extracted.
+
+    Returns ``(train_root, val_root, 1-based blocks, size)``; raises :class:`EvaluationError`.
+    """
+    from stratavit.evaluation.dense import SegmentationFolder
+
+    roots = (segmentation_root(str(train)), segmentation_root(str(val)))
+    try:
+        for root in roots:
+            SegmentationFolder(root, size, cfg.views.mean, cfg.views.std)  # layout and image/mask pairing
+        sized = model_at_size(model, size)
+        numbers = resolve_blocks(sized, _dense_blocks(sized, blocks))
+    except ValueError as e:
+        raise EvaluationError(str(e)) from None
+    return roots[0], roots[1], numbers, size
 
 
 def _dense_blocks(model: nn.Module, blocks: Sequence[int] | None) -> list[int]:
