@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from stratavit.backbone import Backbone, Features
-from stratavit.config import ViewsConfig
+from stratavit.config import ConfigError, ViewsConfig
 from stratavit.views import MultiViewBatch
 
 
@@ -103,6 +103,12 @@ class Objective(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.levels = resolve_levels(cfg, backbone)
+
+    def require_one_level(self, reads: str) -> int:
+        """The single level of an objective that reads one (e.g. ``"its CLS token"``), else ConfigError."""
+        if len(self.levels) != 1:
+            raise ConfigError(f"objectives.{self.name} reads exactly one level ({reads}); give one in 'levels'")
+        return self.levels[0]
 
     def student_levels(self) -> list[int]:
         return list(self.levels)

@@ -86,8 +86,7 @@ class DINO(Objective):
 
     def __init__(self, cfg: DINOConfig, backbone: Backbone) -> None:
         super().__init__(cfg, backbone)
-        if len(self.levels) != 1:
-            raise ValueError("objectives.dino reads exactly one level (its CLS token)")
+        self.require_one_level("its CLS token")
         self.cfg: DINOConfig = cfg
         self.head = DINOHead(
             backbone.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_layers, cfg.use_bn, cfg.norm_last_layer

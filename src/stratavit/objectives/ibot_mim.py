@@ -209,8 +209,7 @@ class IBOT(Objective):
     def __init__(self, cfg: IBOTConfig, backbone: Backbone) -> None:
         super().__init__(cfg, backbone)
         self.cfg: IBOTConfig = cfg
-        if len(self.levels) != 1:
-            raise ConfigError("objectives.ibot_mim reads exactly one level (its CLS and patch tokens)")
+        self.require_one_level("its CLS and patch tokens")
         if cfg.shared_head and cfg.patch_out_dim not in (None, cfg.out_dim):
             raise ConfigError(
                 f"objectives.ibot_mim: a shared head has one output size; patch_out_dim={cfg.patch_out_dim} "

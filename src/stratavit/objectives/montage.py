@@ -60,8 +60,7 @@ class MontageObjective(Objective):
 
     def __init__(self, cfg: MontageConfig, backbone: Backbone) -> None:
         super().__init__(cfg, backbone)
-        if len(self.levels) != 1:
-            raise ConfigError("objectives.montage reads exactly one backbone level (its patch tokens)")
+        self.require_one_level("its patch tokens")
         if cfg.montage_levels < 1 or len(cfg.level_weights) != cfg.montage_levels:
             raise ConfigError(
                 f"objectives.montage: give one level weight per montage level ({cfg.montage_levels}), "

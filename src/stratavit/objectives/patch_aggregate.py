@@ -84,8 +84,7 @@ class PatchAggregate(Objective):
     def __init__(self, cfg: PatchAggregateConfig, backbone: Backbone) -> None:
         super().__init__(cfg, backbone)
         self.cfg: PatchAggregateConfig = cfg
-        if len(self.levels) != 1:
-            raise ValueError("objectives.patch_aggregate aggregates one level; give exactly one in 'levels'")
+        self.require_one_level("the patch tokens it aggregates")
         self.level = self.levels[0]
         d = backbone.embed_dim
         if cfg.aggregator == "transformer":

@@ -94,8 +94,7 @@ class PatchMatch(Objective):
 
     def __init__(self, cfg: PatchMatchConfig, backbone: Backbone) -> None:
         super().__init__(cfg, backbone)
-        if len(self.levels) != 1:
-            raise ConfigError("objectives.patch_match reads exactly one level (all its tokens)")
+        self.require_one_level("all its tokens")
         if cfg.patch_weight < 0 or not 0 <= cfg.patch_jitter_p <= 1:
             raise ConfigError("objectives.patch_match: patch_weight must be >= 0 and patch_jitter_p in [0, 1]")
         self.cfg: PatchMatchConfig = cfg

@@ -73,8 +73,7 @@ class ProtoNCE(InfoNCE):
     def __init__(self, cfg: ProtoNCEConfig, backbone: Backbone) -> None:
         super().__init__(cfg, backbone)
         self.cfg: ProtoNCEConfig = cfg
-        if len(self.levels) != 1:
-            raise ValueError("objectives.protonce clusters one level; give exactly one in 'levels'")
+        self.require_one_level("the feature it clusters")
         if not cfg.num_clusters or min(cfg.num_clusters) < 2:
             raise ValueError("objectives.protonce.num_clusters needs granularities of at least 2 clusters")
         self.prototypes: list[Prototypes] = []

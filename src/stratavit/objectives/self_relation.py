@@ -354,8 +354,7 @@ class SelfRelation(Objective):
     def __init__(self, cfg: SelfRelationConfig, backbone: Backbone) -> None:
         super().__init__(cfg, backbone)
         self.cfg: SelfRelationConfig = cfg
-        if len(self.levels) != 1:
-            raise ConfigError("objectives.self_relation reads exactly one level (its pre-norm patch tokens)")
+        self.require_one_level("its pre-norm patch tokens")
         dim = backbone.embed_dim
         self.num_heads = cfg.num_heads or backbone.num_heads
         if dim % self.num_heads:
