@@ -75,6 +75,11 @@ def _metric_values(metrics_csv: Path, key: str) -> list[tuple[int, float]]:
     return out
 
 
+def per_block(rows: list[dict[str, Any]], key: str) -> str:
+    """``a / b / c`` of one per-block metric (``–`` when absent)."""
+    return " / ".join(f"{r[key]:.1f}" for r in rows) if rows else "–"
+
+
 def probe(recipe: str, common: list[str], out: Path, steps: int) -> dict[str, float]:
     """Seconds per step (median over logged steps) and seconds per E-step (0 if none)."""
     run = out / "probe"
@@ -149,9 +154,6 @@ def main() -> None:
             if base_step is None:
                 base_step = step_s  # the first recipe is the base of the overhead column
             overhead = f"{step_s / base_step:.2f}×" if base_step else "–"
-            def per_block(rows: list[dict[str, Any]], key: str) -> str:
-                return " / ".join(f"{r[key]:.1f}" for r in rows) if rows else "–"
-
             row = (f"| {n} ({args.seed}) | {recipe} | {step_s:.3f} | {overhead} | {estep_total:.1f} | {info['global_step']}/{steps} | "
                    f"{info['epochs_completed']} | {wall:.0f} | {res['knn']['top1']:.2f} | {res['linear']['top1']:.2f} | "
                    f"{per_block(res['layers'], 'knn_top1')} | {per_block(res['layers'], 'linear_top1')} | "

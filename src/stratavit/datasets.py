@@ -27,16 +27,6 @@ HORSES_SAMPLE = "horses-sample"
 """``--dense-train horses-sample:train --dense-val horses-sample:val``: the shipped Weizmann Horses sample."""
 
 
-def segmentation_root(spec: str | Path) -> Path:
-    """An ``images/`` + ``masks/`` folder, or ``horses-sample:{train,val}`` (shipped, unpacked on first use)."""
-    name, _, split = str(spec).partition(":")
-    if name == HORSES_SAMPLE and not Path(spec).exists():
-        if split not in ("train", "val"):
-            raise DataError(f"{spec}: use {HORSES_SAMPLE}:train or {HORSES_SAMPLE}:val")
-        return sample_dir("horses_sample") / split
-    return Path(spec)
-
-
 class DataError(ValueError):
     """The data cannot be used; the message says why and what to do."""
 
@@ -154,6 +144,16 @@ def sample_dir(name: str = "cifar10_sample") -> Path:
         tmp.rename(target)
         done.touch()
     return target
+
+
+def segmentation_root(spec: str | Path) -> Path:
+    """An ``images/`` + ``masks/`` folder, or ``horses-sample:{train,val}`` (shipped, unpacked on first use)."""
+    name, _, split = str(spec).partition(":")
+    if name == HORSES_SAMPLE and not Path(spec).exists():
+        if split not in ("train", "val"):
+            raise DataError(f"{spec}: use {HORSES_SAMPLE}:train or {HORSES_SAMPLE}:val")
+        return sample_dir("horses_sample") / split
+    return Path(spec)
 
 
 def _named(name: str, split: str, root: str | None, transform: Any) -> Dataset:

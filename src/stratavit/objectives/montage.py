@@ -72,6 +72,7 @@ class MontageObjective(Objective):
         self.predictors = nn.ModuleList(
             moco_mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, cfg.pred_layers) for _ in range(cfg.montage_levels)
         )
+        # (side, level, montage) of the current step: made in student_views(), read in forward()
         self._pending: list[tuple[int, int, Montage]] = []
 
     def teacher_head(self) -> nn.Module:
