@@ -143,6 +143,20 @@ def test_resume_continues_steps_and_loss_curve(tmp_path, cifar_train):
 
 
 @pytest.mark.slow
+def test_killed_run_resumes_from_the_last_epoch_without_step_checkpoints(tmp_path, cifar_train):
+    """No checkpoint_every_n_steps: every epoch end still leaves a complete last.ckpt to continue from."""
+    over = [*TINY, *MOCO_SMALL, "train.epochs=3", "data.limit=128"]  # 8 steps per epoch
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pretrain("mocov3", str(cifar_train), tmp_path / "run", over, callbacks=[_Crash(12)])
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["last.ckpt"]  # no stray temp or epoch files
+    assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == 8
+    resumed = pretrain("mocov3", str(cifar_train), tmp_path / "run", over, resume=True)
+    assert [int(r["step"]) for r in _rows(resumed / "metrics.csv")] == list(range(24))
+    assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == 24
+
+
+@pytest.mark.slow
 def test_two_process_ddp_run_on_cpu(tmp_path, cifar_train):
     """train.devices=2 runs Lightning's DDP with gloo on CPU (the gathered loss paths for real)."""
     run = tmp_path / "ddp"

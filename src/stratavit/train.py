@@ -153,7 +153,9 @@ def pretrain(
         callbacks: extra Lightning callbacks.
     """
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from stratavit.checkpointing import LastCheckpoint, save_atomically
 
     from stratavit.export import export_backbone
     from stratavit.metrics_log import RunCSVLogger
@@ -202,17 +204,13 @@ def pretrain(
         loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
     except ImportError:
         pass
-    checkpoint = ModelCheckpoint(
-        dirpath=str(run_dir / CHECKPOINT_DIR),
-        save_last=True,
-        save_top_k=0,
-        every_n_train_steps=cfg.train.checkpoint_every_n_steps,
-    )
+    checkpoint = LastCheckpoint(last_checkpoint(run_dir), cfg.train.checkpoint_every_n_steps)
     all_callbacks: list[Any] = [checkpoint, *callbacks]
     if cfg.train.progress_bar:
         all_callbacks.append(TQDMProgressBar(refresh_rate=1))
     trainer = L.Trainer(
         default_root_dir=str(run_dir),
+        enable_checkpointing=False,  # LastCheckpoint writes last.ckpt itself, atomically
         max_epochs=cfg.train.epochs,
         max_steps=cfg.train.max_steps if cfg.train.max_steps is not None else -1,
         max_time=timedelta(seconds=cfg.train.max_time_s) if cfg.train.max_time_s else None,
@@ -247,7 +245,7 @@ def pretrain(
     steps_now = int(trainer.global_step) - start_step
     final = run_dir / "backbone.safetensors"
     if steps_now > 0 or not final.exists():
-        trainer.save_checkpoint(str(last_checkpoint(run_dir)), weights_only=False)  # collective
+        save_atomically(trainer, last_checkpoint(run_dir))  # collective
     if trainer.is_global_zero:
         if steps_now > 0 or not final.exists():
             export_backbone(module, final)
