@@ -49,6 +49,8 @@ def recipe_overrides(recipe: str, n_images: int) -> list[str]:
         ]
     if recipe == "cl-edi":
         return [f"objectives.infonce.{s}" for s in small] + [f"objectives.patch_aggregate.{s}" for s in small]
+    if recipe == "mcl-resnet":
+        return [f"objectives.montage.{s}" for s in small] + ["views.local_blur_p=0.0"]
     if recipe == "mcl":
         return [f"objectives.montage.{s}" for s in small] + [
             "views.local_crops=6", "views.local_size=32", "views.local_scale=[0.2,1.0]", "views.local_blur_p=0.0",
@@ -95,6 +97,23 @@ def probe(recipe: str, common: list[str], out: Path, steps: int) -> dict[str, fl
     return {"step_s": step_s, "estep_s": max(estep) if estep else 0.0, "probe_wall_s": wall}
 
 
+def _budget_run(recipe: str, common: list[str], out: Path, p: dict[str, float], budget: float,
+                steps_per_epoch: int) -> tuple[int, int, float]:
+    """Train ``recipe`` for the steps that fit ``budget`` seconds at the probed step time."""
+    # budget = steps * step_s + (E-steps) * estep_s, one E-step per epoch after warm-up
+    steps = int(budget / p["step_s"])
+    if p["estep_s"] > 0:
+        for _ in range(3):
+            epochs = max(1, math.ceil(steps / steps_per_epoch))
+            warm = max(1, round(0.1 * epochs))
+            steps = int((budget - max(0, epochs - warm) * p["estep_s"]) / p["step_s"])
+    epochs = max(1, math.ceil(steps / steps_per_epoch))
+    t0 = time.time()
+    pretrain(recipe, None, out / "run", [*common, f"train.epochs={epochs}", f"train.max_steps={steps}",
+                                         f"train.max_time_s={budget}"])
+    return steps, epochs, time.time() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cifar", type=Path, required=True)
@@ -110,7 +129,11 @@ def main() -> None:
     ap.add_argument("--dense", action="store_true",
                     help="also run the dense probe (shipped Weizmann Horses sample at 64 px) and report it")
     ap.add_argument("--correspondence", type=int, default=200, help="held-out images for the correspondence score")
+    ap.add_argument("--steps", nargs="*", default=[], metavar="recipe=N",
+                    help="train these recipes for exactly N steps instead of probing the budget (e.g. to repeat "
+                         "a quiet-machine run's step counts with another seed on a busy machine)")
     args = ap.parse_args()
+    fixed_steps = {k: int(v) for k, v in (item.split("=", 1) for item in args.steps)}
     args.out.mkdir(parents=True, exist_ok=True)
     train_dir, test_dir = args.cifar / "train", args.cifar / "test"
     base = [o for o in DEMO_OVERRIDES if not o.startswith(("train.epochs", "objectives."))]
@@ -128,21 +151,19 @@ def main() -> None:
         for recipe in args.recipes:
             out = args.out / f"{recipe}-{n}"
             common = [*base, f"data.path={train_dir}", f"data.limit={n}", f"train.seed={args.seed}", *recipe_overrides(recipe, n), *args.extra]
-            p = probe(recipe, common, out, args.probe_steps)
             steps_per_epoch = n // batch
-            # steps that fit: budget = steps * step_s + (E-steps) * estep_s, one E-step per epoch after warm-up
-            steps = int(args.budget / p["step_s"])
-            if p["estep_s"] > 0:
-                for _ in range(3):
-                    epochs = max(1, math.ceil(steps / steps_per_epoch))
-                    warm = max(1, round(0.1 * epochs))
-                    steps = int((args.budget - max(0, epochs - warm) * p["estep_s"]) / p["step_s"])
-            epochs = max(1, math.ceil(steps / steps_per_epoch))
+            if recipe in fixed_steps:
+                steps = fixed_steps[recipe]
+                epochs = max(1, math.ceil(steps / steps_per_epoch))
+                run = out / "run"
+                t0 = time.time()
+                pretrain(recipe, None, run, [*common, f"train.epochs={epochs}", f"train.max_steps={steps}"])
+                wall = time.time() - t0
+                p = {"step_s": None, "estep_s": 0.0, "fixed_steps": steps}
+            else:
+                p = probe(recipe, common, out, args.probe_steps)
+                steps, epochs, wall = _budget_run(recipe, common, out, p, args.budget, steps_per_epoch)
             run = out / "run"
-            t0 = time.time()
-            pretrain(recipe, None, run, [*common, f"train.epochs={epochs}", f"train.max_steps={steps}",
-                                         f"train.max_time_s={args.budget}"])
-            wall = time.time() - t0
             res = evaluate_run(run, str(train_dir), str(test_dir), train_limit=args.eval_train,
                                test_limit=args.eval_test, out=out / "eval", visuals=False,
                                correspondence_images=args.correspondence,

@@ -238,3 +238,13 @@ class Backbone(nn.Module):
             output_fmt="NLC",
             intermediates_only=True,
         )
+
+
+def build_backbone(cfg: BackboneConfig) -> nn.Module:
+    """The backbone ``cfg.type`` names: :class:`Backbone` (ViT) or a CNN feature pyramid
+    (:class:`~stratavit.pyramid_backbone.PyramidBackbone`); both return :data:`Features`."""
+    if cfg.type == "resnet_fpn":
+        from stratavit.pyramid_backbone import PyramidBackbone
+
+        return PyramidBackbone(cfg)
+    return Backbone(cfg)

@@ -12,6 +12,11 @@ Writes ``OUT/results.json``::
 
 and ``OUT/report.md`` (+ PNGs, + a self-contained ``report.html``). Features are cached under
 ``OUT/cache`` keyed by the weights, the data and the resolution, so re-running is cheap.
+
+A CNN backbone (``backbone.type=resnet_fpn``, evaluated as its plain timm body) has its feature
+stages as blocks (layer1..layer4 of a ResNet, strides 4..32), each probed on its own grid; its
+"CLS" entries (``knn_top1``, ``linear_top1``, the headline) hold the global average pool of the
+stage, the ``*_patch`` entries are left out (they would repeat them), and ``meta`` says so.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -34,20 +40,40 @@ from stratavit.evaluation import knn_per_layer, knn_top1, linear_probe_top1, raw
 from stratavit.evaluation.correspondence import correspondence_score
 from stratavit.evaluation.errors import EvaluationError
 from stratavit.evaluation.features import BlockFeatures, extract_block_features
-from stratavit.evaluation.tokens import model_at_size, resolve_blocks
-from stratavit.export import ExportError, backbone_from_checkpoint, load_backbone, random_backbone
+from stratavit.evaluation.tokens import (
+    cnn_stages,
+    depth_of,
+    figure_block,
+    is_cnn,
+    model_at_size,
+    native_size,
+    resolve_blocks,
+)
+from stratavit.export import ExportError, backbone_from_checkpoint, load_backbone, random_backbone, timm_model
 from stratavit.train import last_checkpoint
 from stratavit.views import describe_resize, eval_transform
 
 
+def plain_timm_model(backbone: nn.Module) -> nn.Module:
+    """The plain timm model of a backbone, in eval mode: the ViT itself, or for a CNN feature
+    pyramid a ``timm.create_model(arch, num_classes=0)`` holding its body's weights (the body is a
+    ``features_only`` wrapper without ``forward_intermediates``; this is the model ``export`` writes)."""
+    model, kwargs = timm_model(backbone)
+    if hasattr(model, "forward_intermediates"):
+        return model.eval()
+    plain = timm.create_model(backbone.cfg.arch, pretrained=False, **kwargs)  # type: ignore[union-attr]
+    plain.load_state_dict(model.state_dict(), strict=True)
+    return plain.eval()
+
+
 def load_run_backbone(run_dir: Path, which: str = "teacher") -> nn.Module:
-    """The run's timm ViT: ``backbone.safetensors`` (teacher) or the last checkpoint."""
+    """The run's timm model (ViT or CNN body): ``backbone.safetensors`` (teacher) or the last checkpoint."""
     final = run_dir / "backbone.safetensors"
     if which == "teacher" and final.exists():
         return load_backbone(final)
     ckpt = last_checkpoint(run_dir)
     if ckpt.exists():
-        return backbone_from_checkpoint(ckpt, which).vit.eval()
+        return plain_timm_model(backbone_from_checkpoint(ckpt, which))
     raise ExportError(f"{run_dir} has no backbone.safetensors or {ckpt}; pre-train first (stratavit pretrain)")
 
 
@@ -88,16 +114,20 @@ def classification_probes(
     k: int,
     temperature: float,
     linear_epochs: int,
+    poolings: Sequence[str] = ("cls", "mean_patch"),
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """kNN and linear probe on CLS and mean-patch features of every block.
 
-    Returns ``(layers, last)``: per-block rows and the last block's CLS linear-probe result
-    (with its test predictions, for the confusion matrix).
+    ``poolings``: which of the two to probe (a CNN: ``("cls",)``, which holds its global average
+    pool; the mean patch would repeat it). Returns ``(layers, last)``: per-block rows and the
+    last block's CLS linear-probe result (with its test predictions, for the confusion matrix).
     """
-    depth = train.cls.shape[0]
+    depth = len(train.cls)
     layers: list[dict[str, Any]] = [{"block": i + 1} for i in range(depth)]
     last: dict[str, Any] = {}
     for pooling, suffix in (("cls", ""), ("mean_patch", "_patch")):
+        if pooling not in poolings:
+            continue
         ftr, fte = train.pooled(pooling), test.pooled(pooling)
         knn = knn_per_layer(ftr, train.labels, fte, test.labels, k=k, temperature=temperature, num_classes=num_classes)
         for i in range(depth):
@@ -143,7 +173,8 @@ def evaluate_run(
         train, test: labelled ImageFolder directories or named sets (``cifar10``, ``cifar10:test``, …),
             of any image size: images are brought to ``img_size`` by the ``resize`` policy.
         img_size: evaluation resolution (default: the backbone's; position embeddings are resampled
-            when it differs). resize: ``center_crop`` or ``stretch`` (recorded in ``meta``).
+            when it differs; a CNN: the run's ``views.global_size``, any multiple of its coarsest
+            stride). resize: ``center_crop`` or ``stretch`` (recorded in ``meta``).
         baselines: also evaluate the same architecture at random initialisation and raw pixels.
         linear_epochs: epochs of every linear probe (one per block and pooling).
         dense_train, dense_val: ``images/`` + ``masks/`` folders for the dense probe (both or none),
@@ -165,7 +196,7 @@ def evaluate_run(
     cache = out_dir / "cache"
     cfg: Config = load_config_file(run_dir / "config.yaml")
     base_model = load_run_backbone(run_dir, which)
-    size = img_size or int(base_model.patch_embed.img_size[0])
+    size = img_size or native_size(base_model) or cfg.views.global_size
     try:
         model = model_at_size(base_model, size)
         transform = eval_transform(size, cfg.views.mean, cfg.views.std, resize)
@@ -198,7 +229,8 @@ def evaluate_run(
         n_cls = _num_classes(ftr.labels, fte.labels)
         t0 = time.time()
         layers, last = classification_probes(
-            ftr, fte, num_classes=n_cls, k=k, temperature=temperature, linear_epochs=linear_epochs
+            ftr, fte, num_classes=n_cls, k=k, temperature=temperature, linear_epochs=linear_epochs,
+            poolings=("cls",) if is_cnn(net) else ("cls", "mean_patch"),
         )
         timings[f"{label} probes"] = round(time.time() - t0, 1)
         part: dict[str, Any] = {"layers": layers}
@@ -234,7 +266,7 @@ def evaluate_run(
             corr_images.extend(_pil_images(test, correspondence_images, seed))
         res = correspondence_score(
             net, corr_images, size=size, mean=cfg.views.mean, std=cfg.views.std,
-            seed=seed, batch_size=min(batch_size, 128),
+            seed=seed, batch_size=min(batch_size, 128), example_block=figure_block(net, size),
         )
         example = res.pop("example")
         if not corr_example:
@@ -249,7 +281,7 @@ def evaluate_run(
         **main,
     }
     if baselines:
-        rand = model_at_size(random_backbone(cfg.backbone, seed=cfg.train.seed).vit.eval(), size)
+        rand = model_at_size(plain_timm_model(random_backbone(cfg.backbone, seed=cfg.train.seed)), size)
         rand_part, rand_last, _ = probes(rand, f"random-init-{cfg.backbone}-{cfg.train.seed}", "random init")
         raw = _raw_pixels(train_ds, test_ds, cache, data_key, batch_size, k, temperature, linear_epochs)
         results["baselines"] = {
@@ -275,6 +307,13 @@ def evaluate_run(
         "eval_seconds": round(time.time() - started, 1),
         **(meta or {}),
     }
+    if is_cnn(model):
+        stages = cnn_stages(model)
+        results["meta"]["blocks"] = (
+            f"the {len(stages)} feature stages of the CNN {cfg.backbone.arch} "
+            f"({', '.join(f'{s.module} at stride {s.stride}' for s in stages)})"
+        )
+        results["meta"]["global_feature"] = "global average pool of each stage (a CNN has no CLS token)"
     run_json = run_dir / "run.json"
     if run_json.exists():
         results["meta"]["training"] = json.loads(run_json.read_text())
@@ -300,6 +339,7 @@ def evaluate_run(
         title=f"stratavit evaluation: {cfg.recipe}",
         figures=figures,
         html=visuals,
+        extra_md=_cnn_note(model, size, visuals) if is_cnn(model) else "",
     )
     return results
 
@@ -324,11 +364,35 @@ def _check_dense(
     return roots[0], roots[1], numbers, size
 
 
+def _cnn_note(model: nn.Module, size: int, visuals: bool) -> str:
+    """The report's note on how a CNN backbone is read (stages as blocks, no CLS, no attention)."""
+    stages = cnn_stages(model)
+    grids = ", ".join(f"{size // s.stride}x{size // s.stride}" for s in stages)
+    lines = [
+        "## CNN backbone",
+        "",
+        f"The backbone is a CNN: its **blocks are its {len(stages)} feature stages** "
+        f"({', '.join(s.module for s in stages)}; strides {', '.join(str(s.stride) for s in stages)}; "
+        f"grids {grids} at {size} px). A CNN has no class token: every \"CLS\" figure (kNN and linear "
+        "top-1, the headline, the confusion matrix, the 2-D map) is the **global average pool** of the "
+        "stage's feature map, so no separate mean-patch columns are listed. The dense probe and the "
+        "correspondence score read each stage on its own grid: a \"patch\" is one cell of that stage "
+        "(stride x stride pixels) and the one-patch tolerance of the correspondence score is one such cell.",
+    ]
+    if visuals:
+        lines += [
+            "",
+            "The CLS-attention picture is skipped (a CNN has neither a class token nor attention); the "
+            f"PCA and matches pictures show stage {figure_block(model, size)}.",
+        ]
+    return "\n".join(lines)
+
+
 def _dense_blocks(model: nn.Module, blocks: Sequence[int] | None) -> list[int]:
     """The dense probe's blocks: as given, else up to 4 evenly spaced blocks ending at the last."""
     if blocks:
         return list(blocks)
-    depth = len(model.blocks)  # type: ignore[arg-type]
+    depth = depth_of(model)
     count = min(4, depth)
     return sorted({round(depth * (i + 1) / count) for i in range(count)})
 

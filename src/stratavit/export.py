@@ -1,7 +1,9 @@
-"""Export and load backbones as safetensors that a plain timm ViT loads.
+"""Export and load backbones as safetensors that a plain timm model loads.
 
-The file holds the timm ``VisionTransformer`` state dict (no classifier head) of the teacher (EMA)
-backbone, and metadata ``arch`` + ``timm_kwargs`` (JSON) so :func:`load_backbone` can rebuild it::
+The file holds the timm state dict (no classifier head) of the teacher (EMA) backbone: the
+``VisionTransformer`` of a ViT backbone, or the CNN body of a ``resnet_fpn`` backbone (the FPN is
+a pre-training neck and stays in the checkpoint). Metadata ``arch`` + ``timm_kwargs`` (JSON) let
+:func:`load_backbone` rebuild it::
 
     timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=FILE), **timm_kwargs)
 """
@@ -20,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from stratavit import __version__
-from stratavit.backbone import Backbone, timm_kwargs
+from stratavit.backbone import Backbone, build_backbone, timm_kwargs
 from stratavit.config import BackboneConfig
 
 
@@ -32,19 +34,32 @@ def _vit_state(vit: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in vit.state_dict().items()}
 
 
-def save_backbone(backbone: Backbone, path: Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``backbone.vit`` to ``path`` (safetensors, atomically) with arch metadata."""
+def timm_model(backbone: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+    """The plain timm model inside a backbone and the kwargs that rebuild it."""
+    if isinstance(backbone, Backbone):
+        return backbone.vit, timm_kwargs(backbone.cfg)
+    from stratavit.pyramid_backbone import PyramidBackbone, pyramid_timm_kwargs
+
+    if isinstance(backbone, PyramidBackbone):
+        return backbone.body, pyramid_timm_kwargs(backbone.cfg)
+    raise ExportError(f"cannot export a {type(backbone).__name__}")
+
+
+def save_backbone(backbone: nn.Module, path: Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write the backbone's timm model to ``path`` (safetensors, atomically) with arch metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    model, kwargs = timm_model(backbone)
     meta = {
         "format": "timm",
-        "arch": backbone.cfg.arch,
-        "timm_kwargs": json.dumps(timm_kwargs(backbone.cfg)),
+        "arch": backbone.cfg.arch,  # type: ignore[union-attr]
+        "backbone_type": backbone.cfg.type,  # type: ignore[union-attr]
+        "timm_kwargs": json.dumps(kwargs),
         "stratavit_version": __version__,
     }
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     tmp = path.with_name(path.name + ".tmp")
-    save_file(_vit_state(backbone.vit), str(tmp), metadata=meta)
+    save_file(_vit_state(model), str(tmp), metadata=meta)
     os.replace(tmp, path)
     return path
 
@@ -104,7 +119,7 @@ def export_run(run_dir: Path, out: Path, which: str = "teacher") -> Path:
     raise ExportError(f"{run_dir} has neither {ckpt} nor {final}; is it a stratavit run folder?")
 
 
-def backbone_from_checkpoint(ckpt: Path, which: str = "teacher") -> Backbone:
+def backbone_from_checkpoint(ckpt: Path, which: str = "teacher") -> nn.Module:
     """Load the teacher or student backbone from a Lightning checkpoint (weights only, no pickle)."""
     from stratavit.config import config_from_dict
 
@@ -113,14 +128,14 @@ def backbone_from_checkpoint(ckpt: Path, which: str = "teacher") -> Backbone:
     except Exception as e:
         raise ExportError(f"cannot read checkpoint {ckpt} safely ({e})") from None
     cfg = config_from_dict(state["hyper_parameters"]["config"])
-    backbone = Backbone(cfg.backbone)
+    backbone = build_backbone(cfg.backbone)
     prefix = "teacher.backbone." if which == "teacher" else "backbone."
     sd = {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
     backbone.load_state_dict(sd, strict=True)
     return backbone
 
 
-def random_backbone(cfg: BackboneConfig, seed: int = 0) -> Backbone:
+def random_backbone(cfg: BackboneConfig, seed: int = 0) -> nn.Module:
     """The same architecture at random initialisation (the evaluation baseline)."""
     torch.manual_seed(seed)
-    return Backbone(cfg)
+    return build_backbone(cfg)

@@ -7,19 +7,19 @@ import copy
 import torch
 from torch import nn
 
-from stratavit.backbone import Backbone
 
 
 class Teacher(nn.Module):
-    """EMA teacher. Its backbone always runs in eval mode (no drop-path); heads keep batch-norm
-    in training mode like MoCo v3's momentum encoder. Parameters never receive gradients.
+    """EMA teacher. A ViT backbone always runs in eval mode (no drop-path); a CNN backbone with
+    ``teacher_batch_stats`` (batch norm) and the heads stay in training mode like MoCo's momentum
+    encoder. Parameters never receive gradients.
 
     Args:
         backbone: the student backbone (copied).
         heads: objective name -> the student module whose EMA copy is that objective's teacher side.
     """
 
-    def __init__(self, backbone: Backbone, heads: dict[str, nn.Module]) -> None:
+    def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module]) -> None:
         super().__init__()
         self.backbone = copy.deepcopy(backbone)
         self.heads = nn.ModuleDict({k: copy.deepcopy(v) for k, v in heads.items()})
@@ -28,11 +28,12 @@ class Teacher(nn.Module):
 
     def train(self, mode: bool = True) -> "Teacher":
         super().train(mode)
-        self.backbone.eval()
+        if not getattr(self.backbone, "teacher_batch_stats", False):
+            self.backbone.eval()
         return self
 
     @torch.no_grad()
-    def update(self, backbone: Backbone, heads: dict[str, nn.Module], momentum: float) -> None:
+    def update(self, backbone: nn.Module, heads: dict[str, nn.Module], momentum: float) -> None:
         """``θ_t ← m θ_t + (1 − m) θ_s`` for every parameter; buffers are copied."""
         pairs = [(self.backbone, backbone)] + [(self.heads[k], heads[k]) for k in self.heads]
         t_params, s_params = [], []

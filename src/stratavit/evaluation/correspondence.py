@@ -7,6 +7,10 @@ Chebyshev distance <= 1 on B's grid) of the patch of B that contains the true lo
 per block is the fraction of correct queries; ``exact`` counts only the containing patch, and
 ``chance`` is the expected score of a uniformly random guess (size of the clipped neighbourhood
 over the number of patches), so random features read as ~chance and position-exact features as 1.
+
+With a CNN the blocks are its feature stages and a "patch" is one cell of that stage's feature
+map: the grid, the true cell and the one-cell tolerance all follow the stage's own stride
+(stride 4: a 4-pixel cell, stride 32: a 32-pixel cell), and ``chance`` with them.
 """
 
 from __future__ import annotations
@@ -192,26 +196,33 @@ def correspondence_score(
     seed: int = 0,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
+    example_block: int | None = None,
 ) -> dict[str, Any]:
     """Correspondence accuracy per block on two random crops of each image.
 
     Args:
-        model: a timm ViT taking ``size x size`` inputs (see ``tokens.model_at_size``).
+        model: a timm ViT taking ``size x size`` inputs (see ``tokens.model_at_size``), or a timm
+            CNN (blocks = stages, each matched on its own grid, ``size`` a multiple of its strides).
         images: held-out PIL images (any size).
         blocks: 1-based blocks (``-1`` = last, ``None`` = all).
+        example_block: the block of the ``example`` (one of ``blocks``; default the last).
 
     Returns:
         ``{"top1": last block's %, "layers": [{"block", "top1", "exact", "chance"}], "pairs": B,
         "queries": per-pair mean, "example": {...}}``; ``example`` holds the first pair's views,
-        matched points and correctness at the last requested block, for the report's picture.
+        matched points and correctness at ``example_block`` (its 1-based number under
+        ``"block"``), for the report's picture.
     """
     if not images:
         raise ValueError("correspondence_score needs at least one image")
     numbers = resolve_blocks(model, blocks)
+    shown = numbers[-1] if example_block is None else resolve_blocks(model, [example_block])[0]
+    if shown not in numbers:
+        raise ValueError(f"example_block {example_block} is not among the scored blocks {numbers}")
     dev = torch.device(device)
     model.eval()
     pairs = make_view_pairs(images, size, mean, std, seed=seed)
-    grid = grid_of(model, (size, size))
+    grid = grid_of(model, (size, size), shown)
     totals = {n: {"queries": 0, "correct": 0.0, "exact": 0.0, "chance": 0.0} for n in numbers}
     example: dict[str, Any] = {}
     for start in _progress(range(0, len(images), batch_size), "correspondence", math.ceil(len(images) / batch_size)):
@@ -228,8 +239,9 @@ def correspondence_score(
             t["correct"] += float(s.correct.sum())
             t["exact"] += float(s.exact_mask.sum())
             t["chance"] += s.chance_sum
-            if start == 0 and ta.block == numbers[-1]:
+            if start == 0 and ta.block == shown:
                 example = _example(pairs, s, grid, (size, size))
+                example["block"] = shown
     layers = [
         {
             "block": n,

@@ -12,7 +12,8 @@ Protocol (:func:`dense_probe`):
 2. one forward pass per split extracts the patch tokens ``(gh, gw, C)`` of every requested block
    (after the final norm, see :func:`~stratavit.evaluation.tokens.block_tokens`) into a
    disk-backed float16 ``np.memmap`` ``(n_blocks, N, gh, gw, C)`` -- memory stays bounded by one
-   batch, whatever the data set size;
+   batch, whatever the data set size (a CNN's blocks are its stages, each with its own grid
+   ``S / stride`` and width, stored one after the other);
 3. per block, a linear 1x1 classifier on per-channel standardised tokens (train mean / std) is
    trained with pixel-wise cross-entropy on its logits upsampled bilinearly to ``S x S``
    (:func:`train_dense_head`);
@@ -46,7 +47,14 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from stratavit.evaluation.errors import EvaluationError
 from stratavit.evaluation.features import _progress
-from stratavit.evaluation.tokens import block_tokens, grid_of, model_at_size, resolve_blocks
+from stratavit.evaluation.tokens import (
+    block_dims,
+    block_tokens,
+    grid_of,
+    is_cnn,
+    model_at_size,
+    resolve_blocks,
+)
 from stratavit.views import describe_resize, eval_transform
 
 __all__ = [
@@ -644,10 +652,11 @@ def _fingerprint(model: nn.Module) -> str:
 
 @dataclass
 class _Store:
-    """Patch tokens of one split: ``feats`` ``(L, N, gh, gw, C)`` float16, ``masks`` ``(N, S, S)``."""
+    """Patch tokens of one split: ``feats`` one ``(N, gh, gw, C)`` float16 array per block (the
+    grid and width may differ from block to block, as a CNN's stages do), ``masks`` ``(N, S, S)``."""
 
     blocks: list[int]
-    feats: np.ndarray
+    feats: list[np.ndarray]
     masks: np.ndarray | None
 
     def block(self, b: int) -> np.ndarray:
@@ -664,14 +673,24 @@ def _open_store(folder: Path, key: dict[str, Any], blocks: list[int], want_masks
         return None
     if meta.get("key") != key or not set(blocks) <= set(meta["blocks"]) or (want_masks and not meta["masks"]):
         return None
-    shape = tuple(meta["shape"])
-    feats = np.memmap(folder / "feats.f16", dtype=np.float16, mode="r", shape=shape)
+    shapes = meta.get("shapes") or [meta["shape"][1:]] * meta["shape"][0]  # one shape: all blocks alike
+    feats = _block_views(np.memmap(folder / "feats.f16", dtype=np.float16, mode="r"), shapes)
     masks = None
     if meta["masks"]:
         masks = np.memmap(
             folder / "masks.bin", dtype=np.dtype(meta["mask_dtype"]), mode="r", shape=tuple(meta["mask_shape"])
         )
     return _Store(list(meta["blocks"]), feats, masks)
+
+
+def _block_views(flat: np.ndarray, shapes: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """A flat array holding one C-order array per shape, one after the other -> those arrays (views)."""
+    out, start = [], 0
+    for shape in shapes:
+        size = int(np.prod(shape))
+        out.append(flat[start : start + size].reshape(tuple(int(v) for v in shape)))
+        start += size
+    return out
 
 
 def _extract_store(
@@ -696,15 +715,16 @@ def _extract_store(
     if cached is not None:
         return cached
     n, s = len(ds), ds.size
-    gh, gw = grid_of(model, (s, s))
-    dim = int(model.num_features)  # type: ignore[arg-type]
-    shape = (len(blocks), n, gh, gw, dim)
+    dims = block_dims(model)
+    shapes = [(n, *grid_of(model, (s, s), b), dims[b - 1]) for b in blocks]
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", suffix=".tmp", dir=folder.parent))
     was_training = model.training
     model.eval()
     try:
-        feats = np.memmap(tmp / "feats.f16", dtype=np.float16, mode="w+", shape=shape)
+        total = sum(int(np.prod(x)) for x in shapes)
+        flat = np.memmap(tmp / "feats.f16", dtype=np.float16, mode="w+", shape=(total,))
+        feats = _block_views(flat, shapes)
         masks = np.memmap(tmp / "masks.bin", dtype=mask_dtype, mode="w+", shape=(n, s, s)) if with_masks else None
         start = 0
         with torch.inference_mode():
@@ -720,15 +740,19 @@ def _extract_store(
                             f"the backbone gives non-finite (NaN / inf) tokens at block {t.block} for images "
                             f"{start}..{start + b - 1} of {ds.root}; check the checkpoint (did training diverge?)"
                         )
-                    feats[li, start : start + b] = t.patches.clamp(-_FP16_MAX, _FP16_MAX).half().cpu().numpy()
+                    feats[li][start : start + b] = t.patches.clamp(-_FP16_MAX, _FP16_MAX).half().cpu().numpy()
                 if masks is not None:
                     masks[start : start + b] = ys.numpy().astype(mask_dtype)
                 start += b
         if start != n:
             raise RuntimeError(f"the data set yielded {start} images but has {n}")
-        feats.flush()
-        del feats
-        meta: dict[str, Any] = {"key": key, "blocks": blocks, "shape": list(shape), "masks": masks is not None}
+        flat.flush()
+        del feats, flat
+        uniform = len(set(shapes)) == 1  # a ViT: one (L, N, gh, gw, C) array, as stores have always been
+        meta: dict[str, Any] = {
+            "key": key, "blocks": blocks, "masks": masks is not None,
+            **({"shape": [len(blocks), *shapes[0]]} if uniform else {"shapes": [list(x) for x in shapes]}),
+        }
         if masks is not None:
             masks.flush()
             del masks
@@ -752,6 +776,10 @@ def _extract_store(
 def _input_size(model: nn.Module, size: int | None) -> int:
     if size is not None:
         return int(size)
+    if is_cnn(model):
+        raise EvaluationError(
+            "a CNN backbone has no native input size: pass size= (a multiple of its coarsest stride, e.g. 224)"
+        )
     img_size = tuple(model.patch_embed.img_size)  # type: ignore[union-attr]
     if img_size[0] != img_size[1]:
         raise EvaluationError(
@@ -784,13 +812,14 @@ def dense_probe(
     """Linear segmentation probe of frozen patch tokens at ``blocks``: mIoU and pixel accuracy.
 
     Args:
-        model: a timm ``VisionTransformer``; moved to ``device`` in place, its train/eval mode
-            restored afterwards.
+        model: a timm ``VisionTransformer`` or CNN (blocks = its stages, each probed on its own
+            grid); moved to ``device`` in place, its train/eval mode restored afterwards.
         train_root, val_root: folders in the :class:`SegmentationFolder` layout.
         blocks: 1-based blocks (``-1`` = last) to probe; all from one forward pass per split.
-        size: input side ``S`` (images stretched to ``S x S``); default the model's input size.
-            Must be a multiple of the patch size (another size than the model's resamples the
-            position embeddings, see :func:`~stratavit.evaluation.tokens.model_at_size`).
+        size: input side ``S`` (images stretched to ``S x S``); default the model's input size
+            (a CNN has none: pass it). Must be a multiple of the patch size, or of a CNN's coarsest
+            stride (another size than a ViT's resamples the position embeddings, see
+            :func:`~stratavit.evaluation.tokens.model_at_size`).
         mean, std: input normalisation (the backbone's training values).
         num_classes: ``K``; default the largest id in the train and val masks (255 excluded) + 1.
         batch_size: images per forward pass. num_workers: DataLoader workers.

@@ -5,7 +5,9 @@ Two extractors are provided:
 * :func:`extract_block_features` -- the CLS token and the mean patch token of
   *every* transformer block of a timm ``VisionTransformer`` (each passed through
   the model's final norm), so that per-layer probes run from a single forward
-  pass; stored in a disk-backed, memory-mapped cache for large data sets.
+  pass; stored in a disk-backed, memory-mapped cache for large data sets. A timm
+  CNN gives the global average pool of every feature stage instead (its stages
+  are its blocks, see :mod:`stratavit.evaluation.tokens`).
 * :func:`raw_pixel_features` -- the flattened input images, the trivial
   "raw pixels" baseline.
 
@@ -31,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from stratavit.evaluation.tokens import block_tokens
+from stratavit.evaluation.tokens import block_dims, block_tokens
 
 __all__ = ["BlockFeatures", "extract_block_features", "raw_pixel_features"]
 
@@ -120,20 +122,25 @@ class BlockFeatures:
 
     Attributes:
         cls: ``(L, N, C)`` float32 -- CLS token after block ``l + 1``, through the final norm
-            (models without a class token: the mean patch token).
+            (models without a class token: the mean patch token; a CNN: the global average
+            pool of stage ``l + 1``).
         patch: ``(L, N, C)`` float32 -- mean of the normed patch tokens after block ``l + 1``.
         labels: ``(N,)`` int64.
+
+    When the blocks differ in width (a CNN's stages: 64, 128, 256, 512 channels for a ResNet-18)
+    ``cls`` and ``patch`` are lists of ``L`` tensors ``(N, C_l)`` instead; both forms index the
+    same way (``cls[l]`` is ``(N, C_l)``, ``len(cls) == L``).
 
     With a cache folder the two feature tensors are views of disk-backed ``np.memmap`` arrays, so
     only the rows a probe touches (one block at a time) are paged into memory.
     """
 
-    cls: Tensor
-    patch: Tensor
+    cls: Tensor | list[Tensor]
+    patch: Tensor | list[Tensor]
     labels: Tensor
 
-    def pooled(self, pooling: str) -> Tensor:
-        """``(L, N, C)`` features for ``pooling`` in ``{"cls", "mean_patch"}``."""
+    def pooled(self, pooling: str) -> Tensor | list[Tensor]:
+        """``(L, N, C)`` features (or ``L`` tensors ``(N, C_l)``) for ``pooling`` in ``{"cls", "mean_patch"}``."""
         if pooling == "cls":
             return self.cls
         if pooling == "mean_patch":
@@ -156,13 +163,30 @@ def _open_store(cache_dir: Path, expected_n: int) -> BlockFeatures | None:
             stacklevel=3,
         )
         return None
-    shape = (int(meta["layers"]), int(meta["n"]), int(meta["dim"]))
-    arrays = [np.memmap(cache_dir / name, dtype=np.float32, mode="r", shape=shape) for name in _STORE_FILES[:2]]
+    layers, n = int(meta["layers"]), int(meta["n"])
+    dims = [int(d) for d in meta.get("dims") or [meta["dim"]] * layers]
     labels = np.fromfile(cache_dir / "labels.i64", dtype=np.int64)
-    with warnings.catch_warnings():  # read-only memmaps: torch warns about non-writable arrays
+    if len(set(dims)) == 1:
+        shape = (layers, n, dims[0])
+        arrays = [np.memmap(cache_dir / name, dtype=np.float32, mode="r", shape=shape) for name in _STORE_FILES[:2]]
+        with warnings.catch_warnings():  # read-only memmaps: torch warns about non-writable arrays
+            warnings.simplefilter("ignore", UserWarning)
+            cls, patch = (torch.from_numpy(a) for a in arrays)
+        return BlockFeatures(cls, patch, torch.from_numpy(labels.copy()))
+    flat = [np.memmap(cache_dir / f, dtype=np.float32, mode="r", shape=(n * sum(dims),)) for f in _STORE_FILES[:2]]
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        cls, patch = (torch.from_numpy(a) for a in arrays)
-    return BlockFeatures(cls, patch, torch.from_numpy(labels.copy()))
+        cls_l, patch_l = ([torch.from_numpy(a) for a in _split_layers(f, n, dims)] for f in flat)
+    return BlockFeatures(cls_l, patch_l, torch.from_numpy(labels.copy()))
+
+
+def _split_layers(flat: np.ndarray, n: int, dims: list[int]) -> list[np.ndarray]:
+    """A flat array of ``L`` consecutive ``(n, C_l)`` blocks -> ``L`` views ``(n, C_l)``."""
+    out, start = [], 0
+    for d in dims:
+        out.append(flat[start : start + n * d].reshape(n, d))
+        start += n * d
+    return out
 
 
 def extract_block_features(
@@ -178,8 +202,9 @@ def extract_block_features(
     """CLS and mean-patch features of every transformer block, one forward pass per batch.
 
     Args:
-        model: a timm ``VisionTransformer`` (anything with timm's ``forward_intermediates``). It is
-            moved to ``device`` in place; its train/eval mode is restored afterwards.
+        model: a timm ``VisionTransformer`` or CNN (anything with timm's ``forward_intermediates``,
+            see :func:`~stratavit.evaluation.tokens.block_tokens`). It is moved to ``device`` in
+            place; its train/eval mode is restored afterwards.
         dataset: yields ``(image (3, H, W) float, label int)``; iterated in order (no shuffling),
             so row ``i`` belongs to ``dataset[i]``.
         batch_size, num_workers: DataLoader settings.
@@ -192,7 +217,9 @@ def extract_block_features(
 
     Returns:
         :class:`BlockFeatures` with ``cls`` / ``patch`` ``(L, N, C)`` float32 and ``labels`` ``(N,)``;
-        ``cls[-1]`` equals ``model.forward_features(x)[:, 0]``.
+        ``cls[-1]`` equals ``model.forward_features(x)[:, 0]``. A timm CNN: one entry per feature
+        stage, ``cls[l]`` = ``patch[l]`` = its global average pool ``(N, C_l)`` (a list when the
+        stages differ in width); ``cls[-1]`` equals ``model(x)`` of a ``num_classes=0`` model.
     """
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
@@ -206,17 +233,21 @@ def extract_block_features(
     was_training = model.training
     model.to(dev)
     model.eval()
-    depth, dim = len(model.blocks), int(model.num_features)  # type: ignore[arg-type]
-    shape = (depth, n, dim)
+    dims = block_dims(model)
+    depth, dim = len(dims), dims[0]
+    uniform = len(set(dims)) == 1
+    shape = (depth, n, dim) if uniform else (n * sum(dims),)  # ragged: L consecutive (N, C_l) blocks
     tmp_dir: Path | None = None
     if cache_dir is None:
-        cls_out, patch_out = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        cls_flat, patch_flat = np.empty(shape, np.float32), np.empty(shape, np.float32)
     else:
         cache_dir = Path(cache_dir)
         cache_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp_dir = Path(tempfile.mkdtemp(prefix=cache_dir.name + ".", suffix=".tmp", dir=cache_dir.parent))
-        cls_out = np.memmap(tmp_dir / "cls.f32", dtype=np.float32, mode="w+", shape=shape)
-        patch_out = np.memmap(tmp_dir / "patch.f32", dtype=np.float32, mode="w+", shape=shape)
+        cls_flat = np.memmap(tmp_dir / "cls.f32", dtype=np.float32, mode="w+", shape=shape)
+        patch_flat = np.memmap(tmp_dir / "patch.f32", dtype=np.float32, mode="w+", shape=shape)
+    cls_out = cls_flat if uniform else _split_layers(cls_flat, n, dims)
+    patch_out = patch_flat if uniform else _split_layers(patch_flat, n, dims)
     labels = np.empty(n, dtype=np.int64)
     loader = _loader(dataset, batch_size, num_workers, dev)
     start = 0
@@ -227,19 +258,25 @@ def extract_block_features(
                 bsz = images.shape[0]
                 for i, b in enumerate(blocks):
                     patch = b.mean_patch
-                    cls_out[i, start : start + bsz] = (b.cls if b.cls is not None else patch).cpu().numpy()
-                    patch_out[i, start : start + bsz] = patch.cpu().numpy()
+                    cls_out[i][start : start + bsz] = (b.cls if b.cls is not None else patch).cpu().numpy()
+                    patch_out[i][start : start + bsz] = patch.cpu().numpy()
                 labels[start : start + bsz] = _as_labels(targets).numpy()
                 start += bsz
         if start != n:
             raise RuntimeError(f"dataset yielded {start} samples but len(dataset) == {n}")
         if tmp_dir is None:
-            return BlockFeatures(torch.from_numpy(cls_out), torch.from_numpy(patch_out), torch.from_numpy(labels))
-        cls_out.flush()
-        patch_out.flush()
-        del cls_out, patch_out
+            if uniform:
+                return BlockFeatures(torch.from_numpy(cls_flat), torch.from_numpy(patch_flat), torch.from_numpy(labels))
+            return BlockFeatures(
+                [torch.from_numpy(a) for a in cls_out], [torch.from_numpy(a) for a in patch_out],
+                torch.from_numpy(labels),
+            )
+        cls_flat.flush()
+        patch_flat.flush()
+        del cls_out, patch_out, cls_flat, patch_flat
         labels.tofile(tmp_dir / "labels.i64")
-        (tmp_dir / "meta.json").write_text(json.dumps({"layers": depth, "n": n, "dim": dim}))
+        meta = {"layers": depth, "n": n, "dim": dim} if uniform else {"layers": depth, "n": n, "dims": dims}
+        (tmp_dir / "meta.json").write_text(json.dumps(meta))
         if cache_dir.exists():
             shutil.rmtree(cache_dir)
         os.replace(tmp_dir, cache_dir)

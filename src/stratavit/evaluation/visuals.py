@@ -544,8 +544,13 @@ def plot_embedding_2d(
 # --------------------------------------------------------------------------- #
 # per-block panels
 # --------------------------------------------------------------------------- #
-def plot_layer_panels(results: Mapping[str, Any], out_png: Path) -> Path | None:
+def plot_layer_panels(
+    results: Mapping[str, Any], out_png: Path, *, unit: str = "transformer block", global_label: str = "CLS"
+) -> Path | None:
     """Up to four panels of per-block scores from an evaluation ``results`` dict.
+
+    ``unit`` names the x axis and ``global_label`` the ``knn_top1`` / ``linear_top1`` curves (a CNN:
+    ``"CNN stage"`` and ``"global avg pool"``).
 
     Panels (each drawn only when it has data): kNN top-1 (CLS ``knn_top1`` and mean-patch
     ``knn_top1_patch`` of ``results["layers"]``), linear top-1 (``linear_top1``,
@@ -566,11 +571,11 @@ def plot_layer_panels(results: Mapping[str, Any], out_png: Path) -> Path | None:
     # (title, y label, [(curve label, model rows, baseline rows, key), ...])
     specs: list[tuple[str, str, list[tuple[str, Any, Any, str]]]] = [
         ("kNN top-1", "top-1 (%)", [
-            ("CLS", model_layers, rnd_layers, "knn_top1"),
+            (global_label, model_layers, rnd_layers, "knn_top1"),
             ("mean patch", model_layers, rnd_layers, "knn_top1_patch"),
         ]),
         ("linear top-1", "top-1 (%)", [
-            ("CLS", model_layers, rnd_layers, "linear_top1"),
+            (global_label, model_layers, rnd_layers, "linear_top1"),
             ("mean patch", model_layers, rnd_layers, "linear_top1_patch"),
         ]),
         ("correspondence top-1", "top-1 (%)", [("patch NN", corr, rnd_corr, "top1")]),
@@ -615,7 +620,7 @@ def plot_layer_panels(results: Mapping[str, Any], out_png: Path) -> Path | None:
         ticks = sorted(blocks)
         step = max(1, math.ceil(len(ticks) / 12))
         ax.set_xticks(ticks[::step])
-        ax.set_xlabel("transformer block")
+        ax.set_xlabel(unit)
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize="medium")
         ax.grid(True, alpha=0.3)

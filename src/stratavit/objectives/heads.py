@@ -39,9 +39,12 @@ def moco_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, last_b
 
 
 def moco_heads(in_dim: int, cfg: ContrastiveHeadConfig) -> tuple[nn.Sequential, nn.Sequential]:
-    """MoCo v3 projector (in_dim -> proj_dim) and predictor (proj_dim -> proj_dim), in that order."""
+    """MoCo v3 projector (in_dim -> proj_dim) and predictor (proj_dim -> proj_dim), in that order.
+
+    As in MoCo v3, the projector ends in a batch norm without affine and the predictor does not.
+    """
     projector = moco_mlp(in_dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers)
-    predictor = moco_mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, cfg.pred_layers)
+    predictor = moco_mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, cfg.pred_layers, last_bn=False)
     return projector, predictor
 
 

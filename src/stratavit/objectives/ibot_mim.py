@@ -45,7 +45,6 @@ Choices that differ from the reference code, none of which changes the loss:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +53,7 @@ from torch import Tensor, nn
 
 from stratavit.backbone import Backbone
 from stratavit.config import ConfigError
-from stratavit.distributed import rank
+from stratavit.distributed import sample_seeds
 from stratavit.masking import block_masks, ibot_min_num_patches
 from stratavit.objectives.base import Objective, ObjectiveOutput, StepState, ViewFeatures
 from stratavit.objectives.dino import DINOConfig, dino_loss, teacher_temperature, updated_center
@@ -93,7 +92,8 @@ class IBOTConfig(DINOConfig):
     it the masks are empty, so ``L_mim`` = 0."""
     mask_seed: int | None = None
     """Base seed of the masks; ``None`` = ``torch.initial_seed()`` (i.e. ``train.seed``). Each
-    step's masks are a function of (base seed, step, call within the step, process rank)."""
+    mask is a function of (base seed, step, call within the step, view, the sample's position in
+    the batch of all processes), so masks do not depend on how the batch is split across processes."""
     lambda_cls: float = 1.0
     lambda_mim: float = 1.0
 
@@ -235,20 +235,23 @@ class IBOT(Objective):
 
     # ------------------------------------------------------------------------------ masks
 
-    def _mask_seed(self, step: int) -> int:
-        """63-bit seed from (base seed, step, call within this step, process rank)."""
+    def _mask_key(self, step: int) -> str:
+        """Key of this call's masks: (base seed, step, call within this step); no process rank."""
         if step != self._seed_step:
             self._seed_step, self._seed_calls = step, 0
         call = self._seed_calls
         self._seed_calls += 1
         base = torch.initial_seed() if self.cfg.mask_seed is None else self.cfg.mask_seed
-        key = f"ibot_mim:{base}:{step}:{call}:{rank()}".encode()
-        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2**63 - 1)
+        return f"ibot_mim:{base}:{step}:{call}"
 
     def student_masks(
         self, n_views: int, batch_size: int, grid: tuple[int, int], state: StepState, device: torch.device
     ) -> tuple[Tensor, Tensor]:
         """Blockwise masks for the student's global views (view-major) and the mask token.
+
+        Every mask has its own random source, seeded by (step, call, view, global sample position
+        ``rank · B + i``; :func:`stratavit.distributed.sample_seeds`): one process on the batch of
+        all processes draws the same masks as the processes that split it.
 
         Returns:
             ((n_views · B, gh · gw) bool on ``device``, mask token (C,)). Before
@@ -258,10 +261,14 @@ class IBOT(Objective):
         if state.epoch < self.cfg.pred_start_epoch:
             masks = torch.zeros(n, grid[0] * grid[1], dtype=torch.bool)
         else:
-            gen = torch.Generator().manual_seed(self._mask_seed(state.step))
             min_patches = self.cfg.mask_min_patches or ibot_min_num_patches(grid)
             lo, hi = self.cfg.mask_ratio
-            masks = block_masks(n, grid, (lo, hi), self.cfg.mask_prob, self.cfg.mask_min_aspect, min_patches, gen)
+            seeds = sample_seeds(self._mask_key(state.step), n_views, batch_size)
+            masks = torch.cat([
+                block_masks(1, grid, (lo, hi), self.cfg.mask_prob, self.cfg.mask_min_aspect, min_patches,
+                            torch.Generator().manual_seed(seed))
+                for seed in seeds
+            ])
         return masks.to(device), self.mask_token
 
     # ------------------------------------------------------------------------------ loss

@@ -94,7 +94,8 @@ class InfoNCE(Objective):
             {str(lv): moco_mlp(d, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers) for lv in self.levels}
         )
         self.predictors = nn.ModuleDict(
-            {str(lv): moco_mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, cfg.pred_layers) for lv in self.levels}
+            {str(lv): moco_mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, cfg.pred_layers, last_bn=False)
+             for lv in self.levels}
         )
         self.norms = nn.ModuleDict({str(lv): nn.LayerNorm(d, eps=1e-6) for lv in self.levels}) if cfg.norm == "own" else None
         if cfg.queue_size < 0:
@@ -108,12 +109,17 @@ class InfoNCE(Objective):
         return getattr(self, f"queue_{lv}") if self.cfg.queue_size > 0 else None
 
     @torch.no_grad()
-    def enqueue(self, lv: int, keys: Tensor) -> None:
-        """Write the gathered, normalised ``keys`` (n, D) into level ``lv``'s FIFO queue."""
+    def enqueue(self, lv: int, keys: Tensor, n_views: int = 1) -> None:
+        """Write the gathered, normalised ``keys`` (n_views · B, D), view-major, into level ``lv``'s
+        FIFO queue, in the view-major order of the batch of all processes (so the queue does not
+        depend on how the batch is split across processes)."""
         if self.cfg.queue_size <= 0:
             return
         queue, ptr = getattr(self, f"queue_{lv}"), getattr(self, f"queue_ptr_{lv}")
-        keys = F.normalize(gather_concat(keys.float()), dim=1)[: self.cfg.queue_size]
+        gathered = gather_concat(keys.float())  # (world · n_views · B, D), process-major
+        world = gathered.shape[0] // keys.shape[0]
+        gathered = gathered.reshape(world, n_views, -1, keys.shape[1]).transpose(0, 1).reshape(-1, keys.shape[1])
+        keys = F.normalize(gathered, dim=1)[: self.cfg.queue_size]
         n, size = keys.shape[0], queue.shape[0]
         pos = (int(ptr) + torch.arange(n, device=queue.device)) % size
         queue[pos] = keys.to(queue.dtype)
@@ -150,7 +156,7 @@ class InfoNCE(Objective):
             queue = self.queue(lv)
             loss = symmetric_infonce(q, k, student.n_global, self.cfg.temperature, queue)
             if self.training:
-                self.enqueue(lv, k)
+                self.enqueue(lv, k, student.n_global)
             total = total + w * loss
             if len(self.levels) > 1:
                 metrics[f"{self.name}/block{lv}"] = loss.detach()

@@ -14,12 +14,21 @@ For each of the two global views ``v`` (symmetric) and montage level ``i = 0 .. 
   ``T = 1``; loss = Σ_v Σ_i w_i L_i with ``w = [1/2, 1/4, 1/8, 1/8]`` (the MoCo v3 convention of
   this code base: the two directions are summed).
 
-The paper's ResNet-50 + FPN readout (7×7 windows of P5..P2) is not part of this objective yet.
+Readout (``readout``):
+
+- ``pool`` (default on a ViT): the mean patch token inside the tile, through the neck MLP;
+- ``roi_align``: MCL's own readout (:mod:`stratavit.objectives.region_readout`): level ``i`` is
+  read from pyramid level ``P_{top−i}`` with RoI-align, then a conv neck (4 × conv3x3-BN-ReLU,
+  average pool, MLP). On a CNN + FPN backbone (recipe ``mcl-resnet``) the pyramid is the
+  backbone's and every tile is an exact ``S/32`` window (7 × 7 at 224 px, the paper's setting);
+  on a ViT a simple (ViTDet) pyramid is built from the objective's level. Whole images (level 0
+  and the teacher's targets) are read with the box of the whole view.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +40,8 @@ from stratavit.distributed import gather_concat, rank
 from stratavit.montage import Montage, check_montage_geometry, make_montage, tile_tokens
 from stratavit.objectives.base import Objective, ObjectiveOutput, StepState, ViewFeatures
 from stratavit.objectives.heads import ContrastiveHeadConfig, moco_mlp
+from stratavit.objectives.region_readout import ConvRegionNeck, RegionReadout, SimplePyramid
+from stratavit.pyramid_backbone import PyramidBackbone, level_map
 from stratavit.views import MultiViewBatch
 
 
@@ -41,6 +52,14 @@ class MontageConfig(ContrastiveHeadConfig):
     """Montage levels L (level i tiles r = 2^i images per side; 1, 4, 16, 64 tiles per canvas)."""
     level_weights: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.125, 0.125])
     """w_i of every montage level (the paper's 1/2, 1/4, 1/8, 1/8)."""
+    readout: Literal["pool", "roi_align"] = "pool"
+    """``pool``: mean patch token of a tile; ``roi_align``: RoI-align on a feature pyramid + conv neck."""
+    roi_size: int | None = None
+    """``roi_align``: RoI output side; ``None`` = exact windows (the coarsest level's map side of a view)."""
+    neck_convs: int = 4
+    """``roi_align``: conv3x3-BN-ReLU layers of the neck before pooling (the paper's 4)."""
+    pyramid_dim: int = 256
+    """``roi_align`` on a ViT: channels of the simple feature pyramid built from the level."""
 
 
 def region_contrast(pred: Tensor, targets: Tensor, labels: Tensor, temperature: float) -> Tensor:
@@ -60,23 +79,48 @@ class MontageObjective(Objective):
 
     def __init__(self, cfg: MontageConfig, backbone: Backbone) -> None:
         super().__init__(cfg, backbone)
-        self.require_one_level("its patch tokens")
         if cfg.montage_levels < 1 or len(cfg.level_weights) != cfg.montage_levels:
             raise ConfigError(
                 f"objectives.montage: give one level weight per montage level ({cfg.montage_levels}), "
                 f"not {len(cfg.level_weights)}"
             )
         self.cfg: MontageConfig = cfg
-        self.patch_size = backbone.patch_size
-        self.neck = moco_mlp(backbone.embed_dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers)
+        self.on_pyramid = isinstance(backbone, PyramidBackbone)
+        if self.on_pyramid and cfg.readout != "roi_align":
+            raise ConfigError("objectives.montage on a CNN feature pyramid reads regions with readout=roi_align")
+        self.readout: RegionReadout | None = None
+        if cfg.readout == "pool":
+            self.require_one_level("its patch tokens")
+            # a tile covers whole patches: its tokens are pooled exactly
+            self.tile_unit = backbone.patch_size
+            self.neck = moco_mlp(backbone.embed_dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers)
+        else:
+            self.tile_unit = 1  # RoI-align reads any box
+            if self.on_pyramid:
+                if len(self.levels) < cfg.montage_levels:
+                    raise ConfigError(
+                        f"objectives.montage reads montage level i from the i-th coarsest pyramid level: give "
+                        f"{cfg.montage_levels} pyramid levels in 'levels' (e.g. [1, 2, 3, 4]), not {cfg.levels}"
+                    )
+                strides, pyramid, dim = [backbone.strides[lv - 1] for lv in self.levels], None, backbone.embed_dim
+            else:
+                self.require_one_level("the map its feature pyramid is built from")
+                try:
+                    pyramid = SimplePyramid(backbone.embed_dim, cfg.pyramid_dim, backbone.patch_size, cfg.montage_levels)
+                except ValueError as e:
+                    raise ConfigError(f"objectives.montage readout=roi_align: {e}; use readout=pool") from None
+                strides, dim = pyramid.strides, cfg.pyramid_dim
+            neck = ConvRegionNeck(dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.neck_convs, cfg.proj_layers)
+            self.readout = RegionReadout(pyramid, strides, neck, cfg.roi_size)
         self.predictors = nn.ModuleList(
-            moco_mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, cfg.pred_layers) for _ in range(cfg.montage_levels)
+            moco_mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, cfg.pred_layers, last_bn=False)
+            for _ in range(cfg.montage_levels)
         )
         # (side, level, montage) of the current step: made in student_views(), read in forward()
         self._pending: list[tuple[int, int, Montage]] = []
 
     def teacher_head(self) -> nn.Module:
-        return self.neck
+        return self.readout if self.readout is not None else self.neck
 
     def check_setup(self, views: ViewsConfig, batch_size: int) -> None:
         levels = self.cfg.montage_levels
@@ -89,14 +133,14 @@ class MontageObjective(Objective):
             )
         if need and views.local_size != views.global_size:
             raise ConfigError("objectives.montage: set views.local_size equal to views.global_size (montage canvases)")
-        check_montage_geometry(batch_size, views.global_size, self.patch_size, levels)
+        check_montage_geometry(batch_size, views.global_size, self.tile_unit, levels)
 
     def student_views(self, batch: MultiViewBatch, state: StepState) -> dict[str, Tensor]:
         levels = self.cfg.montage_levels
         self._pending = []
         if levels == 1:
             return {}
-        check_montage_geometry(batch.batch_size, batch.local_views[0].images.shape[-1], self.patch_size, levels)
+        check_montage_geometry(batch.batch_size, batch.local_views[0].images.shape[-1], self.tile_unit, levels)
         gen = torch.Generator().manual_seed(state.step * 7919 + rank())
         canvases = []
         for side in range(2):
@@ -107,33 +151,54 @@ class MontageObjective(Objective):
                 canvases.append(m.canvases)
         return {"montage": torch.cat(canvases)}
 
-    def _embed(self, patches: Tensor, neck: nn.Module) -> Tensor:
-        return neck(patches.mean(dim=1))
+    def _maps(self, feats: dict, rows: slice | None = None) -> Tensor | list[Tensor]:
+        """What the region readout reads: the ViT level's map, or every pyramid level (finest first)."""
+        rows = rows if rows is not None else slice(None)
+        if self.on_pyramid:
+            return [level_map(feats[lv])[rows] for lv in self.levels]
+        return level_map(feats[self.levels[0]])[rows]
+
+    def _whole(self, feats: dict, head: nn.Module, size: int) -> Tensor:
+        """(B, D) embeddings of whole views through ``head`` (the neck or the region readout)."""
+        if self.readout is None:
+            return head(feats[self.levels[0]].patches.mean(dim=1))
+        maps = self._maps(feats)
+        n = (maps[0] if isinstance(maps, list) else maps).shape[0]
+        box = torch.tensor([0.0, 0.0, size, size]).expand(n, 1, 4)
+        return head(maps, 0, box, size)
+
+    def _tiles(self, feats: dict, rows: slice, m: Montage, level: int) -> Tensor:
+        """(n · r², D) neck embeddings of the tiles of the canvases ``rows`` of the montage views."""
+        if self.readout is None:
+            lf = feats[self.levels[0]]
+            n = rows.stop - rows.start
+            return self.neck(tile_tokens(lf.patches[rows], lf.grid, m.ratio).reshape(n * m.ratio**2, -1))
+        maps = self._maps(feats, rows)
+        n = (maps[0] if isinstance(maps, list) else maps).shape[0]
+        return self.readout(maps, level, m.boxes.expand(n, *m.boxes.shape), int(m.canvases.shape[-1]))
 
     def forward(
         self, student: ViewFeatures, teacher: ViewFeatures, teacher_head: nn.Module | None, state: StepState
     ) -> ObjectiveOutput:
         assert teacher_head is not None
-        lv = self.levels[0]
         b = student.batch.batch_size
+        size = student.batch.global_views[0].images.shape[-1]
         with torch.no_grad():
-            t_emb = self._embed(teacher.global_[lv].patches, teacher_head).float().chunk(2)
+            t_emb = self._whole(teacher.global_, teacher_head, size).float().chunk(2)
         targets = [gather_concat(t_emb[1]), gather_concat(t_emb[0])]  # side v contrasts with view 1 − v
         own = torch.arange(b, device=t_emb[0].device) + rank() * b
-        s_global = student.global_[lv].patches.chunk(2)
+        s_emb = self._whole(student.global_, self.teacher_head(), size).chunk(2)  # the student side
         terms: list[Tensor | float] = [0.0] * self.cfg.montage_levels
         for side in range(2):
-            pred = self.predictors[0](self._embed(s_global[side], self.neck))
+            pred = self.predictors[0](s_emb[side])
             terms[0] = terms[0] + region_contrast(pred, targets[side], own, self.cfg.temperature)
         if self._pending:
-            feats = student.extra["montage"][lv]
+            feats = student.extra["montage"]
             offset = 0
             for side, level, m in self._pending:
                 n = m.canvases.shape[0]
-                patches = feats.patches[offset : offset + n]
+                pred = self.predictors[level](self._tiles(feats, slice(offset, offset + n), m, level))
                 offset += n
-                regions = tile_tokens(patches, feats.grid, m.ratio).reshape(n * m.ratio**2, -1)
-                pred = self.predictors[level](self.neck(regions))
                 labels = m.sources.reshape(-1).to(pred.device) + rank() * b
                 terms[level] = terms[level] + region_contrast(pred, targets[side], labels, self.cfg.temperature)
         loss = sum(w * t for w, t in zip(self.cfg.level_weights, terms))

@@ -18,6 +18,7 @@ normalised image space), so matched patches must agree across photometric change
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stratavit.backbone import Backbone
-from stratavit.config import ConfigError
-from stratavit.distributed import rank
+from stratavit.config import ConfigError, ViewsConfig
+from stratavit.distributed import sample_seeds
 from stratavit.objectives.base import Objective, ObjectiveOutput, StepState, ViewFeatures
 from stratavit.objectives.dino import DINOConfig, teacher_temperature, updated_center
 from stratavit.objectives.heads import DINOHead
@@ -66,21 +67,32 @@ def matched_cross_entropy(
     return ((ce * weights).sum(1) / weights.sum(1)).mean()
 
 
-def patchwise_jitter(images: Tensor, patch: int, p: float, strength: float, generator: torch.Generator) -> Tensor:
+def patchwise_jitter(
+    images: Tensor, patch: int, p: float, strength: float, generator: torch.Generator | Sequence[torch.Generator]
+) -> Tensor:
     """Per-patch photometric jitter of normalised images (B, 3, H, W) -> same shape.
 
     Each ``patch x patch`` cell is, with probability ``p``, mapped to
     ``mean + (x − mean) · c + b`` with its own contrast ``c ~ U(1 − s, 1 + s)`` around the cell's
     mean and brightness shift ``b ~ U(−s, s)`` (``s = strength``, in normalised units).
+    ``generator``: one random source for the batch, or one per image (B of them; image ``i``'s
+    cells then depend on ``generator[i]`` alone).
     """
     if p <= 0:
         return images
     b, _, h, w = images.shape
     gh, gw = h // patch, w // patch
     shape = (b, 1, gh, gw)
-    on = torch.rand(shape, generator=generator) < p
-    c = torch.where(on, 1 + (torch.rand(shape, generator=generator) * 2 - 1) * strength, torch.ones(shape))
-    shift = torch.where(on, (torch.rand(shape, generator=generator) * 2 - 1) * strength, torch.zeros(shape))
+    if isinstance(generator, torch.Generator):
+        u_on, u_c, u_b = (torch.rand(shape, generator=generator) for _ in range(3))
+    else:
+        if len(generator) != b:
+            raise ValueError(f"patchwise_jitter: {len(generator)} generators for {b} images")
+        u = torch.stack([torch.rand(3, 1, gh, gw, generator=g) for g in generator], dim=1)  # (3, B, 1, gh, gw)
+        u_on, u_c, u_b = u.unbind(0)
+    on = u_on < p
+    c = torch.where(on, 1 + (u_c * 2 - 1) * strength, torch.ones(shape))
+    shift = torch.where(on, (u_b * 2 - 1) * strength, torch.zeros(shape))
     c, shift = c.to(images), shift.to(images)
     cells = F.avg_pool2d(images, patch)  # (B, 3, gh, gw)
     up = lambda t: t.repeat_interleave(patch, 2).repeat_interleave(patch, 3)  # noqa: E731
@@ -105,16 +117,26 @@ class PatchMatch(Objective):
         )
         tokens = 1 + (backbone.img_size // backbone.patch_size) ** 2
         self.register_buffer("center", torch.zeros(tokens, cfg.out_dim))
+        self._n_views: dict[str, int] = {}  # views per group, from check_setup (to find B in augment_student)
 
     def teacher_head(self) -> nn.Module:
         return self.head
 
+    def check_setup(self, views: ViewsConfig, batch_size: int) -> None:
+        self._n_views = {"global": views.global_crops, "local": views.local_crops}
+
     def augment_student(self, images: Tensor, group: str, state: StepState) -> Tensor:
+        """Per-patch jitter of a view group (V·B, 3, H, W), view-major. Each image's jitter is seeded
+        by (step, group, view, the sample's position in the batch of all processes), so it does not
+        depend on how the batch is split across processes (V from :meth:`check_setup`; 1 if unknown)."""
         if self.cfg.patch_jitter_p <= 0 or not self.training:
             return images
-        seed = (state.step * 2 + (group == "local")) * 1009 + rank()
-        gen = torch.Generator().manual_seed(seed)
-        return patchwise_jitter(images, self.patch_size, self.cfg.patch_jitter_p, self.cfg.patch_jitter_strength, gen)
+        n_views = self._n_views.get(group, 1)
+        if n_views < 1 or images.shape[0] % n_views:
+            n_views = 1
+        seeds = sample_seeds(f"patch_match:{state.step}:{group}", n_views, images.shape[0] // n_views)
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        return patchwise_jitter(images, self.patch_size, self.cfg.patch_jitter_p, self.cfg.patch_jitter_strength, gens)
 
     def forward(
         self, student: ViewFeatures, teacher: ViewFeatures, teacher_head: nn.Module | None, state: StepState
