@@ -56,12 +56,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--override", nargs="*", default=[], metavar="key=value")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--views-from", default=None,
+                    help="recipe whose view settings make the shared batches (default: the first); e.g. the "
+                         "multi-level recipe when it needs crops the base method does not read")
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
     models = {r: build(r, args.override, device) for r in args.recipes}
-    cfg = models[args.recipes[0]][0].cfg
-    # the same views for every recipe: the first recipe's view settings
+    cfg = models[args.views_from or args.recipes[0]][0].cfg
+    # the same views for every recipe: the first (or --views-from) recipe's view settings
     transform = MultiCropTransform(cfg.views, cfg.backbone.patch_size)
     data = Indexed(build_dataset(f"{SAMPLE_NAME}:train", transform=transform))
     loader = DataLoader(data, batch_size=cfg.data.batch_size, shuffle=True, collate_fn=collate_views, num_workers=1)

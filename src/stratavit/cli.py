@@ -1,4 +1,4 @@
-"""Command line: ``stratavit {recipes,config,pretrain,evaluate,compare,export,demo}``."""
+"""Command line: ``stratavit {recipes,config,pretrain,evaluate,compare,export,demo,shard}``."""
 
 from __future__ import annotations
 
@@ -115,6 +115,24 @@ def _blocks(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r}: give block numbers like 4,8,12 or -1") from None
 
 
+def cmd_shard(args: argparse.Namespace) -> int:
+    from stratavit.shards import write_shards
+
+    summary = write_shards(
+        args.src, args.out, shard_size=args.shard_size, seed=args.seed, workers=args.workers, overwrite=args.overwrite
+    )
+    skipped = summary["skipped"]
+    print(
+        f"wrote {summary['total']} images ({len(summary['classes'])} classes) in {summary['shards']} shards "
+        f"to {summary['out']} in {summary['seconds']:.1f} s"
+    )
+    if skipped:
+        shown = "\n  ".join(skipped[:10]) + ("\n  ..." if len(skipped) > 10 else "")
+        print(f"skipped {len(skipped)} unreadable images (all listed in index.json):\n  {shown}")
+    print(f"train on them: stratavit pretrain --recipe RECIPE --data {summary['out']} --out RUN_DIR")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from stratavit.export import export_run
 
@@ -200,6 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", nargs="+", help="one label per run (default: recipe names)")
     s.add_argument("--eval-subdir", default="eval", help="evaluation folder inside each run (default eval)")
     s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("shard", help="write an ImageFolder as tar shards (WebDataset layout) to stream for pretrain")
+    s.add_argument("src", help="ImageFolder directory (root/<class>/<image>) or cifar10-sample")
+    s.add_argument("--out", required=True, help="shard folder (shard-000000.tar, ..., index.json)")
+    s.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the sample order across shards")
+    s.add_argument("--workers", type=int, help="processes that read and check the images (default: up to 8 cores)")
+    s.add_argument("--overwrite", action="store_true", help="replace the shards already in --out")
+    s.set_defaults(func=cmd_shard)
 
     s = sub.add_parser("export", help="write the backbone as safetensors a plain timm ViT loads")
     s.add_argument("run_dir")

@@ -29,8 +29,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class BackboneConfig:
-    """A timm Vision Transformer. ``None`` fields keep the value of the timm ``arch``."""
+    """A timm Vision Transformer (``type: vit``; ``None`` fields keep the value of the timm ``arch``)
+    or a timm CNN + FPN feature pyramid (``type: resnet_fpn``, MCL's original setting)."""
 
+    type: Literal["vit", "resnet_fpn"] = "vit"
     arch: str = "vit_small_patch16_224"
     img_size: int | None = None
     patch_size: int | None = None
@@ -42,6 +44,8 @@ class BackboneConfig:
     """``sincos``: fixed 2-D sin-cos position embedding, not trained (MoCo v3)."""
     freeze_patch_embed: bool = False
     """Keep the random patch projection frozen (MoCo v3's stability trick)."""
+    fpn_dim: int = 256
+    """``resnet_fpn`` only: channels of every FPN level."""
 
 
 @dataclass
@@ -73,8 +77,10 @@ class ViewsConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warm-up then cosine decay; lr = base_lr * global_batch / 256."""
+    """AdamW (or LARS / SGD) with linear warm-up then cosine decay; lr = base_lr * global_batch / 256."""
 
+    name: Literal["adamw", "lars", "sgd"] = "adamw"
+    """``lars``: SGD + momentum with layer-wise trust ratios (MCL's ResNet setting); ``sgd``: plain momentum SGD."""
     base_lr: float = 1.5e-4
     min_lr: float = 1e-6
     warmup_epochs: float = 10.0
@@ -82,6 +88,11 @@ class OptimConfig:
     weight_decay_end: float | None = None
     """Cosine weight-decay schedule end value (DINO: 0.04 -> 0.4); ``None`` keeps it constant."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW only."""
+    momentum: float = 0.9
+    """LARS / SGD momentum."""
+    lars_eta: float = 0.001
+    """LARS trust coefficient."""
     clip_grad: float | None = None
 
 
@@ -127,6 +138,15 @@ class TrainConfig:
     max_nonfinite_steps: int = 20
     """Stop the run after this many consecutive steps with a non-finite loss."""
     progress_bar: bool = True
+    collapse_monitor: bool = True
+    """Log collapse indicators of the teacher's CLS embeddings (``collapse/rankme``, ``collapse/std``,
+    ...) every ``log_every_n_steps`` steps and warn once when they fall (:mod:`stratavit.collapse`)."""
+    collapse_rank_fraction: float = 0.02
+    """Warn when RankMe < this fraction of min(global batch, embed_dim), or < 1.5 (RankMe 1 = complete collapse)."""
+    collapse_std_threshold: float = 0.05
+    """Warn when the per-dim std of the L2-normalised embeddings × √D < this (1 = isotropic, 0 = collapsed)."""
+    collapse_patience: int = 3
+    """Warn only after this many consecutive checks below a threshold (checks: every log_every_n_steps)."""
 
 
 @dataclass

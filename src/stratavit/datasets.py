@@ -18,6 +18,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
+from stratavit.sampling import sample_seed, seeded_rng
+
 log = logging.getLogger(__name__)
 
 NAMED_DATASETS = ("cifar10", "cifar100", "stl10")
@@ -105,17 +107,31 @@ class ImageFolderDataset(Dataset):
 
 
 class Indexed(Dataset):
-    """Wraps a data set so that items become ``(x, label, index)``."""
+    """Wraps a data set so that items become ``(x, label, index)``.
 
-    def __init__(self, base: Dataset) -> None:
+    With ``seed``, a key may also be ``(epoch, index)`` (what
+    :class:`~stratavit.sampling.ResumableSampler` yields): the item is then made with torch's and
+    Python's RNGs seeded from ``(seed, epoch, index)``, so a sample's random augmentation is the
+    same in any loader worker, on any rank, and after a restart.
+    """
+
+    def __init__(self, base: Dataset, seed: int | None = None) -> None:
         self.base = base
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> tuple[Any, int, int]:
-        x, y = self.base[index]
-        return x, y, index
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int, int]:
+        if isinstance(key, tuple):
+            if self.seed is None:
+                raise TypeError("Indexed got an (epoch, index) key but no seed; pass Indexed(base, seed=...)")
+            epoch, index = key
+            with seeded_rng(sample_seed(self.seed, epoch, index)):
+                x, y = self.base[index]
+            return x, y, index
+        x, y = self.base[key]
+        return x, y, key
 
 
 def sample_archive(name: str = "cifar10_sample") -> Path:
@@ -190,7 +206,8 @@ def build_dataset(
 
     Args:
         spec: an ImageFolder directory, a named set (``cifar10``, ``cifar100``, ``stl10``; append
-            ``:test`` for the test split), or ``cifar10-sample[:test]`` for the shipped sample.
+            ``:test`` for the test split), ``cifar10-sample[:test]`` for the shipped sample, or a
+            shard folder (:mod:`stratavit.shards`, read by random access).
         split: ``train`` or ``test`` for named sets (``spec``'s ``:split`` suffix wins).
         limit: keep a fixed random subset of this many images (seeded by ``seed``).
     """
@@ -202,6 +219,10 @@ def build_dataset(
     elif name in NAMED_DATASETS and not Path(spec).exists():
         ds = _named(name, split, root, transform)
     else:
+        from stratavit.shards import ShardMapDataset, is_shard_dir
+
+        if is_shard_dir(spec):  # tar shards (`stratavit shard`): their first `limit` samples are a random subset
+            return ShardMapDataset(spec, transform, limit=limit)
         ds = ImageFolderDataset(spec, transform)
     if limit is not None and limit < len(ds):  # type: ignore[arg-type]
         g = torch.Generator().manual_seed(seed)
@@ -237,7 +258,7 @@ def bad_files(ds: Dataset) -> list[str]:
 
 
 def set_skip_log(ds: Dataset, path: Path) -> None:
-    """Make the ImageFolder behind ``ds`` append unreadable paths to ``path``."""
+    """Make the ImageFolder (or shard set) behind ``ds`` append unreadable paths to ``path``."""
     base = _base(ds)
-    if isinstance(base, ImageFolderDataset):
+    if isinstance(base, ImageFolderDataset) or hasattr(base, "skip_log"):
         base.skip_log = Path(path)

@@ -19,9 +19,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from stratavit.backbone import Backbone
+from stratavit.backbone import build_backbone
+from stratavit.collapse import CollapseMonitor, collapse_metrics
 from stratavit.config import Config, ConfigError, config_from_dict, to_dict
-from stratavit.distributed import rank, world_size
+from stratavit.distributed import gather_concat, rank, world_size
 from stratavit.objectives import OBJECTIVES, Objective, StepState, ViewFeatures
 from stratavit.schedules import cosine_schedule, momentum_schedule
 from stratavit.teacher import Teacher
@@ -32,6 +33,23 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a non-finite loss."""
+
+
+def build_optimizer(o: Any, groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+    """The optimiser ``o.name`` names over stratavit's parameter groups (see :func:`_param_groups`).
+
+    LARS adapts (trust ratio) only the weight-decayed group, like the references' ``lars_exclude``
+    of biases and norms.
+    """
+    if o.name == "lars":
+        from stratavit.lars import LARS
+
+        for g in groups:
+            g["lars_adapt"] = g["apply_wd"]
+        return LARS(groups, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum, eta=o.lars_eta)
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
 
 
 def _param_groups(modules: list[nn.Module]) -> list[dict[str, Any]]:
@@ -61,7 +79,7 @@ class PretrainModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters({"config": config})
         self.cfg: Config = config_from_dict(config)
-        self.backbone = Backbone(self.cfg.backbone)
+        self.backbone = build_backbone(self.cfg.backbone)
         self.objectives = nn.ModuleDict(
             {name: OBJECTIVES[name](ocfg, self.backbone) for name, ocfg in self.cfg.objectives.items()}
         )
@@ -85,6 +103,11 @@ class PretrainModule(L.LightningModule):
         self.steps_per_epoch = 1
         self._embed_data: tuple[Dataset, int, int] | None = None
         self.show_progress = self.cfg.train.progress_bar
+        t = self.cfg.train
+        self.collapse_monitor: CollapseMonitor | None = (
+            CollapseMonitor(t.collapse_rank_fraction, t.collapse_std_threshold, t.collapse_patience)
+            if t.collapse_monitor else None
+        )
 
     def _objs(self) -> list[Objective]:
         return list(self.objectives.values())  # type: ignore[arg-type]
@@ -117,7 +140,7 @@ class PretrainModule(L.LightningModule):
             "momentum": momentum_schedule(self.cfg.teacher.momentum, self.cfg.teacher.momentum_end, total),
         }
         groups = _param_groups([self.backbone, self.objectives])
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        return build_optimizer(o, groups, lr)
 
     def _schedule(self, name: str, step: int) -> float:
         arr = self._schedules[name]
@@ -254,8 +277,38 @@ class PretrainModule(L.LightningModule):
             total = total + obj.cfg.weight * out.loss
             logs[f"loss/{name}"] = out.loss.detach()
             logs.update(out.metrics)
+        if self._collapse_due() and teacher.global_:
+            logs.update(self.collapse_logs(teacher))
         assert isinstance(total, Tensor)
         return total, logs
+
+    def _collapse_due(self) -> bool:
+        """True on the steps Lightning writes to the loggers (every ``train.log_every_n_steps``)."""
+        if self.collapse_monitor is None or not isinstance(self._trainer, L.Trainer):
+            return False  # outside a Lightning run (benchmarks, tests calling compute_losses)
+        n = self.trainer.log_every_n_steps
+        # the counter Lightning's logger connector uses (+1: checked before the step completes)
+        stepped = getattr(self.trainer.fit_loop.epoch_loop, "_batches_that_stepped", int(self.global_step))
+        return n > 0 and (int(stepped) + 1) % n == 0
+
+    def collapse_logs(self, teacher: ViewFeatures) -> dict[str, Tensor | float]:
+        """Collapse indicators (:mod:`stratavit.collapse`) of the teacher's CLS at its deepest level.
+
+        Read on the first global view only (one embedding per image, (B, C) per process), gathered
+        over processes: a collective, so every process calls it at the same steps. The rank-0
+        process feeds the monitor, which warns once when the values stay low.
+        """
+        level = max(teacher.global_)
+        with torch.no_grad():
+            cls = teacher.global_[level].cls
+            z = gather_concat(cls[: cls.shape[0] // teacher.n_global].float())
+            with torch.autocast(self.device.type, enabled=False):  # SVD in fp32 under bf16 training
+                metrics = collapse_metrics(z)
+        assert self.collapse_monitor is not None
+        below = self.collapse_monitor.is_below(metrics)
+        if rank() == 0:
+            self.collapse_monitor.update(int(self.global_step), metrics)
+        return {**{f"collapse/{k}": v for k, v in metrics.items()}, "collapse/alert": float(below)}
 
     def training_step(self, batch: MultiViewBatch, batch_idx: int) -> Tensor | None:
         total, logs = self.compute_losses(batch)

@@ -7,11 +7,13 @@ Run folder layout::
     RUN_DIR/checkpoints/last.ckpt  Lightning checkpoint (resume point)
     RUN_DIR/backbone.safetensors   teacher backbone, timm format (on completion)
     RUN_DIR/run.json               summary: steps, wall time, throughput, skipped images/steps
+    RUN_DIR/environment.json       versions, machine, command line, git commit: one entry per start/resume
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -26,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from stratavit.config import Config, ConfigError, dump_yaml, load_config_file, resolve_config, to_dict
 from stratavit.datasets import DataError, Indexed, bad_files, build_dataset, set_skip_log
+from stratavit.sampling import ResumableSampler
 from stratavit.views import MultiCropTransform, collate_views, eval_transform
 
 log = logging.getLogger(__name__)
@@ -72,29 +75,31 @@ def _precision(cfg: Config) -> str:
     return "32-true"
 
 
-def _sync_batchnorm(cfg: Config) -> bool:
-    """SyncBatchNorm across processes (MoCo v3's heads) where torch supports it: GPU runs only.
+def _sync_batchnorm(cfg: Config, on_cpu: bool = False) -> bool:
+    """Whether batch norms (MoCo v3's heads, SERE's relation modules) are synchronised across processes.
 
-    With gloo on CPU, batch-norm statistics stay per process (torch's SyncBatchNorm needs CUDA).
+    ``on_cpu=False``: Lightning's ``sync_batchnorm`` flag, torch's SyncBatchNorm, for multi-process
+    GPU runs. ``on_cpu=True``: multi-process CPU (gloo) runs, where torch's SyncBatchNorm cannot
+    run; there :func:`stratavit.sync_batchnorm.convert_sync_batchnorm_cpu` converts the module.
     """
     multi = cfg.train.devices * cfg.train.num_nodes > 1
     on_gpu = cfg.train.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    if multi and cfg.train.sync_batchnorm and not on_gpu:
-        log.warning("train.sync_batchnorm: not available on CPU; batch-norm statistics stay per process")
-    return bool(cfg.train.sync_batchnorm and multi and on_gpu)
+    return bool(cfg.train.sync_batchnorm and multi and (on_gpu != on_cpu))
 
 
 def _truncate_metrics(path: Path, from_step: int) -> None:
-    """Drop rows logged at or after ``from_step`` (written after the checkpoint of a killed run)."""
+    """Drop rows logged at or after ``from_step`` (written after the checkpoint of a killed run),
+    and a last line cut short by a kill in the middle of writing it."""
     if not path.exists():
         return
-    with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-        fields = list(rows[0].keys()) if rows else None
+    text = path.read_text()
+    complete = text[: text.rfind("\n") + 1]
+    rows = list(csv.DictReader(io.StringIO(complete, newline="")))
+    fields = list(rows[0].keys()) if rows else None
     if not fields:
         return
     kept = [r for r in rows if r.get("step", "") == "" or int(float(r["step"])) < from_step]
-    if len(kept) == len(rows):
+    if len(kept) == len(rows) and complete == text:
         return
     tmp = path.with_suffix(".csv.tmp")
     with tmp.open("w", newline="") as fh:
@@ -113,6 +118,10 @@ def build_train_loader(cfg: Config, patch_size: int, skip_log: Path | None = Non
     if cfg.data.path is None:
         raise ConfigError("no training data: pass --data DIR (an ImageFolder directory) or a named set such as cifar10")
     transform = MultiCropTransform(cfg.views, patch_size)
+    from stratavit.shards import is_shard_dir, shard_loader
+
+    if is_shard_dir(cfg.data.path):  # tar shards: streamed, split across processes and workers
+        return shard_loader(cfg, transform, skip_log)
     ds = build_dataset(cfg.data.path, split="train", transform=transform, root=cfg.data.root, limit=cfg.data.limit, seed=cfg.train.seed)
     if skip_log is not None:
         set_skip_log(ds, skip_log)
@@ -122,10 +131,18 @@ def build_train_loader(cfg: Config, patch_size: int, skip_log: Path | None = Non
             f"{cfg.data.path} has {n} images, fewer than data.batch_size={cfg.data.batch_size}; "
             "lower data.batch_size or add images"
         )
+    world = cfg.train.devices * cfg.train.num_nodes
+    if world > 1 and n // world < cfg.data.batch_size:
+        raise DataError(
+            f"{cfg.data.path} has {n} images: {n // world} per process for {world} processes, fewer than "
+            f"data.batch_size={cfg.data.batch_size}; lower data.batch_size or add images"
+        )
+    # The order of each epoch and each sample's views are pure functions of (seed, epoch, index):
+    # a run resumed mid-epoch continues exactly (stratavit.sampling).
     return DataLoader(
-        Indexed(ds),
+        Indexed(ds, seed=cfg.train.seed),
         batch_size=cfg.data.batch_size,
-        shuffle=True,
+        sampler=ResumableSampler(n, cfg.train.seed, cfg.data.batch_size),
         drop_last=True,
         num_workers=cfg.data.num_workers,
         collate_fn=collate_views,
@@ -155,7 +172,7 @@ def pretrain(
     import lightning as L
     from lightning.pytorch.callbacks import TQDMProgressBar
 
-    from stratavit.checkpointing import LastCheckpoint, save_atomically
+    from stratavit.checkpointing import BatchSeed, LastCheckpoint, data_position, save_atomically
 
     from stratavit.export import export_backbone
     from stratavit.metrics_log import RunCSVLogger
@@ -170,6 +187,10 @@ def pretrain(
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
 
     module = PretrainModule(to_dict(cfg))
+    if _sync_batchnorm(cfg, on_cpu=True):
+        from stratavit.sync_batchnorm import convert_sync_batchnorm_cpu
+
+        convert_sync_batchnorm_cpu(module)  # batch-norm statistics over all gloo processes
     loader = build_train_loader(cfg, module.backbone.patch_size, skip_log=run_dir / "skipped_images.txt")
     if module.needs_dataset():
         assert cfg.data.path is not None
@@ -186,6 +207,7 @@ def pretrain(
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         start_step = int(state.get("global_step", 0))
         ck_epoch = int(state.get("epoch", 0))
+        position = data_position(state)
         del state
         if ck_epoch > cfg.train.epochs or (cfg.train.max_steps is not None and start_step > cfg.train.max_steps):
             raise ConfigError(
@@ -194,6 +216,9 @@ def pretrain(
                 "that override (the run's config.yaml has its own) or raise it"
             )
         _truncate_metrics(run_dir / "metrics.csv", start_step)
+        resume_data = getattr(loader.sampler, "resume", None)  # ResumableSampler, or the shard loader's hook
+        if position is not None and callable(resume_data):
+            resume_data(*position)  # the same batches, in the same order, as the uninterrupted run
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))  # only once the settings are known to work
 
     loggers: list[Any] = [RunCSVLogger(str(run_dir))]
@@ -205,7 +230,7 @@ def pretrain(
     except ImportError:
         pass
     checkpoint = LastCheckpoint(last_checkpoint(run_dir), cfg.train.checkpoint_every_n_steps)
-    all_callbacks: list[Any] = [checkpoint, *callbacks]
+    all_callbacks: list[Any] = [checkpoint, BatchSeed(cfg.train.seed), *callbacks]
     if cfg.train.progress_bar:
         all_callbacks.append(TQDMProgressBar(refresh_rate=1))
     trainer = L.Trainer(
@@ -230,11 +255,20 @@ def pretrain(
         limit_val_batches=0,
         deterministic=False,
     )
+    if trainer.is_global_zero:  # versions, machine, command line, commit: one entry per start or resume
+        from stratavit.provenance import environment, record_environment
+
+        record_environment(run_dir, environment(
+            seed=cfg.train.seed, world_size=trainer.world_size, resumed=resuming, start_step=start_step,
+            accelerator=type(trainer.accelerator).__name__, precision=str(trainer.precision),
+        ))
     start = time.time()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*Experiment logs directory.*")
         warnings.filterwarnings("ignore", ".*predefined dataloader.*")
+        if callable(getattr(loader.sampler, "resume", None)):  # it is resumable, through its sampler
+            warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*")
         trainer.fit(
             module,
             train_dataloaders=loader,

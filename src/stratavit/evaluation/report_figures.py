@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from stratavit.evaluation.features import BlockFeatures
-from stratavit.evaluation.tokens import block_tokens, cls_attention_maps
+from stratavit.evaluation.tokens import block_tokens, cls_attention_maps, figure_block, is_cnn
 from stratavit.evaluation.visuals import (
     plot_attention_maps,
     plot_confusion,
@@ -49,29 +49,48 @@ def report_figures(
     seed: int = 0,
     n_images: int = 6,
 ) -> list[tuple[str, Path]]:
-    """Write the report's PNGs into ``out_dir``; returns ``[(caption, png), ...]`` in report order."""
+    """Write the report's PNGs into ``out_dir``; returns ``[(caption, png), ...]`` in report order.
+
+    A CNN ``model`` (see :func:`~stratavit.evaluation.tokens.is_cnn`): no attention picture (it has
+    no class token nor attention), the PCA picture shows :func:`~stratavit.evaluation.tokens.figure_block`
+    and the captions name stages and the global average pool instead of blocks and CLS.
+    """
     figures: list[tuple[str, Path]] = []
-    panels = plot_layer_panels(results, out_dir / "layer_panels.png")
+    cnn = is_cnn(model)
+    names = {"unit": "CNN stage", "global_label": "global avg pool"} if cnn else {}
+    panels = plot_layer_panels(results, out_dir / "layer_panels.png", **names)
     if panels is not None:
-        figures.append(("Per-block probes: kNN and linear on CLS and mean patch, correspondence, dense", panels))
+        figures.append((
+            "Per-stage probes: kNN and linear on the global average pool, correspondence, dense" if cnn else
+            "Per-block probes: kNN and linear on CLS and mean patch, correspondence, dense",
+            panels,
+        ))
 
     n = len(test_ds)  # type: ignore[arg-type]
     picks = torch.linspace(0, n - 1, min(n_images, n)).round().long().unique().tolist()  # spread over classes
     images = torch.stack([test_ds[i][0] for i in picks])
     model.eval()
-    with torch.inference_mode():
-        attn = cls_attention_maps(model, images)
-        patches = block_tokens(model, images, [-1])[0].patches
     shown = _unnormalise(images, mean, std)
-    figures.append(("CLS attention of the last block (mean and per head)",
-                    plot_attention_maps(shown, attn, out_dir / "attention.png")))
-    figures.append(("Patch features of the last block, first 3 principal components as RGB",
-                    plot_pca_rgb(shown, patches, out_dir / "pca.png")))
+    if cnn:
+        stage = figure_block(model, int(images.shape[-1]))
+        with torch.inference_mode():
+            patches = block_tokens(model, images, [stage])[0].patches
+        figures.append((f"Feature map of stage {stage}, first 3 principal components as RGB",
+                        plot_pca_rgb(shown, patches, out_dir / "pca.png")))
+    else:
+        with torch.inference_mode():
+            attn = cls_attention_maps(model, images)
+            patches = block_tokens(model, images, [-1])[0].patches
+        figures.append(("CLS attention of the last block (mean and per head)",
+                        plot_attention_maps(shown, attn, out_dir / "attention.png")))
+        figures.append(("Patch features of the last block, first 3 principal components as RGB",
+                        plot_pca_rgb(shown, patches, out_dir / "pca.png")))
 
     if correspondence_example:
         ex = correspondence_example
         figures.append((
-            "Nearest-patch matches between two crops (green: within one patch of the truth)",
+            f"Nearest-cell matches between two crops at stage {ex.get('block')} (green: within one cell of the "
+            "truth)" if cnn else "Nearest-patch matches between two crops (green: within one patch of the truth)",
             plot_matches(
                 _unnormalise(ex["view_a"], mean, std), _unnormalise(ex["view_b"], mean, std),
                 ex["points_a"], ex["points_b"], ex["correct"], out_dir / "matches.png",
@@ -83,11 +102,13 @@ def report_figures(
         labels = test_feats.labels
         k = max(int(labels.max()), int(preds.max()), len(class_names or []) - 1) + 1
         conf = torch.bincount(labels * k + preds, minlength=k * k).reshape(k, k)
-        figures.append(("Confusion matrix of the linear probe (last block, CLS), rows normalised",
+        where = "last stage, global average pool" if cnn else "last block, CLS"
+        figures.append((f"Confusion matrix of the linear probe ({where}), rows normalised",
                         plot_confusion(conf, class_names, out_dir / "confusion.png")))
 
     png, method = plot_embedding_2d(
         test_feats.cls[-1].float(), test_feats.labels, class_names, out_dir / "embedding.png", seed=seed
     )
-    figures.append((f"Test CLS features of the last block in 2-D ({method})", png))
+    what = "global-average-pool features of the last stage" if cnn else "CLS features of the last block"
+    figures.append((f"Test {what} in 2-D ({method})", png))
     return figures

@@ -14,6 +14,7 @@ those positive for no sample of the batch (all of them when K is small), as in P
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +78,27 @@ class ProtoNCE(InfoNCE):
         if not cfg.num_clusters or min(cfg.num_clusters) < 2:
             raise ValueError("objectives.protonce.num_clusters needs granularities of at least 2 clusters")
         self.prototypes: list[Prototypes] = []
+        self._proto_epoch = -1  # the epoch whose E-step made self.prototypes
         self._generator = torch.Generator().manual_seed(0)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """Prototypes, their epoch and the negative-sampling generator travel in the checkpoint, so a
+        run resumed mid-epoch continues with the same prototype term (tensors only: weights_only loads)."""
+        return {
+            "epoch": torch.tensor(self._proto_epoch),
+            "generator": self._generator.get_state(),
+            "prototypes": [
+                {"centroids": p.centroids, "assignments": p.assignments, "phi": p.phi, "sizes": p.sizes}
+                for p in self.prototypes
+            ],
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._proto_epoch = int(state["epoch"])
+        self._generator.set_state(state["generator"])
+        self.prototypes = [
+            Prototypes(p["centroids"], p["assignments"], p["phi"], p["sizes"]) for p in state["prototypes"]
+        ]
 
     def warmup(self, epochs: int) -> int:
         if self.cfg.warmup_epochs is not None:
@@ -85,7 +106,8 @@ class ProtoNCE(InfoNCE):
         return max(1, int(round(0.1 * epochs)))
 
     def needs_dataset_pass(self, epoch: int, epochs: int) -> bool:
-        return epoch >= self.warmup(epochs)
+        # not again for an epoch whose prototypes were restored from a mid-epoch checkpoint
+        return epoch >= self.warmup(epochs) and epoch != self._proto_epoch
 
     def embed(self, teacher: Features, teacher_head: nn.Module | None) -> Tensor:
         assert teacher_head is not None
@@ -97,6 +119,7 @@ class ProtoNCE(InfoNCE):
             local_emb, local_idx, n_total, self.cfg.num_clusters,
             temperature=self.cfg.temperature, iters=self.cfg.kmeans_iters, seed=epoch,
         )
+        self._proto_epoch = epoch
         metrics: dict[str, float] = {}
         for p in self.prototypes:
             k = int(p.centroids.shape[0])
