@@ -58,3 +58,29 @@ def test_shipped_sample_unpacks(tmp_path, monkeypatch):
     assert len(train) == 10000 and len(test) == 2000
     img, label = test[0]
     assert img.size == (32, 32) and 0 <= label < 10
+
+
+def _sized(path: Path, size: tuple[int, int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (50, 60, 70)).save(path)
+
+
+def test_images_smaller_than_the_crop_fail_before_training_unless_allowed(tmp_path):
+    from stratavit.config import resolve_config
+    from stratavit.datasets import check_image_sizes, image_sizes
+    from stratavit.train import build_train_loader
+
+    for i in range(6):
+        _sized(tmp_path / "data" / "a" / f"{i}.png", (40, 30))
+    _sized(tmp_path / "data" / "a" / "big.png", (300, 200))
+    ds = build_dataset(str(tmp_path / "data"))
+    assert sorted(image_sizes(ds)) == [(40, 30)] * 6 + [(300, 200)]  # headers only
+    check_image_sizes(ds, 24, "data", allow_upsampling=False)  # crops within the images: fine
+    with pytest.raises(DataError, match=r"6 of 7 sampled images .* smaller than views.global_size=32 \(e.g. 40x30\).*"
+                                        r"views.global_size=30.*data.allow_upsampling=true"):
+        check_image_sizes(ds, 32, "data", allow_upsampling=False)
+    check_image_sizes(ds, 32, "data", allow_upsampling=True)
+    cfg = resolve_config("mocov3", [f"data.path={tmp_path / 'data'}", "views.global_size=64", "backbone.patch_size=16",
+                                    "data.batch_size=2"])
+    with pytest.raises(DataError, match="smaller than views.global_size=64"):  # what pretrain calls first
+        build_train_loader(cfg, patch_size=16)

@@ -193,7 +193,7 @@ def test_mcl_resnet_from_the_command_line_exports_a_plain_timm_resnet(tmp_path, 
     from stratavit.train import pretrain
 
     run = pretrain("mcl-resnet", str(cifar_train), tmp_path / "run", [
-        *RESNET_TINY, "data.limit=128", "data.num_workers=0", "train.max_steps=2", "train.progress_bar=false",
+        *RESNET_TINY, "data.limit=128", "data.num_workers=0", "train.max_steps=2", "data.allow_upsampling=true", "train.progress_bar=false",
         "train.log_every_n_steps=1", "optim.warmup_epochs=0.5",
     ])
     summary = json.loads((run / "run.json").read_text())

@@ -51,3 +51,35 @@ def test_heads_shapes_and_dino_weight_norm():
     assert not g.requires_grad and torch.all(g == 1)
     # with the gain fixed at 1, every prototype (row) has unit norm
     torch.testing.assert_close(head.last_layer.weight.norm(dim=1), torch.ones(100))
+
+
+def test_compiled_backbones_keep_their_state_dict_and_losses():
+    """train.compile: torch.compile in place (here the 'eager' backend: no C compiler needed)."""
+    import numpy as np
+    from PIL import Image
+
+    from stratavit.config import resolve_config, to_dict
+    from stratavit.module import PretrainModule
+    from stratavit.views import MultiCropTransform, collate_views
+
+    over = ["backbone.arch=vit_tiny_patch16_224", "backbone.img_size=32", "backbone.patch_size=4",
+            "backbone.embed_dim=32", "backbone.depth=2", "backbone.num_heads=2", "views.global_size=32",
+            "objectives.infonce.proj_hidden_dim=32", "objectives.infonce.pred_hidden_dim=32", "train.compile=true"]
+    cfg = resolve_config("mocov3", over)
+    assert cfg.train.compile is True
+    torch.manual_seed(0)
+    plain = PretrainModule(to_dict(cfg))
+    torch.manual_seed(0)
+    compiled = PretrainModule(to_dict(cfg))
+    keys = list(compiled.state_dict())
+    compiled.compile_backbones(backend="eager")
+    assert list(compiled.state_dict()) == keys
+    tf = MultiCropTransform(cfg.views, 4)
+    rng = np.random.default_rng(0)
+    batch = collate_views([(tf(Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))), 0, i)
+                           for i in range(8)])
+    torch.manual_seed(1)
+    a, _ = plain.compute_losses(batch)
+    torch.manual_seed(1)
+    b, _ = compiled.compute_losses(batch)
+    assert torch.allclose(a, b, atol=1e-5)

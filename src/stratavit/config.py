@@ -115,6 +115,9 @@ class DataConfig:
     num_workers: int = 4
     limit: int | None = None
     """Train on a fixed random subset of this many images (seeded by train.seed)."""
+    allow_upsampling: bool = False
+    """Train on images smaller than views.global_size (every global crop is then enlarged); off, such
+    data fails before training with the sizes found."""
 
 
 @dataclass
@@ -138,6 +141,8 @@ class TrainConfig:
     max_nonfinite_steps: int = 20
     """Stop the run after this many consecutive steps with a non-finite loss."""
     progress_bar: bool = True
+    compile: bool = False
+    """``torch.compile`` the student and teacher backbones (GPU runs; the first steps pay the compile)."""
     collapse_monitor: bool = True
     """Log collapse indicators of the teacher's CLS embeddings (``collapse/rankme``, ``collapse/std``,
     ...) every ``log_every_n_steps`` steps and warn once when they fall (:mod:`stratavit.collapse`)."""

@@ -246,6 +246,56 @@ def _base(ds: Dataset) -> Dataset:
     return ds
 
 
+def image_sizes(ds: Dataset, n: int = 32, seed: int = 0) -> list[tuple[int, int]]:
+    """``(width, height)`` of up to ``n`` random images of ``ds``, read from file headers only.
+
+    Works for ImageFolder data sets and torchvision's in-memory sets (``.data`` arrays, e.g.
+    CIFAR); returns ``[]`` where sizes are not known without decoding.
+    """
+    indices = list(ds.indices) if isinstance(ds, Subset) else None
+    base = _base(ds)
+    total = len(base.samples) if isinstance(base, ImageFolderDataset) else len(getattr(base, "data", []))
+    pool = indices if indices is not None else range(total)
+    if not len(pool):
+        return []
+    g = torch.Generator().manual_seed(seed)
+    picks = [pool[int(i)] for i in torch.randperm(len(pool), generator=g)[:n]]
+    if isinstance(base, ImageFolderDataset):
+        sizes = []
+        for i in picks:
+            try:
+                with Image.open(base.samples[i][0]) as im:
+                    sizes.append(im.size)
+            except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+                continue  # unreadable: skipped and counted when training reads it
+        return sizes
+    data = getattr(base, "data", None)
+    if data is not None and getattr(data, "ndim", 0) == 4:  # (N, H, W, C) or (N, C, H, W)
+        h, w = (data.shape[1], data.shape[2]) if data.shape[-1] in (1, 3) else (data.shape[2], data.shape[3])
+        return [(int(w), int(h))] * len(picks)
+    return []
+
+
+def check_image_sizes(ds: Dataset, crop: int, name: str, allow_upsampling: bool) -> None:
+    """Raise :class:`DataError` when most images are smaller than the ``crop`` (views.global_size).
+
+    A random crop of an image smaller than the view is enlarged, so the view holds less detail than
+    its size suggests (CIFAR's 32 px at 224). That is refused unless ``allow_upsampling``.
+    """
+    sizes = image_sizes(ds)
+    if allow_upsampling or not sizes:
+        return
+    small = [s for s in sizes if min(s) < crop]
+    if len(small) * 2 > len(sizes):
+        w, h = min(small, key=min)
+        raise DataError(
+            f"{len(small)} of {len(sizes)} sampled images in {name} are smaller than views.global_size={crop} "
+            f"(e.g. {w}x{h}), so every crop would be enlarged: set views.global_size (and views.local_size) to "
+            f"the images' size or less, e.g. views.global_size={min(min(s) for s in sizes)}, or pass "
+            "data.allow_upsampling=true to train on enlarged crops"
+        )
+
+
 def bad_files(ds: Dataset) -> list[str]:
     """Unreadable files met while reading ``ds``: those logged to its skip log by any process
     (loader workers included), else those this process met (see :class:`ImageFolderDataset`)."""

@@ -109,6 +109,15 @@ class PretrainModule(L.LightningModule):
             if t.collapse_monitor else None
         )
 
+    def compile_backbones(self, backend: str = "inductor") -> None:
+        """``torch.compile`` the student and teacher backbones in place (``train.compile``).
+
+        ``nn.Module.compile`` keeps the modules and their state-dict keys, so checkpoints and exports
+        are the same as without it; the heads and losses stay eager (small, shape-varying).
+        """
+        self.backbone.compile(backend=backend)
+        self.teacher.backbone.compile(backend=backend)
+
     def _objs(self) -> list[Objective]:
         return list(self.objectives.values())  # type: ignore[arg-type]
 

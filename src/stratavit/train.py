@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from stratavit.config import Config, ConfigError, dump_yaml, load_config_file, resolve_config, to_dict
-from stratavit.datasets import DataError, Indexed, bad_files, build_dataset, set_skip_log
+from stratavit.datasets import DataError, Indexed, bad_files, build_dataset, check_image_sizes, set_skip_log
 from stratavit.sampling import ResumableSampler
 from stratavit.views import MultiCropTransform, collate_views, eval_transform
 
@@ -125,6 +125,7 @@ def build_train_loader(cfg: Config, patch_size: int, skip_log: Path | None = Non
     ds = build_dataset(cfg.data.path, split="train", transform=transform, root=cfg.data.root, limit=cfg.data.limit, seed=cfg.train.seed)
     if skip_log is not None:
         set_skip_log(ds, skip_log)
+    check_image_sizes(ds, cfg.views.global_size, cfg.data.path, cfg.data.allow_upsampling)
     n = len(ds)  # type: ignore[arg-type]
     if n < cfg.data.batch_size:
         raise DataError(
@@ -191,6 +192,8 @@ def pretrain(
         from stratavit.sync_batchnorm import convert_sync_batchnorm_cpu
 
         convert_sync_batchnorm_cpu(module)  # batch-norm statistics over all gloo processes
+    if cfg.train.compile:
+        module.compile_backbones()
     loader = build_train_loader(cfg, module.backbone.patch_size, skip_log=run_dir / "skipped_images.txt")
     if module.needs_dataset():
         assert cfg.data.path is not None
