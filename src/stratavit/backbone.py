@@ -92,6 +92,14 @@ def sincos_pos_embed_2d(grid: tuple[int, int], dim: int, temperature: float = 10
     return torch.cat([ox.sin(), ox.cos(), oy.sin(), oy.cos()], dim=1).float()
 
 
+def resolve_level(level: int, depth: int, kind: str) -> int:
+    """A level (1..depth, or negative from the end) of a ``depth``-level ``kind`` -> 1..depth, or ConfigError."""
+    resolved = level + depth + 1 if level < 0 else level
+    if not 1 <= resolved <= depth:
+        raise ConfigError(f"level {level} does not exist in a {depth}-{kind} (use 1..{depth} or -1)")
+    return resolved
+
+
 def cls_attention(block: nn.Module, tokens_in: Tensor) -> Tensor:
     """Attention of the CLS query over all tokens in a timm ViT ``Block``, per head.
 
@@ -179,11 +187,7 @@ class Backbone(nn.Module):
 
     def resolve_level(self, level: int) -> int:
         """Map a level (1..depth, or negative from the end) to 1..depth, or raise ConfigError."""
-        depth = self.depth
-        resolved = level + depth + 1 if level < 0 else level
-        if not 1 <= resolved <= depth:
-            raise ConfigError(f"level {level} does not exist in a {depth}-block backbone (use 1..{depth} or -1)")
-        return resolved
+        return resolve_level(level, self.depth, "block backbone")
 
     def forward(
         self,

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
 
-from stratavit.backbone import Features, LevelFeatures
+from stratavit.backbone import Features, LevelFeatures, resolve_level
 from stratavit.config import BackboneConfig, ConfigError
 
 VIT_ONLY_FIELDS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
@@ -107,11 +107,7 @@ class PyramidBackbone(nn.Module):
 
     def resolve_level(self, level: int) -> int:
         """Map a level (1..depth, or negative from the end) to 1..depth, or raise ConfigError."""
-        depth = self.depth
-        resolved = level + depth + 1 if level < 0 else level
-        if not 1 <= resolved <= depth:
-            raise ConfigError(f"level {level} does not exist in a {depth}-level feature pyramid (use 1..{depth} or -1)")
-        return resolved
+        return resolve_level(level, self.depth, "level feature pyramid")
 
     def forward(
         self,
