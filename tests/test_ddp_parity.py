@@ -203,15 +203,20 @@ def _proto_step(module: PretrainModule, batch: MultiViewBatch, rank: int, world:
     return out
 
 
+def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of the state dict (ProtoNCE's prototypes travel as ``_extra_state``, compared by ``_estep``)."""
+    return {k: v.clone() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
 def _run_all(rank: int, world: int, data: dict[str, Any]) -> dict[str, Any]:
     """Every recipe: parity steps, the final state, and the recipe-specific extra checks."""
     results: dict[str, Any] = {}
     for recipe, extra in RECIPES.items():
         module, opt = _build(_config(recipe, extra))
-        initial = {k: v.clone() for k, v in module.state_dict().items()}
+        initial = _tensors(module)
         batch = _share(data["batches"][recipe], rank, world, B)
         res: dict[str, Any] = {"steps": [_step(module, opt, batch, world) for _ in range(STEPS)]}
-        res["state"] = {k: v.clone() for k, v in module.state_dict().items()}
+        res["state"] = _tensors(module)
         res["initial"] = initial
         if recipe == "mcvt":
             res["estep"] = _estep(module, data["embed_images"], rank, world)
