@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -49,21 +48,9 @@ from stratavit.evaluation.tokens import (
     native_size,
     resolve_blocks,
 )
-from stratavit.export import ExportError, backbone_from_checkpoint, load_backbone, random_backbone, timm_model
+from stratavit.export import ExportError, backbone_from_checkpoint, load_backbone, plain_timm_model, random_backbone
 from stratavit.train import last_checkpoint
 from stratavit.views import describe_resize, eval_transform
-
-
-def plain_timm_model(backbone: nn.Module) -> nn.Module:
-    """The plain timm model of a backbone, in eval mode: the ViT itself, or for a CNN feature
-    pyramid a ``timm.create_model(arch, num_classes=0)`` holding its body's weights (the body is a
-    ``features_only`` wrapper without ``forward_intermediates``; this is the model ``export`` writes)."""
-    model, kwargs = timm_model(backbone)
-    if hasattr(model, "forward_intermediates"):
-        return model.eval()
-    plain = timm.create_model(backbone.cfg.arch, pretrained=False, **kwargs)  # type: ignore[union-attr]
-    plain.load_state_dict(model.state_dict(), strict=True)
-    return plain.eval()
 
 
 def load_run_backbone(run_dir: Path, which: str = "teacher") -> nn.Module:

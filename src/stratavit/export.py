@@ -45,6 +45,18 @@ def timm_model(backbone: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
     raise ExportError(f"cannot export a {type(backbone).__name__}")
 
 
+def plain_timm_model(backbone: nn.Module) -> nn.Module:
+    """The plain timm model of a backbone, in eval mode: the ViT itself, or for a CNN feature
+    pyramid a ``timm.create_model(arch, num_classes=0)`` holding its body's weights (the body is a
+    ``features_only`` wrapper without ``forward_intermediates``; this is the model ``export`` writes)."""
+    model, kwargs = timm_model(backbone)
+    if hasattr(model, "forward_intermediates"):
+        return model.eval()
+    plain = timm.create_model(backbone.cfg.arch, pretrained=False, **kwargs)  # type: ignore[union-attr]
+    plain.load_state_dict(model.state_dict(), strict=True)
+    return plain.eval()
+
+
 def save_backbone(backbone: nn.Module, path: Path, extra: dict[str, Any] | None = None) -> Path:
     """Write the backbone's timm model to ``path`` (safetensors, atomically) with arch metadata."""
     path = Path(path)
