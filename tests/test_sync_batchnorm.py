@@ -142,8 +142,12 @@ def _worker(rank: int, init_file: str, out_dir: str, rows: list[int]) -> None:
         ddp = nn.parallel.DistributedDataParallel(convert_sync_batchnorm_cpu(_net(3)))
         half = slice(rank * 4, rank * 4 + 4)
         (ddp(d["x"][half]) * d["w"][half]).sum(1).mean().backward()
-        out.update({f"gmean.{k}": p.grad for k, p in ddp.module.named_parameters()})
+        out.update({f"gmean.{k}": p.grad.clone() for k, p in ddp.module.named_parameters()})
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        # release DDP's reducer and let both ranks finish their collectives before the group goes:
+        # destroying it under a live reducer can abort a gloo process at exit
+        del ddp
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
