@@ -374,7 +374,8 @@ def test_objective_three_global_views_and_no_locals():
     bb, student, teacher = _case(b=2, n_g=3, n_l=0)
     obj, head = _objective(bb)
     out = obj(student, teacher, head, _state())
-    sp, ch, _ = _reference_style_loss(obj, student, teacher, head, "border")
+    sp, ch, _ = _reference_style_loss(obj, student, teacher, head, obj.cfg.padding)
+    assert obj.cfg.padding == "zeros"  # the reference's default
     assert float(out.metrics["sere/spatial"]) == pytest.approx(sp.item(), rel=1e-4)
     assert float(out.metrics["sere/channel"]) == pytest.approx(ch.item(), rel=1e-4)
 
@@ -442,10 +443,10 @@ def test_recipe_resolves(monkeypatch):
     monkeypatch.setitem(OBJECTIVES, SelfRelation.name, SelfRelation)
     cfg = resolve_config("sere", ["objectives.self_relation.grid_global=5"])
     sr, ib = cfg.objectives["self_relation"], cfg.objectives["ibot_mim"]
-    assert isinstance(sr, SelfRelationConfig) and sr.grid_global == 5 and sr.padding == "border"
+    assert isinstance(sr, SelfRelationConfig) and sr.grid_global == 5 and sr.padding == "zeros"
     assert ib.weight == pytest.approx((4 - sr.alpha - sr.beta) / 2)
     assert cfg.views.local_crops == 10 and tuple(cfg.views.global_scale) == (0.4, 1.0)
-    assert cfg.optim.clip_grad == 0.3 and cfg.train.epochs == 100
+    assert cfg.optim.clip_grad == 0.3 and cfg.optim.clip_mode == "per_tensor" and cfg.train.epochs == 100
     with pytest.raises(ConfigError):
         resolve_config("sere", ["objectives.self_relation.padding=reflect"])
 

@@ -52,6 +52,10 @@ class BackboneConfig:
 class ViewsConfig:
     """Multi-crop views. Global views go through student and teacher; local views only the student."""
 
+    resize: int | None = None
+    """Resize every source image to ``resize x resize`` (bilinear, antialiased; aspect ratio not
+    kept) before any crop, as Local-Global's code does; crop boxes and source sizes are then in that
+    resized frame. ``None``: crop the original image."""
     global_crops: int = 2
     global_size: int = 224
     global_scale: tuple[float, float] = (0.4, 1.0)
@@ -84,6 +88,11 @@ class OptimConfig:
     base_lr: float = 1.5e-4
     min_lr: float = 1e-6
     warmup_epochs: float = 10.0
+    warmup_includes_end: bool = True
+    """Shape of the linear lr warm-up over its W steps. ``true``: ``linspace(0, lr, W)`` with its end
+    point, so step W−1 is at the full lr (DINO's ``cosine_scheduler``, used by DINO, iBOT, SERE and
+    Local-Global); ``false``: ``lr · t / W``, reaching the full lr at step W (MoCo v3's
+    ``adjust_learning_rate``). The cosine decay after it is the same in both."""
     weight_decay: float = 0.1
     weight_decay_end: float | None = None
     """Cosine weight-decay schedule end value (DINO: 0.04 -> 0.4); ``None`` keeps it constant."""
@@ -94,6 +103,11 @@ class OptimConfig:
     lars_eta: float = 0.001
     """LARS trust coefficient."""
     clip_grad: float | None = None
+    """Gradient clipping threshold (``None`` = off); how it applies is ``clip_mode``."""
+    clip_mode: Literal["global", "per_tensor"] = "global"
+    """``global``: scale all gradients together so their joint L2 norm is at most ``clip_grad``
+    (``clip_grad_norm_``; MoCo v3, MCL); ``per_tensor``: scale every parameter's gradient on its own
+    to norm ≤ ``clip_grad`` (the ``clip_gradients`` of DINO, iBOT, SERE and Local-Global)."""
 
 
 @dataclass
@@ -401,6 +415,19 @@ def validate(cfg: Config) -> None:
         p = getattr(v, name)
         if not 0 <= p <= 1:
             raise ConfigError(f"views.{name} must be a probability in [0, 1], got {p}")
+    if v.local_crops > 0 and v.local_size > v.global_size:
+        raise ConfigError(
+            f"views.local_size={v.local_size} is larger than views.global_size={v.global_size}: local crops "
+            f"are the small views; set views.local_size <= {v.global_size} (or views.local_crops=0)"
+        )
+    if v.resize is not None:
+        for name, size in (("global_size", v.global_size), ("local_size", v.local_size if v.local_crops else 0)):
+            if v.resize < size:
+                raise ConfigError(
+                    f"views.resize={v.resize} is smaller than views.{name}={size}: crops are cut from the "
+                    f"resized image; set views.resize={max(v.global_size, v.local_size if v.local_crops else 0)} "
+                    "or more, or views.resize=null to crop the original image"
+                )
     if cfg.data.batch_size < 1:
         raise ConfigError("data.batch_size must be >= 1")
     if cfg.data.limit is not None and cfg.data.limit < 1:
@@ -413,6 +440,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("teacher.momentum and teacher.momentum_end must be in [0, 1]")
     if cfg.optim.base_lr <= 0:
         raise ConfigError("optim.base_lr must be > 0")
+    if cfg.optim.clip_grad is not None and cfg.optim.clip_grad <= 0:
+        raise ConfigError(f"optim.clip_grad must be > 0 (or null for no clipping), got {cfg.optim.clip_grad}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -68,6 +68,15 @@ def _param_groups(modules: list[nn.Module]) -> list[dict[str, Any]]:
     return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
 
 
+@torch.no_grad()
+def clip_per_tensor(params: list[Tensor], max_norm: float, eps: float = 1e-6) -> None:
+    """Scale each gradient on its own to L2 norm ≤ ``max_norm`` (DINO's ``clip_gradients``):
+    ``g ← g · max_norm / (‖g‖ + eps)`` where that factor is < 1; tensors without a gradient are skipped."""
+    for p in params:
+        if p.grad is not None:  # the factor stays a tensor: no host sync per parameter on a GPU
+            p.grad.mul_((max_norm / (p.grad.norm(2) + eps)).clamp_(max=1.0))
+
+
 class PretrainModule(L.LightningModule):
     """Backbone + objectives + teacher for one recipe.
 
@@ -144,7 +153,7 @@ class PretrainModule(L.LightningModule):
         lr = self.effective_lr()
         warmup = int(round(o.warmup_epochs * self.steps_per_epoch))
         self._schedules = {
-            "lr": cosine_schedule(lr, o.min_lr, total, warmup),
+            "lr": cosine_schedule(lr, o.min_lr, total, warmup, warmup_includes_end=o.warmup_includes_end),
             "wd": cosine_schedule(o.weight_decay, o.weight_decay if o.weight_decay_end is None else o.weight_decay_end, total),
             "momentum": momentum_schedule(self.cfg.teacher.momentum, self.cfg.teacher.momentum_end, total),
         }
@@ -342,6 +351,17 @@ class PretrainModule(L.LightningModule):
         self.log("wd", self._schedule("wd", int(self.global_step)), batch_size=bs)
         self.log("momentum", self._schedule("momentum", int(self.global_step)), batch_size=bs)
         return total
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """``optim.clip_mode``: Lightning's global-norm clipping, or per-tensor clipping (DINO's
+        ``clip_gradients``). Lightning calls this after unscaling (fp16) and before the step."""
+        if gradient_clip_val is None or self.cfg.optim.clip_mode == "global":
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        clip_per_tensor([p for g in optimizer.param_groups for p in g["params"]], float(gradient_clip_val))
 
     def on_after_backward(self) -> None:
         state = self.state()

@@ -37,12 +37,15 @@ class DINOConfig(ObjectiveConfig):
 
 
 def teacher_temperature(cfg: DINOConfig, epoch: int) -> float:
-    """Linear warm-up from ``warmup_teacher_temp`` to ``teacher_temp``, reached at epoch
-    ``warmup_teacher_temp_epochs − 1`` (the reference's ``linspace`` over the warm-up epochs)."""
+    """τ_t of ``epoch``: DINO's per-epoch array ``linspace(warmup_teacher_temp, teacher_temp, W)``
+    followed by ``teacher_temp``, with ``W = warmup_teacher_temp_epochs``. So epoch ``e < W`` gets
+    ``warm + e (τ − warm)/(W − 1)`` (just ``warm`` when W = 1), and ``e ≥ W`` gets ``teacher_temp``."""
     warm = cfg.warmup_teacher_temp_epochs
-    if warm <= 1 or epoch >= warm - 1:
+    if epoch >= warm:
         return cfg.teacher_temp
-    frac = epoch / (warm - 1)
+    if warm == 1:
+        return cfg.warmup_teacher_temp
+    frac = max(epoch, 0) / (warm - 1)
     return cfg.warmup_teacher_temp + frac * (cfg.teacher_temp - cfg.warmup_teacher_temp)
 
 

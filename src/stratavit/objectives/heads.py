@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -20,6 +22,19 @@ class ContrastiveHeadConfig(ObjectiveConfig):
     proj_layers: int = 3
     pred_hidden_dim: int = 4096
     pred_layers: int = 2
+    pred_last_bn: bool | None = None
+    """Whether the predictor ends with BatchNorm (affine=False), like the projector. ``None`` = the
+    authors' choice for the backbone: MoCo v3's ``MoCo_ViT`` keeps it (True on a ViT), its ResNet
+    variant drops it (False on a CNN backbone)."""
+
+
+def predictor_last_bn(cfg: ContrastiveHeadConfig, backbone: nn.Module) -> bool:
+    """``cfg.pred_last_bn``, or MoCo v3's choice when unset: True on a ViT, False on a CNN pyramid."""
+    if cfg.pred_last_bn is not None:
+        return cfg.pred_last_bn
+    from stratavit.pyramid_backbone import PyramidBackbone
+
+    return not isinstance(backbone, PyramidBackbone)
 
 
 def moco_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, last_bn: bool = True) -> nn.Sequential:
@@ -38,14 +53,30 @@ def moco_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, last_b
     return nn.Sequential(*layers)
 
 
-def moco_heads(in_dim: int, cfg: ContrastiveHeadConfig) -> tuple[nn.Sequential, nn.Sequential]:
+def moco_predictor(cfg: ContrastiveHeadConfig, last_bn: bool) -> nn.Sequential:
+    """MoCo v3 predictor (proj_dim -> pred_hidden_dim -> proj_dim), (B, proj_dim) -> (B, proj_dim)."""
+    return moco_mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, cfg.pred_layers, last_bn=last_bn)
+
+
+def moco_heads(in_dim: int, cfg: ContrastiveHeadConfig, pred_last_bn: bool = True) -> tuple[nn.Sequential, nn.Sequential]:
     """MoCo v3 projector (in_dim -> proj_dim) and predictor (proj_dim -> proj_dim), in that order.
 
-    As in MoCo v3, the projector ends in a batch norm without affine and the predictor does not.
+    As in MoCo v3, the projector ends in a batch norm without affine; the predictor does too on a
+    ViT (``pred_last_bn``, see :func:`predictor_last_bn`), not on a ResNet.
     """
     projector = moco_mlp(in_dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers)
-    predictor = moco_mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, cfg.pred_layers, last_bn=False)
-    return projector, predictor
+    return projector, moco_predictor(cfg, pred_last_bn)
+
+
+def per_view(head: Callable[[Tensor], Tensor], x: Tensor, n_views: int) -> Tensor:
+    """``head`` applied to each view's rows on their own: (n_views · B, D) view-major -> (n_views · B, D').
+
+    MoCo v3 runs its encoder and heads once per view (``q1 = h(g(f(x1)))``, ``q2 = h(g(f(x2)))``), so
+    the heads' batch-norm statistics are those of one view's batch, not of both views together.
+    """
+    if n_views <= 1:
+        return head(x)
+    return torch.cat([head(chunk) for chunk in x.chunk(n_views)])
 
 
 class DINOHead(nn.Module):

@@ -99,10 +99,14 @@ class IBOTConfig(DINOConfig):
 
 
 def teacher_patch_temperature(cfg: IBOTConfig, epoch: int) -> float:
-    """Patch teacher temperature: ``warmup_teacher_patch_temp`` until ``pred_start_epoch``, then a
-    linear warm-up to ``teacher_patch_temp`` over ``warmup_teacher_temp_epochs`` (as for the CLS)."""
+    """Patch teacher temperature (iBOT's ``teacher_temp2_schedule``): ``warmup_teacher_patch_temp``
+    for every epoch before ``pred_start_epoch``, then the CLS warm-up's ``linspace`` from
+    ``warmup_teacher_patch_temp`` to ``teacher_patch_temp`` over ``warmup_teacher_temp_epochs``
+    epochs counted from ``pred_start_epoch``, then ``teacher_patch_temp``."""
+    if epoch < cfg.pred_start_epoch:
+        return cfg.warmup_teacher_patch_temp
     as_cls = dataclasses.replace(cfg, teacher_temp=cfg.teacher_patch_temp, warmup_teacher_temp=cfg.warmup_teacher_patch_temp)
-    return teacher_temperature(as_cls, max(0, epoch - cfg.pred_start_epoch))
+    return teacher_temperature(as_cls, epoch - cfg.pred_start_epoch)
 
 
 def mim_loss(

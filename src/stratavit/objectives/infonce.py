@@ -1,6 +1,8 @@
 """``infonce``: MoCo v3's contrastive loss (Chen, Xie, He 2021), at one or more levels.
 
-Student: feature -> projector g -> predictor h -> q; teacher (EMA): feature -> g_t -> k.
+Student: feature -> projector g -> predictor h -> q; teacher (EMA): feature -> g_t -> k. g is
+MoCo v3's 3-layer MLP ending in BatchNorm without affine; h its 2-layer MLP, which on a ViT ends
+in the same BatchNorm (``MoCo_ViT``) and on a CNN does not (``pred_last_bn``).
 ``ctr(q, k) = 2τ · CE(q kᵀ/τ, own index)`` with l2-normalised q, k and the keys of the whole
 global batch gathered across processes (no queue). Over the global views, every ordered pair
 (i, j ≠ i) contributes ``ctr(q_i, k_j)``; the sum is scaled so that two views give MoCo v3's
@@ -20,7 +22,7 @@ from torch import Tensor, nn
 from stratavit.backbone import Backbone, LevelFeatures
 from stratavit.distributed import gather_concat, rank
 from stratavit.objectives.base import Objective, ObjectiveOutput, StepState, ViewFeatures
-from stratavit.objectives.heads import ContrastiveHeadConfig, moco_mlp
+from stratavit.objectives.heads import ContrastiveHeadConfig, moco_mlp, moco_predictor, per_view, predictor_last_bn
 
 
 @dataclass
@@ -93,10 +95,8 @@ class InfoNCE(Objective):
         self.projectors = nn.ModuleDict(
             {str(lv): moco_mlp(d, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers) for lv in self.levels}
         )
-        self.predictors = nn.ModuleDict(
-            {str(lv): moco_mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, cfg.pred_layers, last_bn=False)
-             for lv in self.levels}
-        )
+        last_bn = predictor_last_bn(cfg, backbone)
+        self.predictors = nn.ModuleDict({str(lv): moco_predictor(cfg, last_bn) for lv in self.levels})
         self.norms = nn.ModuleDict({str(lv): nn.LayerNorm(d, eps=1e-6) for lv in self.levels}) if cfg.norm == "own" else None
         if cfg.queue_size < 0:
             raise ValueError(f"objectives.{self.name}.queue_size must be >= 0")
@@ -131,16 +131,17 @@ class InfoNCE(Objective):
             parts["norm"] = self.norms
         return nn.ModuleDict(parts)
 
-    def query(self, f: LevelFeatures, lv: int) -> Tensor:
-        """(B, proj_dim) student prediction at level ``lv``."""
+    def query(self, f: LevelFeatures, lv: int, n_views: int = 1) -> Tensor:
+        """(n_views · B, proj_dim) student predictions at level ``lv``; heads run per view (:func:`per_view`)."""
         norm = self.norms[str(lv)] if self.norms is not None else None
-        return self.predictors[str(lv)](self.projectors[str(lv)](pooled_feature(f, self.cfg.feature, norm)))
+        proj, pred = self.projectors[str(lv)], self.predictors[str(lv)]
+        return per_view(lambda x: pred(proj(x)), pooled_feature(f, self.cfg.feature, norm), n_views)
 
-    def key(self, f: LevelFeatures, lv: int, teacher_head: nn.Module) -> Tensor:
-        """(B, proj_dim) teacher projection at level ``lv`` (no gradient)."""
+    def key(self, f: LevelFeatures, lv: int, teacher_head: nn.Module, n_views: int = 1) -> Tensor:
+        """(n_views · B, proj_dim) teacher projections at level ``lv`` (no gradient), per view."""
         with torch.no_grad():
             norm = teacher_head["norm"][str(lv)] if "norm" in teacher_head else None
-            return teacher_head["proj"][str(lv)](pooled_feature(f, self.cfg.feature, norm))
+            return per_view(teacher_head["proj"][str(lv)], pooled_feature(f, self.cfg.feature, norm), n_views)
 
     def contrast(
         self, student: ViewFeatures, teacher: ViewFeatures, teacher_head: nn.Module
@@ -151,8 +152,8 @@ class InfoNCE(Objective):
         metrics: dict[str, Tensor | float] = {}
         queries: dict[int, Tensor] = {}
         for lv, w in zip(self.levels, weights):
-            q = queries[lv] = self.query(student.global_[lv], lv)
-            k = self.key(teacher.global_[lv], lv, teacher_head)
+            q = queries[lv] = self.query(student.global_[lv], lv, student.n_global)
+            k = self.key(teacher.global_[lv], lv, teacher_head, teacher.n_global)
             queue = self.queue(lv)
             loss = symmetric_infonce(q, k, student.n_global, self.cfg.temperature, queue)
             if self.training:

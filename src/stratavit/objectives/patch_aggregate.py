@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from stratavit.backbone import Backbone, Features, LevelFeatures, cls_attention
 from stratavit.config import ConfigError
 from stratavit.objectives.base import Objective, ObjectiveOutput, StepState, ViewFeatures
-from stratavit.objectives.heads import ContrastiveHeadConfig, moco_heads
+from stratavit.objectives.heads import ContrastiveHeadConfig, moco_heads, per_view, predictor_last_bn
 from stratavit.objectives.infonce import symmetric_infonce
 
 
@@ -95,7 +95,7 @@ class PatchAggregate(Objective):
             if self.level < 2:
                 raise ConfigError("objectives.patch_aggregate: cls_attention needs a level >= 2 (it reads the block's input)")
             self.aggregator = None
-        self.projector, self.predictor = moco_heads(d, cfg)
+        self.projector, self.predictor = moco_heads(d, cfg, predictor_last_bn(cfg, backbone))
 
     def student_levels(self) -> list[int]:
         if self.cfg.aggregator == "cls_attention":
@@ -124,14 +124,18 @@ class PatchAggregate(Objective):
         self, student: ViewFeatures, teacher: ViewFeatures, teacher_head: nn.Module | None, state: StepState
     ) -> ObjectiveOutput:
         assert teacher_head is not None
-        q = self.predictor(self.projector(self.detail(student.global_, self.aggregator, _blocks(student))))
+        n = student.n_global
+        def heads(x: Tensor) -> Tensor:  # run per view, as MoCo v3 (batch-norm statistics)
+            return self.predictor(self.projector(x))
+
+        q = per_view(heads, self.detail(student.global_, self.aggregator, _blocks(student)), n)
         with torch.no_grad():
             t_agg = teacher_head["agg"] if "agg" in teacher_head else None
-            k = teacher_head["proj"](self.detail(teacher.global_, t_agg, _blocks(teacher)))
+            k = per_view(teacher_head["proj"], self.detail(teacher.global_, t_agg, _blocks(teacher)), teacher.n_global)
         loss = symmetric_infonce(q, k, student.n_global, self.cfg.temperature)
         metrics: dict[str, Tensor | float] = {"patch_aggregate/detail": loss.detach()}
         if self.cfg.cross_weight > 0:
-            q_cls = self.predictor(self.projector(student.global_[self.level].cls))
+            q_cls = per_view(heads, student.global_[self.level].cls, n)
             cross = symmetric_infonce(q_cls, k, student.n_global, self.cfg.temperature)
             metrics["patch_aggregate/cross"] = cross.detach()
             loss = loss + self.cfg.cross_weight * cross

@@ -42,10 +42,11 @@ same thing (used by the tests to check the identity).
 
 Differences from the reference code (MCG-NKU/SERE), each a config switch where it matters:
 
-- ``padding = "border"`` (default; [inferred]): sample points on the crop's outer half-patch band
-  take the nearest patch value. The reference uses ``grid_sample``'s default zero padding, which
-  halves the relation logits sampled at a crop edge (a quarter at the corners), so edge rows of
-  the two views of a pair get different scalings; ``padding = "zeros"`` reproduces it exactly.
+- ``padding = "zeros"`` (default, the reference's ``grid_sample`` default): sample points on a
+  crop's outer half-patch band blend with zeros, which halves the relation logits sampled at a
+  crop edge (a quarter at the corners), so edge rows of the two views of a pair get different
+  scalings. ``padding = "border"`` ([inferred], a switch) gives them the nearest patch value
+  instead; at 224/16 its gradient differs from the reference's by about its own norm.
 - Samples whose crops do not overlap are masked out (zero loss, zero gradient). The reference
   fills their sampling grid with out-of-range points, so their relations are all zeros and they
   contribute the constant ``log G²``. The denominator stays the full batch B, as in the reference,
@@ -101,8 +102,8 @@ class SelfRelationConfig(ObjectiveConfig):
     """Heads of the spatial relation; ``None`` = the backbone's."""
     separate_local_modules: bool = True
     """The student's local views use their own channel and spatial modules (reference: yes)."""
-    padding: Padding = "border"
-    """``grid_sample`` padding: ``border`` ([inferred], see the module doc) or ``zeros`` (reference)."""
+    padding: Padding = "zeros"
+    """``grid_sample`` padding: ``zeros`` (the reference's) or ``border`` ([inferred], see the module doc)."""
 
 
 # ---------------------------------------------------------------------------------- relations
