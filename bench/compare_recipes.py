@@ -59,8 +59,8 @@ def recipe_overrides(recipe: str, n_images: int) -> list[str]:
     dino_views = ["views.local_crops=4", "views.local_size=16", "views.local_scale=[0.1,0.4]"]
     if recipe == "dino":
         return dino_views + [f"objectives.dino.{s}" for s in dino_small]
-    if recipe == "local-global":
-        return dino_views + [f"objectives.patch_match.{s}" for s in dino_small]
+    if recipe == "local-global":  # crops of the original 32-px images, like dino (the recipe resizes to 256 first)
+        return dino_views + ["views.resize=null"] + [f"objectives.patch_match.{s}" for s in dino_small]
     if recipe == "ibot":
         return dino_views + [f"objectives.ibot_mim.{s}" for s in dino_small]
     if recipe == "sere":

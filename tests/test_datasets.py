@@ -84,3 +84,65 @@ def test_images_smaller_than_the_crop_fail_before_training_unless_allowed(tmp_pa
                                     "data.batch_size=2"])
     with pytest.raises(DataError, match="smaller than views.global_size=64"):  # what pretrain calls first
         build_train_loader(cfg, patch_size=16)
+
+
+def _suggested(err: DataError) -> list[str]:
+    """The ``key=value`` overrides a size error suggests (``e.g. views.global_size=G [views.local_size=L]``)."""
+    import re
+
+    m = re.search(r"e\.g\. (views\.global_size=\d+(?: views\.local_size=\d+)?)", str(err))
+    assert m, str(err)
+    return m.group(1).split()
+
+
+def _folder(tmp_path: Path, size: tuple[int, int], n: int = 3) -> Path:
+    for i in range(n):
+        _sized(tmp_path / "data" / "a" / f"{i}.png", size)
+    return tmp_path / "data"
+
+
+@pytest.mark.parametrize(
+    "recipe, size, expect",
+    [
+        ("dino", (150, 148), ["views.global_size=144", "views.local_size=48"]),  # was 148: not a multiple of 16
+        ("mcl", (100, 130), ["views.global_size=96", "views.local_size=96"]),  # equal sizes stay equal
+        ("mocov3", (40, 33), ["views.global_size=32"]),  # no local crops: no local suggestion
+        ("local-global", (120, 90), ["views.global_size=80", "views.local_size=32"]),  # views.resize=256
+    ],
+)
+def test_the_suggested_view_sizes_pass_the_next_checks(tmp_path, recipe, size, expect):
+    from stratavit.config import resolve_config
+    from stratavit.train import build_train_loader
+
+    data = _folder(tmp_path, size)
+    base = [f"data.path={data}", "backbone.patch_size=16", "data.batch_size=2", "data.num_workers=0"]
+    cfg = resolve_config(recipe, base)
+    with pytest.raises(DataError, match="smaller than views.global_size=224") as err:
+        build_train_loader(cfg, patch_size=16)  # MultiCropTransform, then check_image_sizes
+    assert _suggested(err.value) == expect
+    assert ("views.resize=256 is set" in str(err.value)) == (recipe == "local-global")
+    assert "multiples of backbone.patch_size=16" in str(err.value)
+    fixed = resolve_config(recipe, base + expect)
+    build_train_loader(fixed, patch_size=16)  # the suggestion passes every check the loader makes
+
+
+def test_images_smaller_than_one_patch_say_so_and_suggest_upsampling(tmp_path):
+    from stratavit.config import resolve_config
+    from stratavit.train import build_train_loader
+
+    data = _folder(tmp_path, (12, 10))
+    base = [f"data.path={data}", "backbone.patch_size=16", "data.batch_size=2", "data.num_workers=0"]
+    with pytest.raises(DataError, match=r"smaller than one patch \(backbone.patch_size=16\).*data.allow_upsampling=true") as err:
+        build_train_loader(resolve_config("dino", base), patch_size=16)
+    assert "e.g. views.global_size" not in str(err.value)
+    build_train_loader(resolve_config("dino", base + ["data.allow_upsampling=true"]), patch_size=16)
+
+
+def test_suggest_view_sizes():
+    from stratavit.datasets import suggest_view_sizes
+
+    assert suggest_view_sizes(148, 224, 16, 96) == (144, 48)
+    assert suggest_view_sizes(148, 224, 1, None) == (148, None)
+    assert suggest_view_sizes(40, 224, 16, 96) == (32, 16)  # at least one patch
+    assert suggest_view_sizes(20, 224, 16, 224) == (16, 16)
+    assert suggest_view_sizes(15, 224, 16, 96) is None

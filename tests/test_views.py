@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -31,3 +32,89 @@ def test_crop_smaller_than_patch_is_refused():
         MultiCropTransform(ViewsConfig(global_size=8, local_crops=0), patch_size=16)
     with pytest.raises(ConfigError, match="multiple of backbone.patch_size"):
         MultiCropTransform(ViewsConfig(global_size=32, local_crops=2, local_size=18), patch_size=4)
+
+
+def _pattern(w: int = 300, h: int = 200) -> Image.Image:
+    """A non-square image whose every pixel is distinct enough to reveal a wrong crop or frame."""
+    x = torch.arange(w)[None, :].expand(h, w)
+    y = torch.arange(h)[:, None].expand(h, w)
+    rgb = torch.stack([x * 255 // (w - 1), y * 255 // (h - 1), (x * 7 + y * 13) % 256], dim=-1)
+    return Image.fromarray(rgb.to(torch.uint8).numpy(), "RGB")
+
+
+_PLAIN = dict(  # geometry only: no photometric change, identity normalisation
+    color_jitter_p=0.0, grayscale_p=0.0, global_blur_p=[0.0], global_solarize_p=[0.0], local_blur_p=0.0,
+    local_solarize_p=0.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+)
+
+
+def _recrop(frame: Image.Image, box: torch.Tensor, size: int, flip: bool) -> torch.Tensor:
+    """The view a box describes, rebuilt by hand from ``frame``: (3, size, size) in [0, 1]."""
+    x0, y0, x1, y1 = (int(round(float(c))) for c in box)
+    out = frame.crop((x0, y0, x1, y1)).resize((size, size), Image.BILINEAR)
+    if flip:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1).float() / 255
+
+
+@pytest.mark.parametrize("resize", [256, None])
+def test_resize_puts_every_box_in_the_resized_frame(resize):
+    torch.manual_seed(0)
+    cfg = ViewsConfig(resize=resize, global_size=32, local_crops=2, local_size=16, **_PLAIN)
+    tf = MultiCropTransform(cfg, patch_size=4)
+    img = _pattern()
+    frame = img.resize((256, 256), Image.BILINEAR) if resize else img
+    w, h = frame.size
+    bottoms = []
+    for _ in range(10):
+        globals_, locals_ = tf(img)
+        for view in globals_ + locals_:
+            x0, y0, x1, y1 = view.box.tolist()
+            assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+            assert view.source_size == (w, h)
+            bottoms.append(y1)
+            size = view.image.shape[-1]
+            assert torch.allclose(view.image, _recrop(frame, view.box, size, view.flip), atol=1e-6)
+    if resize:
+        assert max(bottoms) > 200  # boxes reach below the original height: they are in the 256x256 frame
+    batch = collate_views([(tf(img), 0, 0)])
+    assert batch.global_views[0].source_sizes[0].tolist() == [float(w), float(h)]
+
+
+def test_resize_applies_before_every_view_and_keeps_the_view_size():
+    cfg = ViewsConfig(resize=64, global_size=32, local_crops=1, local_size=16)
+    g, loc = MultiCropTransform(cfg, patch_size=8)(_pattern())
+    assert g[0].image.shape == (3, 32, 32) and loc[0].image.shape == (3, 16, 16)
+    assert g[0].source_size == loc[0].source_size == (64, 64)
+
+
+def _resolve(*overrides: str):
+    from stratavit.config import resolve_config
+
+    return resolve_config("dino", list(overrides))
+
+
+def test_local_crops_larger_than_global_ones_are_refused():
+    with pytest.raises(ConfigError, match=r"views.local_size=128 is larger than views.global_size=96.*views.local_size <= 96"):
+        _resolve("views.global_size=96", "views.local_size=128")
+    assert _resolve("views.global_size=96", "views.local_size=96").views.local_size == 96  # MCL's equal sizes
+    assert _resolve("views.local_crops=0", "views.global_size=96", "views.local_size=128").views.local_crops == 0
+
+
+def test_resize_smaller_than_the_crops_is_refused():
+    with pytest.raises(ConfigError, match=r"views.resize=200 is smaller than views.global_size=224.*views.resize=224"):
+        _resolve("views.resize=200")
+    with pytest.raises(ConfigError, match="views.resize"):
+        _resolve("views.resize=[1, 2]")  # type-checked like every key
+    assert _resolve("views.resize=224").views.resize == 224
+    assert _resolve("views.resize=null").views.resize is None
+
+
+def test_every_shipped_recipe_resolves_and_local_global_resizes_to_256():
+    from stratavit.config import recipe_names, resolve_config
+
+    for name in recipe_names():
+        v = resolve_config(name).views
+        assert v.local_crops == 0 or v.local_size <= v.global_size, name
+    assert resolve_config("local-global").views.resize == 256
+    assert resolve_config("dino").views.resize is None

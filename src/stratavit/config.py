@@ -420,14 +420,12 @@ def validate(cfg: Config) -> None:
             f"views.local_size={v.local_size} is larger than views.global_size={v.global_size}: local crops "
             f"are the small views; set views.local_size <= {v.global_size} (or views.local_crops=0)"
         )
-    if v.resize is not None:
-        for name, size in (("global_size", v.global_size), ("local_size", v.local_size if v.local_crops else 0)):
-            if v.resize < size:
-                raise ConfigError(
-                    f"views.resize={v.resize} is smaller than views.{name}={size}: crops are cut from the "
-                    f"resized image; set views.resize={max(v.global_size, v.local_size if v.local_crops else 0)} "
-                    "or more, or views.resize=null to crop the original image"
-                )
+    if v.resize is not None and v.resize < v.global_size:  # local_size <= global_size: checked above
+        raise ConfigError(
+            f"views.resize={v.resize} is smaller than views.global_size={v.global_size}: crops are cut from "
+            f"the resized image; set views.resize={v.global_size} or more, or views.resize=null to crop the "
+            "original image"
+        )
     if cfg.data.batch_size < 1:
         raise ConfigError("data.batch_size must be >= 1")
     if cfg.data.limit is not None and cfg.data.limit < 1:

@@ -276,24 +276,77 @@ def image_sizes(ds: Dataset, n: int = 32, seed: int = 0) -> list[tuple[int, int]
     return []
 
 
-def check_image_sizes(ds: Dataset, crop: int, name: str, allow_upsampling: bool) -> None:
+def suggest_view_sizes(smallest_side: int, crop: int, multiple: int = 1,
+                       local_size: int | None = None) -> tuple[int, int | None] | None:
+    """View sizes that fit images whose smallest side is ``smallest_side`` px.
+
+    Returns ``(global_size, local_size)``: the largest multiple of ``multiple`` (the patch size)
+    ``<= smallest_side``, and, when ``local_size`` is given (local crops exist), the local size
+    scaled by the same factor, rounded down to a multiple, at least one patch and ``<=`` the new
+    global size (so ``local_size == global_size`` stays equal). ``local_size`` in the result is
+    None when none was given; the result is None when not even one patch fits.
+    """
+    new_global = smallest_side // multiple * multiple
+    if new_global < 1:
+        return None
+    if local_size is None:
+        return new_global, None
+    scaled = local_size * new_global // crop // multiple * multiple
+    return new_global, min(new_global, max(multiple, scaled))
+
+
+def check_image_sizes(
+    ds: Dataset,
+    crop: int,
+    name: str,
+    allow_upsampling: bool,
+    multiple: int = 1,
+    local_size: int | None = None,
+    resize: int | None = None,
+) -> None:
     """Raise :class:`DataError` when most images are smaller than the ``crop`` (views.global_size).
 
     A random crop of an image smaller than the view is enlarged, so the view holds less detail than
     its size suggests (CIFAR's 32 px at 224). That is refused unless ``allow_upsampling``.
+
+    Args:
+        multiple: the patch size; the suggested view sizes are multiples of it.
+        local_size: views.local_size when there are local crops (None: no local crops); a local
+            size is then suggested alongside the global one.
+        resize: views.resize. The crops are then cut from the resized image, but resizing adds no
+            detail, so the source images are still what is compared; the message says so.
     """
     sizes = image_sizes(ds)
     if allow_upsampling or not sizes:
         return
     small = [s for s in sizes if min(s) < crop]
-    if len(small) * 2 > len(sizes):
-        w, h = min(small, key=min)
-        raise DataError(
-            f"{len(small)} of {len(sizes)} sampled images in {name} are smaller than views.global_size={crop} "
-            f"(e.g. {w}x{h}), so every crop would be enlarged: set views.global_size (and views.local_size) to "
-            f"the images' size or less, e.g. views.global_size={min(min(s) for s in sizes)}, or pass "
-            "data.allow_upsampling=true to train on enlarged crops"
+    if len(small) * 2 <= len(sizes):
+        return
+    w, h = min(small, key=min)
+    smallest = min(min(s) for s in sizes)
+    head = (
+        f"{len(small)} of {len(sizes)} sampled images in {name} are smaller than views.global_size={crop} "
+        f"(e.g. {w}x{h}), so every crop would be enlarged"
+    )
+    if resize is not None:
+        head += (
+            f" (views.resize={resize} is set: crops are cut from the {resize}x{resize} resized image, but "
+            "resizing adds no detail, so the source images' sizes are what counts)"
         )
+    fit = suggest_view_sizes(smallest, crop, multiple, local_size)
+    if fit is None:
+        raise DataError(
+            f"{head}; the smallest images ({smallest} px a side) are smaller than one patch "
+            f"(backbone.patch_size={multiple}), so no view size fits them: pass data.allow_upsampling=true "
+            "to train on enlarged crops, or lower backbone.patch_size"
+        )
+    new_global, new_local = fit
+    example = f"views.global_size={new_global}" + (f" views.local_size={new_local}" if new_local is not None else "")
+    patch = f" (multiples of backbone.patch_size={multiple})" if multiple > 1 else ""
+    raise DataError(
+        f"{head}: set views.global_size (and views.local_size) to the images' size or less{patch}, e.g. "
+        f"{example}, or pass data.allow_upsampling=true to train on enlarged crops"
+    )
 
 
 def bad_files(ds: Dataset) -> list[str]:

@@ -4,6 +4,10 @@ A sample becomes ``global_crops`` global views and ``local_crops`` local views. 
 augmented crop plus its geometry (crop box in source pixels, horizontal flip). The collate
 function batches views of the same index into a :class:`ViewBatch`, so a training step sees
 boxes ``(B, 4)`` and flips ``(B,)`` as tensors and can compute geometry per sample on the device.
+
+With ``views.resize = R`` every image is first resized to ``R x R`` (aspect ratio not kept) and all
+crops are cut from that: boxes and source sizes are then in the resized ``R x R`` frame. Geometry
+only ever compares views of the same image, which share that frame.
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ class ViewBatch:
 
     Attributes:
         images: (B, 3, S_h, S_w) normalised images.
-        boxes: (B, 4) crop boxes ``(x0, y0, x1, y1)`` in source-image pixels.
+        boxes: (B, 4) float32 crop boxes ``(x0, y0, x1, y1)`` in source-image pixels (in the
+            ``R x R`` resized image's pixels when ``views.resize = R``).
         flips: (B,) bool, whether the view was mirrored horizontally after cropping.
-        source_sizes: (B, 2) source image ``(width, height)``.
+        source_sizes: (B, 2) float32 source image ``(width, height)``; ``(R, R)`` with ``views.resize = R``.
     """
 
     images: Tensor
@@ -74,7 +79,9 @@ class MultiViewBatch:
 
 @dataclass
 class View:
-    """One augmented crop of one image: (3, S, S) tensor, (4,) box, flip flag, source (w, h)."""
+    """One augmented crop of one image: (3, S, S) tensor, (4,) float32 box ``(x0, y0, x1, y1)``, flip
+    flag, source ``(width, height)``. Box and source size are in the frame the crop was cut from:
+    the original image, or the ``R x R`` resized one when ``views.resize = R``."""
 
     image: Tensor
     box: Tensor
@@ -132,9 +139,14 @@ class _Solarize:
 
 
 class MultiCropTransform:
-    """PIL image -> (global views, local views), each a :class:`View` with its geometry."""
+    """PIL image -> (global views, local views), each a :class:`View` with its geometry.
+
+    With ``cfg.resize = R`` the image is first resized to ``R x R`` (bilinear, antialiased, aspect
+    ratio not kept) and every view is cropped from that resized image.
+    """
 
     def __init__(self, cfg: ViewsConfig, patch_size: int | None = None) -> None:
+        self.resize = cfg.resize
         if patch_size is not None:
             for name, size in (("global_size", cfg.global_size), ("local_size", cfg.local_size)):
                 if name == "local_size" and cfg.local_crops == 0:
@@ -164,6 +176,8 @@ class MultiCropTransform:
 
     def __call__(self, img: Image.Image) -> tuple[list[View], list[View]]:
         img = img.convert("RGB")
+        if self.resize is not None and img.size != (self.resize, self.resize):
+            img = F.resize(img, [self.resize, self.resize], interpolation=T.InterpolationMode.BILINEAR, antialias=True)
         return [m(img) for m in self.global_makers], [m(img) for m in self.local_makers]
 
 
