@@ -125,7 +125,10 @@ def build_train_loader(cfg: Config, patch_size: int, skip_log: Path | None = Non
     ds = build_dataset(cfg.data.path, split="train", transform=transform, root=cfg.data.root, limit=cfg.data.limit, seed=cfg.train.seed)
     if skip_log is not None:
         set_skip_log(ds, skip_log)
-    check_image_sizes(ds, cfg.views.global_size, cfg.data.path, cfg.data.allow_upsampling)
+    check_image_sizes(
+        ds, cfg.views.global_size, cfg.data.path, cfg.data.allow_upsampling, multiple=patch_size,
+        local_size=cfg.views.local_size if cfg.views.local_crops else None, resize=cfg.views.resize,
+    )
     n = len(ds)  # type: ignore[arg-type]
     if n < cfg.data.batch_size:
         raise DataError(
@@ -195,6 +198,9 @@ def pretrain(
     if cfg.train.compile:
         module.compile_backbones()
     loader = build_train_loader(cfg, module.backbone.patch_size, skip_log=run_dir / "skipped_images.txt")
+    if isinstance(loader.dataset, Indexed):  # size known (after data.limit); streamed shards: skipped
+        for objective in module.objectives.values():
+            objective.check_data(len(loader.dataset))  # type: ignore[operator]  # e.g. k-means granularities vs images
     if module.needs_dataset():
         assert cfg.data.path is not None
         plain = build_dataset(

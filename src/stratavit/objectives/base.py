@@ -8,15 +8,19 @@ objective asked for, and hands the same :class:`ViewFeatures` to all objectives.
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from stratavit.backbone import Backbone, Features
+from stratavit.backbone import Backbone, Features, resolve_level
 from stratavit.config import ConfigError, ViewsConfig
 from stratavit.views import MultiViewBatch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,7 +33,8 @@ class ObjectiveConfig:
     """Backbone levels read (1-based block numbers; -1 = last block)."""
     levels_for_depth: int | None = None
     """If set, ``levels`` are given for a backbone of this depth and are rescaled proportionally
-    to the actual depth (e.g. taps [4, 8] of 12 become [2, 4] of 6)."""
+    to the actual depth (e.g. taps [4, 8] of 12 become [2, 4] of 6; on shallow backbones repeated
+    blocks are spread apart, see :func:`resolve_levels`)."""
 
 
 @dataclass
@@ -80,15 +85,86 @@ class ObjectiveOutput:
     metrics: dict[str, Tensor | float] = field(default_factory=dict)
 
 
-def resolve_levels(cfg: ObjectiveConfig, backbone: Backbone) -> list[int]:
-    """Config levels -> 1-based block numbers of ``backbone`` (rescaled if ``levels_for_depth``)."""
+def _half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def _spread(positions: list[int], depth: int) -> list[int]:
+    """Strictly increasing blocks in 1..depth, each as close to ``positions`` (ascending, possibly
+    repeating) as the order allows: a forward pass lifts each to at least previous + 1, a backward
+    pass lowers each to at most next − 1 (the last at most ``depth``). Needs len <= depth."""
+    out = list(positions)
+    for i in range(1, len(out)):
+        out[i] = max(out[i], out[i - 1] + 1)
+    out[-1] = min(out[-1], depth)
+    for i in range(len(out) - 2, -1, -1):
+        out[i] = min(out[i], out[i + 1] - 1)
+    return out
+
+
+def resolve_levels(cfg: ObjectiveConfig, backbone: Backbone, name: str = "objective") -> list[int]:
+    """Config levels -> distinct 1-based block numbers of ``backbone``, in the config's order.
+
+    Without ``levels_for_depth`` the levels are blocks of ``backbone`` (negative: from the end);
+    they must be distinct. With ``levels_for_depth = R`` they are blocks of an R-block reference
+    backbone (distinct there) and are mapped to the actual depth D:
+
+    1. proportionally: ``lv -> clamp(floor(lv · D / R + 1/2), 1, D)`` (negative levels count from
+       the end of the actual backbone, -1 = block D);
+    2. if that repeats a block (shallow backbones) and there are enough blocks, the taps, taken in
+       their order in the reference backbone, are spread to distinct blocks: each at least the
+       previous + 1, then each at most the next − 1 with the deepest at most D (e.g. [4, 8] of 12
+       -> [1, 1] -> [1, 2] on depth 2; [11, 12] of 12 -> [4, 4] -> [3, 4] on depth 4).
+
+    A mapping that differs from the reference is logged at INFO. Raises ``ConfigError`` (naming
+    ``objectives.<name>``) for repeated levels, or for more taps than the backbone has blocks, with
+    overrides that work.
+    """
     levels = list(cfg.levels)
-    if cfg.levels_for_depth is not None:
-        ref = cfg.levels_for_depth
-        levels = [lv if lv < 0 else max(1, min(backbone.depth, round(lv * backbone.depth / ref))) for lv in levels]
-    resolved = [backbone.resolve_level(lv) for lv in levels]
-    if len(set(resolved)) != len(resolved):
-        raise ValueError(f"levels {cfg.levels} map to repeated blocks {resolved} in a {backbone.depth}-block backbone")
+    key = f"objectives.{name}"
+    depth = backbone.depth
+    if not levels:
+        raise ConfigError(f"{key}.levels is empty; give at least one block (e.g. [-1], the last)")
+    if cfg.levels_for_depth is None:
+        resolved = [backbone.resolve_level(lv) for lv in levels]
+        if len(set(resolved)) != len(resolved):
+            raise ConfigError(
+                f"{key}.levels={levels} repeat blocks ({resolved} of a {depth}-block backbone); give each block once"
+            )
+        return resolved
+    ref = cfg.levels_for_depth
+    if ref < 1:
+        raise ConfigError(f"{key}.levels_for_depth must be >= 1 (or null), got {ref}")
+    at_ref = [resolve_level(lv, ref, f"block reference backbone ({key}.levels_for_depth={ref})") for lv in levels]
+    if len(set(at_ref)) != len(at_ref):
+        raise ConfigError(
+            f"{key}.levels={levels} repeat blocks ({at_ref}) of the {ref}-block reference backbone "
+            f"({key}.levels_for_depth); give each block once"
+        )
+    if len(levels) > depth:
+        keep = sorted(range(len(levels)), key=lambda i: at_ref[i])[:depth]
+        fix = [f"{key}.levels={list(range(1, depth + 1))}", f"{key}.levels_for_depth=null"]
+        weights = getattr(cfg, "level_weights", None)
+        if isinstance(weights, list) and len(weights) == len(levels):
+            fix.append(f"{key}.level_weights={[float(weights[i]) for i in keep]}")
+        raise ConfigError(
+            f"{key}.levels={levels} (taps of a {ref}-block backbone, {key}.levels_for_depth={ref}) need "
+            f"{len(levels)} distinct blocks, but the backbone has {depth} (backbone.depth={depth}); "
+            f"set {' '.join(fix)}, or backbone.depth={len(levels)} (or more)"
+        )
+    proportional = [
+        backbone.resolve_level(lv) if lv < 0 else max(1, min(depth, _half_up(lv * depth / ref))) for lv in levels
+    ]
+    resolved = list(proportional)
+    if len(set(proportional)) != len(proportional):
+        order = sorted(range(len(levels)), key=lambda i: at_ref[i])
+        for i, b in zip(order, _spread([proportional[i] for i in order], depth)):
+            resolved[i] = b
+    if resolved != at_ref or depth != ref:
+        how = f" (proportionally {proportional}, spread to distinct blocks)" if resolved != proportional else ""
+        log.info(
+            "%s: levels %s of a %d-block backbone -> blocks %s of %d%s", key, levels, ref, resolved, depth, how
+        )
     return resolved
 
 
@@ -102,7 +178,7 @@ class Objective(nn.Module):
     def __init__(self, cfg: ObjectiveConfig, backbone: Backbone) -> None:
         super().__init__()
         self.cfg = cfg
-        self.levels = resolve_levels(cfg, backbone)
+        self.levels = resolve_levels(cfg, backbone, self.name)
 
     def require_one_level(self, reads: str) -> int:
         """The single level of an objective that reads one (e.g. ``"its CLS token"``), else ConfigError."""
@@ -141,6 +217,11 @@ class Objective(nn.Module):
 
     def check_setup(self, views: ViewsConfig, batch_size: int) -> None:
         """Raise ``ConfigError`` before training when the views or batch cannot work for this objective."""
+
+    def check_data(self, n_images: int) -> None:
+        """Called once before training with the training set's size (after ``data.limit``), where it
+        is known (not for streamed shards): raise ``ConfigError`` if this objective cannot work on
+        that many images, or resolve settings that depend on it (e.g. k-means granularities)."""
 
     def student_views(self, batch: MultiViewBatch, state: StepState) -> dict[str, Tensor]:
         """Extra image batches ``name -> (n, 3, H, W)`` for the student backbone (e.g. montages).
