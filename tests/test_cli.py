@@ -251,8 +251,9 @@ def test_mcl_runs_every_montage_level(tmp_path, cifar_train):
     rows = _rows(run / "metrics.csv")
     assert len(rows) == 2 and all(r[f"montage/level{i}"] for r in rows for i in range(4))
     res = _cli("pretrain", "--recipe", "mcl", "--data", str(cifar_train), "--out", str(tmp_path / "bad"), *tiny,
-               "data.batch_size=32", "views.local_size=32", "train.max_steps=1")
-    assert res.returncode == 2 and "multiple of 64" in res.stderr
+               "data.batch_size=48", "views.local_size=32", "train.max_steps=1")
+    # one line with the fix (level 3 puts 64 tiles on B/32 canvases: every image twice)
+    assert res.returncode == 2 and "multiple of 32" in res.stderr and "Traceback" not in res.stderr
 
 
 @pytest.mark.slow

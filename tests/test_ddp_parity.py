@@ -89,10 +89,10 @@ RECIPES: dict[str, list[str]] = {
     "local-global": ["views.local_crops=2", *_obj("patch_match", [*DINO_HEAD, "patch_jitter_p=0.5"])],
     "ibot": ["views.local_crops=2", *_obj("ibot_mim", DINO_HEAD)],
     "sere": ["views.local_crops=2", *_obj("ibot_mim", DINO_HEAD)],
-    "mcl": ["views.local_crops=0", *_obj("montage", [*NCE, "montage_levels=1", "level_weights=[1.0]"])],
+    "mcl": ["views.local_crops=0", *_obj("montage", [*NCE, "montage_levels=1", "level_weights=[1.0]", "tile_copies=[1]"])],
 }
 MONTAGE2 = ["views.local_crops=2", "views.local_size=32",
-            *_obj("montage", [*NCE, "montage_levels=2", "level_weights=[0.5,0.5]"])]
+            *_obj("montage", [*NCE, "montage_levels=2", "level_weights=[0.5,0.5]", "tile_copies=[1,1]"])]
 NOT_SPLIT_INVARIANT = {"ibot/teacher_patch_entropy"}  # a mean over a per-process number of masked patches
 
 

@@ -39,6 +39,28 @@ def test_simple_pyramid_strides_and_shapes_follow_vitdet():
         SimplePyramid(64, 16, patch_size=2, num_levels=4)  # stride 1/2 does not exist
 
 
+def test_vit_small_pyramid_reads_every_tile_of_224_px_montages_as_an_exact_7x7_window():
+    """The mcl recipe's default: ViT-S/16 (384 channels, 14x14 tokens at 224 px), pyramid of 256 channels."""
+    from stratavit.objectives.region_readout import ConvRegionNeck, RegionReadout
+
+    torch.manual_seed(0)
+    pyr = SimplePyramid(in_dim=384, out_dim=256, patch_size=16, num_levels=4).eval()
+    assert pyr.strides == [4, 8, 16, 32]
+    x = torch.randn(1, 384, 14, 14)
+    maps = [pyr(x, k) for k in range(4)]
+    assert [tuple(m.shape) for m in maps] == [(1, 256, 56, 56), (1, 256, 28, 28), (1, 256, 14, 14), (1, 256, 7, 7)]
+    readout = RegionReadout(pyr, pyr.strides, ConvRegionNeck(256, 32, 16, convs=1), None)
+    assert readout.window(224) == 7
+    for level in range(4):
+        m = make_montage(torch.zeros(64, 3, 224, 224), level, copies=[1, 1, 1, 2][level])
+        k = 3 - level  # montage level i reads stride 32 / 2^i
+        stride = pyr.strides[k]
+        out = roi_features(maps[k], m.boxes[None], stride, size=7)
+        for t, (x0, y0, x1, y1) in enumerate(m.boxes.int().tolist()):
+            assert (x1 - x0) == 7 * stride
+            assert torch.allclose(out[t], maps[k][0, :, y0 // stride : y1 // stride, x0 // stride : x1 // stride], atol=1e-5)
+
+
 def _cnn_cfg(**kw) -> BackboneConfig:
     return BackboneConfig(type="resnet_fpn", arch="resnet18", fpn_dim=16, **kw)
 
@@ -92,14 +114,16 @@ def test_lars_step_matches_hand_computation():
 
 RESNET_TINY = [
     "backbone.arch=resnet18", "backbone.fpn_dim=16", "views.global_size=64", "views.local_size=64",
-    "data.batch_size=64", "objectives.montage.proj_hidden_dim=32", "objectives.montage.pred_hidden_dim=32",
+    "data.batch_size=32", "objectives.montage.proj_hidden_dim=32", "objectives.montage.pred_hidden_dim=32",
     "objectives.montage.proj_dim=16", "objectives.montage.neck_convs=1",
+    "views.global_blur_p=[0.0,0.0]", "views.local_blur_p=0.0",  # tensor blur is most of a test batch's cost
 ]
 VIT_TINY = [
     "backbone.arch=vit_tiny_patch16_224", "backbone.img_size=32", "backbone.patch_size=4", "backbone.embed_dim=32",
-    "backbone.depth=2", "backbone.num_heads=2", "views.global_size=32", "views.local_size=32", "data.batch_size=64",
+    "backbone.depth=2", "backbone.num_heads=2", "views.global_size=32", "views.local_size=32", "data.batch_size=32",
     "objectives.montage.proj_hidden_dim=32", "objectives.montage.pred_hidden_dim=32", "objectives.montage.proj_dim=16",
     "objectives.montage.readout=roi_align", "objectives.montage.pyramid_dim=16", "objectives.montage.neck_convs=1",
+    "views.global_blur_p=[0.0,0.0]", "views.local_blur_p=0.0",
 ]
 
 
@@ -111,7 +135,7 @@ def _module(recipe, overrides):
     return cfg, PretrainModule(to_dict(cfg))
 
 
-def _batch(cfg, patch, n=64, side=72):
+def _batch(cfg, patch, n=32, side=72):
     from PIL import Image
 
     from stratavit.views import MultiCropTransform, collate_views
@@ -147,10 +171,15 @@ def test_mcl_resnet_engine_step_trains_body_fpn_neck_and_predictors():
     assert type(module.teacher.heads["montage"]).__name__ == "RegionReadout"
     module.teacher.train()
     assert module.teacher.backbone.training  # batch statistics, like MoCo's key encoder
+    assert cfg.objectives["montage"].tile_copies == [1, 1, 1, 2]
     batch = _batch(cfg, patch=32)
     total, logs = module.compute_losses(batch)
-    for i in range(4):  # 2T * CE over 64 targets starts near 2 * ln 64 per side, two sides
-        assert 4 * math.log(64) * 0.8 < float(logs[f"montage/level{i}"]) < 4 * math.log(64) * 1.2
+    for i in range(4):  # 2T * CE over 32 targets starts near 2 * ln 32 per side, two sides
+        assert 4 * math.log(32) * 0.8 < float(logs[f"montage/level{i}"]) < 4 * math.log(32) * 1.2
+    # B, B/4, B/16, B/32 canvases; every image once per level, twice at level 3
+    assert [m.canvases.shape[0] for _, _, m in obj._pending] == [8, 2, 1] * 2
+    for _, level, m in obj._pending:
+        assert torch.bincount(m.sources.flatten(), minlength=32).tolist() == [[1, 1, 1, 2][level]] * 32
     total.backward()
     assert module.backbone.body.conv1.weight.grad.abs().sum() > 0
     assert all(p.grad is not None for p in module.backbone.fpn.parameters())
@@ -164,6 +193,7 @@ def test_vit_with_roi_align_readout_builds_a_simple_pyramid():
     assert obj.readout.strides == [1, 2, 4, 8] and obj.readout.window(32) == 4
     total, logs = module.compute_losses(_batch(cfg, patch=4, side=36))
     assert torch.isfinite(total)
+    assert [(m.copies, m.canvases.shape[0]) for _, _, m in obj._pending] == [(1, 8), (1, 2), (2, 1)] * 2
     total.backward()
     assert all(p.grad is not None for p in obj.readout.pyramid.parameters())
     assert module.backbone.vit.blocks[-1].mlp.fc2.weight.grad.abs().sum() > 0

@@ -2,27 +2,34 @@
 
 For each of the two global views ``v`` (symmetric) and montage level ``i = 0 .. L−1``:
 
-- level 0 is view ``v`` itself; level ``i ≥ 1`` tiles fresh crops of the batch (the recipe's
-  local views, ``views.local_crops = 2 (L − 1)`` at ``views.local_size == views.global_size``)
-  downscaled by ``r = 2^i`` into ``B / r²`` canvases (:func:`stratavit.montage.make_montage`);
-- a tile's **region embedding** is the mean of the student's patch tokens inside it
-  (:func:`stratavit.montage.tile_tokens`, tiles cover whole patches), through the shared neck
-  (MoCo v3 projector) and the level's own predictor;
-- targets: the teacher's whole-image embeddings (mean patch token, teacher neck) of the *other*
-  global view, gathered across processes;
+- level 0 is view ``v`` itself, (B, 3, S, S); level ``i ≥ 1`` tiles fresh crops of the batch (the
+  recipe's local views, ``views.local_crops = 2 (L − 1)`` at ``views.local_size ==
+  views.global_size``) downscaled by ``r = 2^i``, every image ``c_i = tile_copies[i]`` times, into
+  ``c_i · B / r²`` canvases (c_i·B/r², 3, S, S) (:func:`stratavit.montage.make_montage`). The
+  authors' ``c = [1, 1, 1, 2]`` gives ``B, B/4, B/16, B/32`` canvases: the batch must be a multiple
+  of 32 (:func:`stratavit.montage.batch_multiple`);
+- a tile's **region embedding** (c_i · B, D) comes from the student's map of the canvases through
+  the readout (below) and the level's own predictor;
+- targets: the teacher's whole-image embeddings (B, D) of the *other* global view (level-0 readout,
+  teacher readout), gathered across processes: (world · B, D);
 - ``L_i = 2T · CE(normalize(pred_i) · normalize(targets)ᵀ / T, source index of the tile)``,
   ``T = 1``; loss = Σ_v Σ_i w_i L_i with ``w = [1/2, 1/4, 1/8, 1/8]`` (the MoCo v3 convention of
   this code base: the two directions are summed).
 
 Readout (``readout``):
 
-- ``pool`` (default on a ViT): the mean patch token inside the tile, through the neck MLP;
-- ``roi_align``: MCL's own readout (:mod:`stratavit.objectives.region_readout`): level ``i`` is
-  read from pyramid level ``P_{top−i}`` with RoI-align, then a conv neck (4 × conv3x3-BN-ReLU,
-  average pool, MLP). On a CNN + FPN backbone (recipe ``mcl-resnet``) the pyramid is the
-  backbone's and every tile is an exact ``S/32`` window (7 × 7 at 224 px, the paper's setting);
-  on a ViT a simple (ViTDet) pyramid is built from the objective's level. Whole images (level 0
-  and the teacher's targets) are read with the box of the whole view.
+- ``roi_align`` (default, the authors'): MCL's own readout
+  (:mod:`stratavit.objectives.region_readout`): level ``i`` is read from pyramid level
+  ``P_{top−i}`` with RoI-align, then a conv neck (4 × conv3x3-BN-ReLU, average pool, MLP). On a
+  CNN + FPN backbone (recipe ``mcl-resnet``) the pyramid is the backbone's; on a ViT it is a simple
+  (ViTDet) pyramid of the objective's level with strides ``p/4, p/2, p, 2p`` (4 levels). Either
+  way, at 224 px (patch 16 / coarsest stride 32) every tile is an exact 7 × 7 window: level ``i``
+  reads stride ``32 / 2^i`` (32, 16, 8, 4) where its ``224 / 2^i``-px tiles span 7 cells. Whole
+  images (level 0 and the teacher's targets) are read with the box of the whole view. The image
+  size must be a multiple of ``lcm(2^(L−1), patch)``.
+- ``pool``: the mean patch token inside the tile (:func:`stratavit.montage.tile_tokens`), through
+  the neck MLP; tiles must cover whole patches, so the image size must be a multiple of
+  ``2^(L−1) · patch`` (128 at patch 16: not 224).
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from torch import Tensor, nn
 from stratavit.backbone import Backbone
 from stratavit.config import ConfigError, ViewsConfig
 from stratavit.distributed import gather_concat, rank
-from stratavit.montage import Montage, check_montage_geometry, make_montage, tile_tokens
+from stratavit.montage import Montage, make_montage, montage_problems, raise_problems, tile_tokens
 from stratavit.objectives.base import Objective, ObjectiveOutput, StepState, ViewFeatures
 from stratavit.objectives.heads import ContrastiveHeadConfig, moco_mlp
 from stratavit.objectives.region_readout import ConvRegionNeck, RegionReadout, SimplePyramid
@@ -52,8 +59,17 @@ class MontageConfig(ContrastiveHeadConfig):
     """Montage levels L (level i tiles r = 2^i images per side; 1, 4, 16, 64 tiles per canvas)."""
     level_weights: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.125, 0.125])
     """w_i of every montage level (the paper's 1/2, 1/4, 1/8, 1/8)."""
-    readout: Literal["pool", "roi_align"] = "pool"
-    """``pool``: mean patch token of a tile; ``roi_align``: RoI-align on a feature pyramid + conv neck."""
+    pred_last_bn: bool | None = None
+    """Whether each level's predictor ends with BatchNorm; ``None`` = MCL's choice: no."""
+    tile_copies: list[int] = field(default_factory=lambda: [1, 1, 1, 2])
+    """How many times every image of the batch appears at each montage level (one value per level,
+    level 0 is the view itself: 1). Level i has ``tile_copies[i] · B / 4^i`` canvases; the authors'
+    ``[1, 1, 1, 2]`` gives B, B/4, B/16, B/32 canvases (batch a multiple of 32); ``[1, 1, 1, 1]``
+    gives B/64 canvases at level 3 (batch a multiple of 64)."""
+    readout: Literal["pool", "roi_align"] = "roi_align"
+    """``roi_align`` (the authors'): RoI-align on a feature pyramid (the ViT's simple pyramid or the
+    CNN's FPN) + conv neck; ``pool``: mean patch token of a tile + MLP neck (tiles must cover whole
+    patches: image size a multiple of ``2^(L−1) · patch``)."""
     roi_size: int | None = None
     """``roi_align``: RoI output side; ``None`` = exact windows (the coarsest level's map side of a view)."""
     neck_convs: int = 4
@@ -79,23 +95,36 @@ class MontageObjective(Objective):
 
     def __init__(self, cfg: MontageConfig, backbone: Backbone) -> None:
         super().__init__(cfg, backbone)
-        if cfg.montage_levels < 1 or len(cfg.level_weights) != cfg.montage_levels:
-            raise ConfigError(
-                f"objectives.montage: give one level weight per montage level ({cfg.montage_levels}), "
-                f"not {len(cfg.level_weights)}"
+        problems = []
+        if cfg.montage_levels < 1:
+            problems.append(f"objectives.montage.montage_levels must be >= 1, got {cfg.montage_levels}")
+        elif len(cfg.level_weights) != cfg.montage_levels:
+            problems.append(
+                f"objectives.montage.level_weights: give one level weight per montage level "
+                f"({cfg.montage_levels}), not {len(cfg.level_weights)}"
             )
+        if cfg.montage_levels >= 1 and len(cfg.tile_copies) != cfg.montage_levels:
+            problems.append(
+                f"objectives.montage.tile_copies: give one value per montage level ({cfg.montage_levels}), "
+                f"not {len(cfg.tile_copies)} (e.g. {[1] * cfg.montage_levels})"
+            )
+        if any(c < 1 for c in cfg.tile_copies):
+            problems.append(f"objectives.montage.tile_copies must all be >= 1, got {cfg.tile_copies}")
+        elif cfg.tile_copies and cfg.tile_copies[0] != 1:
+            problems.append(
+                f"objectives.montage.tile_copies[0] must be 1 (level 0 is the view itself), got {cfg.tile_copies[0]}"
+            )
+        raise_problems(problems)
         self.cfg: MontageConfig = cfg
         self.on_pyramid = isinstance(backbone, PyramidBackbone)
         if self.on_pyramid and cfg.readout != "roi_align":
             raise ConfigError("objectives.montage on a CNN feature pyramid reads regions with readout=roi_align")
         self.readout: RegionReadout | None = None
+        self.patch = backbone.patch_size  # a ViT's patch, a CNN pyramid's coarsest stride
         if cfg.readout == "pool":
             self.require_one_level("its patch tokens")
-            # a tile covers whole patches: its tokens are pooled exactly
-            self.tile_unit = backbone.patch_size
             self.neck = moco_mlp(backbone.embed_dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers)
         else:
-            self.tile_unit = 1  # RoI-align reads any box
             if self.on_pyramid:
                 if len(self.levels) < cfg.montage_levels:
                     raise ConfigError(
@@ -113,7 +142,7 @@ class MontageObjective(Objective):
             neck = ConvRegionNeck(dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.neck_convs, cfg.proj_layers)
             self.readout = RegionReadout(pyramid, strides, neck, cfg.roi_size)
         self.predictors = nn.ModuleList(
-            moco_mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, cfg.pred_layers, last_bn=False)
+            moco_mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, cfg.pred_layers, last_bn=bool(cfg.pred_last_bn))
             for _ in range(cfg.montage_levels)
         )
         # (side, level, montage) of the current step: made in student_views(), read in forward()
@@ -122,31 +151,49 @@ class MontageObjective(Objective):
     def teacher_head(self) -> nn.Module:
         return self.readout if self.readout is not None else self.neck
 
-    def check_setup(self, views: ViewsConfig, batch_size: int) -> None:
+    def setup_problems(self, views: ViewsConfig, batch_size: int) -> list[str]:
+        """Every reason why these views and this per-process batch cannot feed the montages."""
         levels = self.cfg.montage_levels
         need = 2 * (levels - 1)
-        if views.global_crops != 2 or views.local_crops < need:
-            raise ConfigError(
-                f"objectives.montage with {levels} montage levels needs views.global_crops=2 and "
-                f"views.local_crops={need} fresh crops (one per level and side), got "
-                f"{views.global_crops} and {views.local_crops}"
+        problems = []
+        if views.global_crops != 2:
+            problems.append(f"views.global_crops={views.global_crops}: montages need views.global_crops=2 (two sides)")
+        if views.local_crops < need:
+            problems.append(
+                f"views.local_crops={views.local_crops}: {levels} montage levels need views.local_crops={need} "
+                f"fresh crops (one per level >= 1 and side)"
             )
         if need and views.local_size != views.global_size:
-            raise ConfigError("objectives.montage: set views.local_size equal to views.global_size (montage canvases)")
-        check_montage_geometry(batch_size, views.global_size, self.tile_unit, levels)
+            problems.append(
+                f"views.local_size={views.local_size}: the fresh crops are montage canvases of the view size: "
+                f"set views.local_size equal to views.global_size={views.global_size}"
+            )
+        problems += montage_problems(
+            batch_size, views.global_size, self.patch, self.cfg.tile_copies, self.cfg.readout
+        )
+        return problems
+
+    def check_setup(self, views: ViewsConfig, batch_size: int) -> None:
+        """One :class:`ConfigError` listing every problem of the views and batch, each with its fix."""
+        raise_problems(self.setup_problems(views, batch_size))
 
     def student_views(self, batch: MultiViewBatch, state: StepState) -> dict[str, Tensor]:
         levels = self.cfg.montage_levels
         self._pending = []
         if levels == 1:
             return {}
-        check_montage_geometry(batch.batch_size, batch.local_views[0].images.shape[-1], self.tile_unit, levels)
+        size = batch.local_views[0].images.shape[-1]
+        # the loader drops partial batches; a batch built by hand is checked here
+        raise_problems(
+            montage_problems(batch.batch_size, size, self.patch, self.cfg.tile_copies, self.cfg.readout),
+            what=f"objectives.montage (a batch of {batch.batch_size} images of {size} px)",
+        )
         gen = torch.Generator().manual_seed(state.step * 7919 + rank())
         canvases = []
         for side in range(2):
             for level in range(1, levels):
                 crops = batch.local_views[side * (levels - 1) + level - 1].images
-                m = make_montage(crops, level, gen)
+                m = make_montage(crops, level, gen, copies=self.cfg.tile_copies[level])
                 self._pending.append((side, level, m))
                 canvases.append(m.canvases)
         return {"montage": torch.cat(canvases)}

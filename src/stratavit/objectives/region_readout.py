@@ -9,9 +9,12 @@ exactly a ``w × w`` window (``w = 7`` at 224 px); a neck shared across levels (
   window (each sample sits on a cell centre); other boxes are resampled bilinearly.
 * :class:`SimplePyramid` builds the pyramid of a ViT from its last block (ViTDet's simple feature
   pyramid: strides ``p/4, p/2, p, 2p`` by deconvolution, identity and max-pooling), so a ViT
-  gets the same readout. A CNN backbone (:mod:`stratavit.pyramid_backbone`) brings its own FPN.
-* :class:`ConvRegionNeck` is the neck; :class:`RegionReadout` bundles the pyramid (if any) and the
-  neck, so one EMA copy of it is the teacher side.
+  gets the same readout. For ViT-S/16 at 224 px: (B, 384, 14, 14) -> (B, 256, 56, 56),
+  (B, 256, 28, 28), (B, 256, 14, 14), (B, 256, 7, 7) at strides 4, 8, 16, 32; montage level ``i``
+  (tiles of ``224 / 2^i`` px) reads stride ``32 / 2^i``, so every tile is an exact 7 × 7 window, as
+  on a ResNet's P5..P2. A CNN backbone (:mod:`stratavit.pyramid_backbone`) brings its own FPN.
+* :class:`ConvRegionNeck` is the neck, (M, C, w, w) -> (M, D); :class:`RegionReadout` bundles the
+  pyramid (if any) and the neck, so one EMA copy of it is the teacher side.
 """
 
 from __future__ import annotations
