@@ -62,7 +62,8 @@ from stratavit.sync_batchnorm import convert_sync_batchnorm_cpu
 from stratavit.views import MultiCropTransform, MultiViewBatch, collate_views, eval_transform
 
 WORLD = 2
-B = 4  # samples per process; the single process trains on WORLD * B
+B = 8  # samples per process; the single process trains on WORLD * B. MoCo v3's heads normalise each view's
+# batch on its own (16 samples here): with 8 the round-off of a near-dead ReLU channel is amplified past 1e-5
 STEPS = 2
 LR, MOMENTUM, WD, EMA = 0.1, 0.9, 0.01, 0.9
 N_EMBED = 16  # images of mcvt's E-step
@@ -89,10 +90,10 @@ RECIPES: dict[str, list[str]] = {
     "local-global": ["views.local_crops=2", *_obj("patch_match", [*DINO_HEAD, "patch_jitter_p=0.5"])],
     "ibot": ["views.local_crops=2", *_obj("ibot_mim", DINO_HEAD)],
     "sere": ["views.local_crops=2", *_obj("ibot_mim", DINO_HEAD)],
-    "mcl": ["views.local_crops=0", *_obj("montage", [*NCE, "montage_levels=1", "level_weights=[1.0]", "tile_copies=[1]"])],
+    "mcl": ["views.local_crops=0", *_obj("montage", [*NCE, "montage_levels=1", "level_weights=[1.0]", "tile_copies=[1]", "pyramid_dim=16"])],
 }
 MONTAGE2 = ["views.local_crops=2", "views.local_size=32",
-            *_obj("montage", [*NCE, "montage_levels=2", "level_weights=[0.5,0.5]", "tile_copies=[1,1]"])]
+            *_obj("montage", [*NCE, "montage_levels=2", "level_weights=[0.5,0.5]", "tile_copies=[1,1]", "pyramid_dim=16"])]
 NOT_SPLIT_INVARIANT = {"ibot/teacher_patch_entropy"}  # a mean over a per-process number of masked patches
 
 
