@@ -4,6 +4,7 @@
 #
 #   bash bench/lightly_env.sh [VENV_DIR]        # default /work/bench-venv (outside the repo)
 #   VENV_DIR/bin/python bench/lightly_compare.py --method both
+#   VENV_DIR/bin/python -m pytest -q tests/test_lightly_reference.py   # LightlySSL losses as a second reference
 #
 # LightlySSL is never installed into the project's .venv: it is a benchmark reference only.
 # torch and torchvision are pinned by a constraints file so that installing `lightly` (which
@@ -27,7 +28,7 @@ PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check)
 # 2. stratavit itself, editable, from this checkout
 "${PIP[@]}" -c "$CONSTRAINTS" -e "$REPO"
 # 3. LightlySSL from PyPI; the constraints keep torch/torchvision as they are
-"${PIP[@]}" -c "$CONSTRAINTS" "$LIGHTLY_PIN"
+"${PIP[@]}" -c "$CONSTRAINTS" "$LIGHTLY_PIN" "pytest>=8" "pytest-timeout>=2.3"  # pytest: tests/test_lightly_reference.py
 
 "$VENV/bin/python" - <<'EOF'
 import lightly, timm, torch, torchvision
