@@ -130,8 +130,6 @@ class ProtoNCE(InfoNCE):
                     f"objectives.{self.name}.num_clusters={cfg.num_clusters}: give distinct granularities of at "
                     f"least 2 clusters each (or null: chosen from the data-set size)"
                 )
-        if cfg.proto_scale not in ("instance", "none"):
-            raise ConfigError(f"objectives.{self.name}.proto_scale must be 'instance' or 'none', not {cfg.proto_scale!r}")
         self.num_clusters: list[int] | None = list(cfg.num_clusters) if cfg.num_clusters is not None else None
         """The granularities in use: the config's, or resolved from the data-set size (:meth:`check_data`)."""
         self.prototypes: list[Prototypes] = []
