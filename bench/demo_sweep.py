@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from stratavit.datasets import SAMPLE_NAME
+from stratavit.data.datasets import SAMPLE_NAME
 from stratavit.demo import DEMO_OVERRIDES, DEMO_RECIPE
 from stratavit.evaluate import evaluate_run
 from stratavit.train import pretrain

@@ -1,4 +1,4 @@
-"""Time PCL's E-step clustering (stratavit.clustering) on random features.
+"""Time PCL's E-step clustering (stratavit.objectives.protonce.clustering) on random features.
 
     .venv/bin/python bench/kmeans_speed.py                     # 50,000 × 256 → 1,000 and 500/1000/2000
     .venv/bin/python bench/kmeans_speed.py --n 50000 --d 256 --k 500 1000 2000 --iters 20
@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from stratavit.clustering import cluster_embeddings, kmeans
+from stratavit.objectives.protonce.clustering import cluster_embeddings, kmeans
 
 
 def main() -> None:

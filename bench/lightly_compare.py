@@ -79,10 +79,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stratavit.config import resolve_config, to_dict
-from stratavit.datasets import SAMPLE_NAME, build_dataset
+from stratavit.config import to_dict
+
+from stratavit.recipe import resolve_config
+from stratavit.data.datasets import SAMPLE_NAME, build_dataset
 from stratavit.module import PretrainModule
-from stratavit.views import MultiCropTransform, MultiViewBatch, collate_views
+from stratavit.data.views import MultiCropTransform, MultiViewBatch, collate_views
 
 try:
     import lightly

@@ -1,4 +1,4 @@
-"""Training-loader throughput: an ImageFolder vs tar shards (stratavit.shards) of the same images.
+"""Training-loader throughput: an ImageFolder vs tar shards (stratavit.data.shards) of the same images.
 
     .venv/bin/python bench/loader_throughput.py                      # 2,000 CIFAR-10 train JPEGs
     .venv/bin/python bench/loader_throughput.py --src DIR --images 5000 --workers 0 2 4 --reps 5
@@ -32,9 +32,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from stratavit.config import resolve_config
-from stratavit.datasets import ImageFolderDataset
-from stratavit.shards import ShardDataset, write_shards
+from stratavit.recipe import resolve_config
+from stratavit.data.datasets import ImageFolderDataset
+from stratavit.data.shard_writer import write_shards
+from stratavit.data.shards import ShardDataset
 from stratavit.train import build_train_loader
 
 DEFAULT_SRC = Path.home() / ".cache" / "stratavit-tests" / "cifar10" / "train"

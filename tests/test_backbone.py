@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stratavit.backbone import Backbone, sincos_pos_embed_2d
+from stratavit.backbones.vit import Backbone, sincos_pos_embed_2d
 from stratavit.config import BackboneConfig, ConfigError
 
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from stratavit.clustering import (
+from stratavit.objectives.protonce.clustering import (
     Prototypes,
     _fill_empty,
     cluster_embeddings,

@@ -23,7 +23,8 @@ from stratavit.collapse import (
     rankme,
     singular_value_entropy_rank,
 )
-from stratavit.config import ConfigError, resolve_config
+from stratavit.config import ConfigError
+from stratavit.recipe import resolve_config
 
 from conftest import TINY
 
@@ -282,7 +283,7 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
     from torch import nn
 
-    from stratavit.backbone import LevelFeatures
+    from stratavit.backbones.features import LevelFeatures
     from stratavit.config import to_dict
     from stratavit.module import PretrainModule
     from stratavit.objectives import ViewFeatures

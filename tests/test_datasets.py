@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from stratavit.datasets import DataError, ImageFolderDataset, bad_files, build_dataset, dataset_targets
+from stratavit.data.datasets import DataError, ImageFolderDataset, bad_files, build_dataset, dataset_targets
 
 
 def _img(path: Path, color=(10, 20, 30)) -> None:
@@ -66,8 +66,8 @@ def _sized(path: Path, size: tuple[int, int]) -> None:
 
 
 def test_images_smaller_than_the_crop_fail_before_training_unless_allowed(tmp_path):
-    from stratavit.config import resolve_config
-    from stratavit.datasets import check_image_sizes, image_sizes
+    from stratavit.recipe import resolve_config
+    from stratavit.data.datasets import check_image_sizes, image_sizes
     from stratavit.train import build_train_loader
 
     for i in range(6):
@@ -111,7 +111,7 @@ def _folder(tmp_path: Path, size: tuple[int, int], n: int = 3) -> Path:
     ],
 )
 def test_the_suggested_view_sizes_pass_the_next_checks(tmp_path, recipe, size, expect):
-    from stratavit.config import resolve_config
+    from stratavit.recipe import resolve_config
     from stratavit.train import build_train_loader
 
     data = _folder(tmp_path, size)
@@ -127,7 +127,7 @@ def test_the_suggested_view_sizes_pass_the_next_checks(tmp_path, recipe, size, e
 
 
 def test_images_smaller_than_one_patch_say_so_and_suggest_upsampling(tmp_path):
-    from stratavit.config import resolve_config
+    from stratavit.recipe import resolve_config
     from stratavit.train import build_train_loader
 
     data = _folder(tmp_path, (12, 10))
@@ -139,7 +139,7 @@ def test_images_smaller_than_one_patch_say_so_and_suggest_upsampling(tmp_path):
 
 
 def test_suggest_view_sizes():
-    from stratavit.datasets import suggest_view_sizes
+    from stratavit.data.datasets import suggest_view_sizes
 
     assert suggest_view_sizes(148, 224, 16, 96) == (144, 48)
     assert suggest_view_sizes(148, 224, 1, None) == (148, None)

@@ -55,11 +55,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from stratavit.config import resolve_config, to_dict
+from stratavit.config import to_dict
+
+from stratavit.recipe import resolve_config
 from stratavit.module import PretrainModule, _param_groups
-from stratavit.objectives.protonce import protonce_loss
+from stratavit.objectives.protonce.objective import protonce_loss
 from stratavit.sync_batchnorm import convert_sync_batchnorm_cpu
-from stratavit.views import MultiCropTransform, MultiViewBatch, collate_views, eval_transform
+from stratavit.data.views import MultiCropTransform, MultiViewBatch, collate_views, eval_transform
 
 WORLD = 2
 B = 8  # samples per process; the single process trains on WORLD * B. MoCo v3's heads normalise each view's

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from stratavit.config import BackboneConfig
-from stratavit.datasets import build_dataset
+from stratavit.data.datasets import build_dataset
 from stratavit.evaluate import classification_probes, evaluate_run, load_run_backbone, plain_timm_model
 from stratavit.evaluation.correspondence import correspondence_score
 from stratavit.evaluation.dense import dense_probe
@@ -36,8 +36,8 @@ from stratavit.evaluation.tokens import (
     native_size,
     resolve_blocks,
 )
-from stratavit.export import backbone_from_checkpoint, load_backbone
-from stratavit.views import eval_transform
+from stratavit.backbones.export import backbone_from_checkpoint, load_backbone
+from stratavit.data.views import eval_transform
 
 STRIDES = [4, 8, 16, 32]
 WIDTHS = [64, 128, 256, 512]  # resnet18's layer1..layer4
@@ -97,7 +97,7 @@ def test_any_multiple_of_the_coarsest_stride_is_a_valid_size(resnet):
 
 
 def test_checkpoint_body_becomes_the_exported_plain_timm_model():
-    from stratavit.pyramid_backbone import PyramidBackbone
+    from stratavit.backbones.pyramid import PyramidBackbone
 
     torch.manual_seed(0)
     pyramid = PyramidBackbone(BackboneConfig(type="resnet_fpn", arch="resnet18", fpn_dim=16)).eval()

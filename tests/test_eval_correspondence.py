@@ -16,7 +16,7 @@ from stratavit.evaluation.correspondence import (
     match_scores,
     sample_crop,
 )
-from stratavit.geometry import patch_centers_in_source
+from stratavit.data.geometry import patch_centers_in_source
 
 VIEW = (32, 32)
 GRID = (4, 4)  # patch 8

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stratavit.backbone import Backbone
+from stratavit.backbones.vit import Backbone
 from stratavit.config import BackboneConfig
-from stratavit.export import ExportError, backbone_from_checkpoint, load_backbone, save_backbone
+from stratavit.backbones.export import ExportError, backbone_from_checkpoint, load_backbone, save_backbone
 
 
 class _Evil:

@@ -12,12 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stratavit.backbone import Backbone, LevelFeatures
-from stratavit.config import BackboneConfig, resolve_config
+from stratavit.backbones.features import LevelFeatures
+
+from stratavit.backbones.vit import Backbone
+from stratavit.config import BackboneConfig
+from stratavit.recipe import resolve_config
 from stratavit.objectives import InfoNCE, InfoNCEConfig, StepState, ViewFeatures
 from stratavit.objectives.dino import DINOConfig, teacher_temperature
 from stratavit.objectives.heads import ContrastiveHeadConfig, predictor_last_bn
-from stratavit.objectives.ibot_mim import IBOTConfig, teacher_patch_temperature
+from stratavit.objectives.ibot_mim.objective import IBOTConfig, teacher_patch_temperature
 from stratavit.objectives.patch_aggregate import PatchAggregate, PatchAggregateConfig
 from stratavit.schedules import cosine_schedule
 
@@ -106,7 +109,7 @@ def test_cl_edi_module_b_predictor_has_the_final_batchnorm_too():
 
 
 def test_predictor_final_batchnorm_follows_the_backbone_unless_set():
-    from stratavit.pyramid_backbone import PyramidBackbone
+    from stratavit.backbones.pyramid import PyramidBackbone
 
     vit = _backbone()
     assert predictor_last_bn(ContrastiveHeadConfig(), vit) is True

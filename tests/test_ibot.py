@@ -9,12 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from stratavit.backbone import Backbone, LevelFeatures
-from stratavit.config import BackboneConfig, ConfigError, resolve_config, to_dict
-from stratavit.masking import block_mask, block_masks, ibot_min_num_patches
+from stratavit.backbones.features import LevelFeatures
+
+from stratavit.backbones.vit import Backbone
+from stratavit.config import BackboneConfig, ConfigError, to_dict
+from stratavit.recipe import resolve_config
+from stratavit.objectives.ibot_mim.masking import block_mask, block_masks, ibot_min_num_patches
 from stratavit.objectives import OBJECTIVES, StepState, ViewFeatures
-from stratavit.objectives.ibot_mim import IBOT, IBOTConfig, IBOTHead, mim_loss, teacher_patch_temperature
-from stratavit.views import MultiCropTransform, MultiViewBatch, collate_views
+from stratavit.objectives.ibot_mim.objective import IBOT, IBOTConfig, IBOTHead, mim_loss, teacher_patch_temperature
+from stratavit.data.views import MultiCropTransform, MultiViewBatch, collate_views
 
 C = 16
 

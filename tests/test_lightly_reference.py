@@ -17,7 +17,7 @@ import torch
 lightly_loss = pytest.importorskip("lightly.loss")
 
 from stratavit.objectives.dino import DINOConfig, dino_loss, teacher_temperature, updated_center  # noqa: E402
-from stratavit.objectives.ibot_mim import mim_loss  # noqa: E402
+from stratavit.objectives.ibot_mim.objective import mim_loss  # noqa: E402
 
 K, B = 64, 6
 

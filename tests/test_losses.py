@@ -125,7 +125,7 @@ def test_infonce_with_queue_matches_reference():
 
 
 def test_infonce_queue_is_a_fifo():
-    from stratavit.backbone import Backbone
+    from stratavit.backbones.vit import Backbone
     from stratavit.config import BackboneConfig
     from stratavit.objectives.infonce import InfoNCE, InfoNCEConfig
 

@@ -9,8 +9,10 @@ import math
 import pytest
 import torch
 
-from stratavit.config import ConfigError, resolve_config, to_dict
-from stratavit.views import MultiCropTransform, MultiViewBatch, ViewBatch
+from stratavit.config import ConfigError, to_dict
+
+from stratavit.recipe import resolve_config
+from stratavit.data.views import MultiCropTransform, MultiViewBatch, ViewBatch
 
 
 def _module(recipe: str, overrides: list[str]):

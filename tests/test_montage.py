@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stratavit.config import ConfigError
-from stratavit.montage import check_montage_geometry, make_montage, tile_tokens
+from stratavit.objectives.montage.layout import check_montage_geometry, make_montage, tile_tokens
 
 
 def _batch(b: int = 64, s: int = 32) -> torch.Tensor:
@@ -100,7 +100,7 @@ def test_authors_defaults_give_b_b4_b16_b32_canvases():
 
 
 def test_batch_multiple_is_the_lcm_of_the_levels_needs():
-    from stratavit.montage import batch_multiple
+    from stratavit.objectives.montage.layout import batch_multiple
 
     assert batch_multiple([1, 1, 1, 2]) == 32 and batch_multiple([1, 1, 1, 1]) == 64
     assert batch_multiple([1, 2, 4, 8]) == 8 and batch_multiple([1]) == 1 and batch_multiple([1, 1, 4]) == 4
@@ -119,7 +119,7 @@ def _suggested(message: str, key: str) -> list[int]:
 
 
 def _problems(*args, **kw):
-    from stratavit.montage import montage_problems
+    from stratavit.objectives.montage.layout import montage_problems
 
     return montage_problems(*args, **kw)
 
@@ -191,7 +191,7 @@ import numpy as np  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from stratavit.objectives.base import StepState  # noqa: E402
-from stratavit.objectives.montage import region_contrast  # noqa: E402
+from stratavit.objectives.montage.objective import region_contrast  # noqa: E402
 
 
 def test_region_contrast_hand_value_and_minimum_at_the_true_sources():
@@ -218,7 +218,8 @@ MCL_TINY = [
 
 
 def _mcl_module(extra=()):
-    from stratavit.config import resolve_config, to_dict
+    from stratavit.config import to_dict
+    from stratavit.recipe import resolve_config
     from stratavit.module import PretrainModule
 
     torch.manual_seed(0)
@@ -231,8 +232,8 @@ def _batch_of(n: int):
     """A batch of ``n`` random 36-px images in the views of MCL_TINY (all tests here share those views)."""
     from PIL import Image
 
-    from stratavit.config import resolve_config
-    from stratavit.views import MultiCropTransform, collate_views
+    from stratavit.recipe import resolve_config
+    from stratavit.data.views import MultiCropTransform, collate_views
 
     tf = MultiCropTransform(resolve_config("mcl", MCL_TINY).views, patch_size=4)
     rng = np.random.default_rng(0)

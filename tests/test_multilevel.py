@@ -8,15 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stratavit.backbone import Backbone, LevelFeatures
-from stratavit.clustering import Prototypes
-from stratavit.config import BackboneConfig, ConfigError, resolve_config
+from stratavit.backbones.features import LevelFeatures
+
+from stratavit.backbones.vit import Backbone
+from stratavit.objectives.protonce.clustering import Prototypes
+from stratavit.config import BackboneConfig, ConfigError
+from stratavit.recipe import resolve_config
 from stratavit.objectives import OBJECTIVES, PatchAggregate, PatchAggregateConfig, ProtoNCE, ProtoNCEConfig, StepState, ViewFeatures
 from stratavit.objectives.base import resolve_levels
 from stratavit.objectives.infonce import InfoNCEConfig
 from stratavit.objectives.patch_aggregate import cls_attention_weights
-from stratavit.objectives.protonce import protonce_loss
-from stratavit.views import MultiViewBatch
+from stratavit.objectives.protonce.objective import protonce_loss
+from stratavit.data.views import MultiViewBatch
 
 C = 16
 
@@ -233,7 +236,7 @@ def test_recipes_resolve():
 
 
 def test_auto_num_clusters_scale_with_the_data_set():
-    from stratavit.objectives.protonce import auto_num_clusters
+    from stratavit.objectives.protonce.objective import auto_num_clusters
 
     assert auto_num_clusters(50_000) == [500, 1000, 2000]  # METHODS.md's values for ~50k images
     assert auto_num_clusters(1_281_167) == [12811, 25623, 51246]
@@ -250,7 +253,7 @@ def test_check_data_resolves_null_and_rejects_too_many_clusters(caplog):
     small = dict(proj_hidden_dim=16, proj_dim=8, pred_hidden_dim=16)
     auto = ProtoNCE(ProtoNCEConfig(num_clusters=None, **small), bb)
     assert auto.num_clusters is None
-    with caplog.at_level("INFO", logger="stratavit.objectives.protonce"):
+    with caplog.at_level("INFO", logger="stratavit.objectives.protonce.objective"):
         auto.check_data(50_000)
     assert auto.num_clusters == [500, 1000, 2000] and auto.cfg.num_clusters is None  # the config keeps null
     assert "protonce: 50000 images -> num_clusters [500, 1000, 2000]" in caplog.text

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from stratavit.backbone import Backbone, LevelFeatures
+from stratavit.backbones.features import LevelFeatures
+
+from stratavit.backbones.vit import Backbone
 from stratavit.config import BackboneConfig
 from stratavit.objectives import DINO, DINOConfig, InfoNCE, InfoNCEConfig, StepState, ViewFeatures
 from stratavit.objectives.infonce import infonce_loss

@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stratavit.backbone import Backbone
+from stratavit.backbones.vit import Backbone
 from stratavit.config import BackboneConfig, ViewsConfig
-from stratavit.geometry import patch_centers_in_source
+from stratavit.data.geometry import patch_centers_in_source
 from stratavit.objectives import OBJECTIVES, PatchMatch, PatchMatchConfig, StepState, ViewFeatures
-from stratavit.objectives.patch_match import matched_cross_entropy, patchwise_jitter
-from stratavit.patch_matching import match_patches
-from stratavit.views import MultiCropTransform, collate_views
+from stratavit.objectives.patch_match.objective import matched_cross_entropy, patchwise_jitter
+from stratavit.objectives.patch_match.matching import match_patches
+from stratavit.data.views import MultiCropTransform, collate_views
 
 NO, YES = torch.tensor([False]), torch.tensor([True])
 FULL = torch.tensor([[0.0, 0.0, 32.0, 32.0]])
@@ -217,7 +217,7 @@ def test_patchwise_jitter_changes_patches_independently():
 
 def test_registered_and_configurable():
     assert OBJECTIVES["patch_match"] is PatchMatch
-    from stratavit.config import resolve_config
+    from stratavit.recipe import resolve_config
 
     cfg = resolve_config("local-global", ["objectives.patch_match.patch_jitter_p=0.5"])
     assert cfg.objectives["patch_match"].patch_jitter_p == 0.5
@@ -236,7 +236,9 @@ def test_engine_step_of_the_local_global_recipe():
     """PretrainModule end to end: jitter hook, EMA teacher head, loss, gradients, frozen last layer, centre."""
     from PIL import Image
 
-    from stratavit.config import resolve_config, to_dict
+    from stratavit.config import to_dict
+
+    from stratavit.recipe import resolve_config
     from stratavit.module import PretrainModule
 
     torch.manual_seed(0)

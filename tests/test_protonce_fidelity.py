@@ -26,11 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stratavit.backbone import Backbone, LevelFeatures
-from stratavit.clustering import Prototypes
+from stratavit.backbones.features import LevelFeatures
+
+from stratavit.backbones.vit import Backbone
+from stratavit.objectives.protonce.clustering import Prototypes
 from stratavit.config import BackboneConfig
 from stratavit.objectives import ProtoNCE, ProtoNCEConfig, StepState, ViewFeatures
-from stratavit.views import MultiViewBatch
+from stratavit.data.views import MultiViewBatch
 
 C = 16          # embedding width
 B = 6           # batch

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from stratavit.backbone import build_backbone
-from stratavit.config import BackboneConfig, ConfigError, resolve_config, to_dict
-from stratavit.montage import make_montage
-from stratavit.objectives.region_readout import SimplePyramid, roi_features
+from stratavit.backbones.build import build_backbone
+from stratavit.config import BackboneConfig, ConfigError, to_dict
+from stratavit.recipe import resolve_config
+from stratavit.objectives.montage.layout import make_montage
+from stratavit.objectives.montage.readout import SimplePyramid, roi_features
 
 
 def test_roi_align_on_grid_aligned_boxes_returns_the_exact_window():
@@ -41,7 +42,7 @@ def test_simple_pyramid_strides_and_shapes_follow_vitdet():
 
 def test_vit_small_pyramid_reads_every_tile_of_224_px_montages_as_an_exact_7x7_window():
     """The mcl recipe's default: ViT-S/16 (384 channels, 14x14 tokens at 224 px), pyramid of 256 channels."""
-    from stratavit.objectives.region_readout import ConvRegionNeck, RegionReadout
+    from stratavit.objectives.montage.readout import ConvRegionNeck, RegionReadout
 
     torch.manual_seed(0)
     pyr = SimplePyramid(in_dim=384, out_dim=256, patch_size=16, num_levels=4).eval()
@@ -138,7 +139,7 @@ def _module(recipe, overrides):
 def _batch(cfg, patch, n=32, side=72):
     from PIL import Image
 
-    from stratavit.views import MultiCropTransform, collate_views
+    from stratavit.data.views import MultiCropTransform, collate_views
 
     tf = MultiCropTransform(cfg.views, patch_size=patch)
     rng = np.random.default_rng(0)
@@ -206,7 +207,7 @@ def test_montage_readout_errors_are_clear():
         _module("mcl-resnet", [*RESNET_TINY, "objectives.montage.levels=[-1]"])
     with pytest.raises(ConfigError, match="ViT settings"):
         _module("mcl-resnet", [*RESNET_TINY, "backbone.patch_size=16"])
-    from stratavit.views import MultiCropTransform
+    from stratavit.data.views import MultiCropTransform
 
     cfg, module = _module("mcl-resnet", RESNET_TINY)
     cfg.views.global_size = cfg.views.local_size = 48
@@ -219,7 +220,7 @@ def test_mcl_resnet_from_the_command_line_exports_a_plain_timm_resnet(tmp_path, 
     import timm
     from safetensors.torch import load_file
 
-    from stratavit.export import load_backbone, read_metadata
+    from stratavit.backbones.export import load_backbone, read_metadata
     from stratavit.train import pretrain
 
     run = pretrain("mcl-resnet", str(cifar_train), tmp_path / "run", [

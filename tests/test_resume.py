@@ -16,9 +16,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import TINY
-from stratavit.config import resolve_config
-from stratavit.datasets import Indexed, build_dataset
-from stratavit.sampling import (
+from stratavit.recipe import resolve_config
+from stratavit.data.datasets import Indexed, build_dataset
+from stratavit.data.sampling import (
     ResumableSampler,
     epoch_permutation,
     mix_seed,
@@ -27,7 +27,7 @@ from stratavit.sampling import (
     shard,
 )
 from stratavit.train import _truncate_metrics, pretrain
-from stratavit.views import MultiCropTransform, collate_views
+from stratavit.data.views import MultiCropTransform, collate_views
 
 REPO = Path(__file__).resolve().parents[1]
 DINO_SMALL = ["objectives.dino.out_dim=128", "objectives.dino.hidden_dim=64", "objectives.dino.bottleneck_dim=32",
@@ -44,7 +44,7 @@ def test_mix_seed_is_splitmix64():
     # SplitMix64 seeded with 0: its first two outputs are 0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4
     # (the reference sequence); mix_seed(0) is the first output of state 0, shifted to 63 bits.
     assert mix_seed(0) == 0xE220A8397B1DCDAF >> 1
-    from stratavit.sampling import _splitmix64
+    from stratavit.data.sampling import _splitmix64
 
     assert _splitmix64(0x9E3779B97F4A7C15) == 0x6E789E6AA1B965F4
     assert mix_seed(1, 2) != mix_seed(2, 1)  # order matters

@@ -12,9 +12,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from stratavit.backbone import Backbone, LevelFeatures
-from stratavit.config import BackboneConfig, ConfigError, resolve_config, to_dict
-from stratavit.geometry import patch_centers_in_source
+from stratavit.backbones.features import LevelFeatures
+
+from stratavit.backbones.vit import Backbone
+from stratavit.config import BackboneConfig, ConfigError, to_dict
+from stratavit.recipe import resolve_config
+from stratavit.data.geometry import patch_centers_in_source
 from stratavit.objectives import OBJECTIVES, StepState, ViewFeatures
 from stratavit.objectives.self_relation import (
     SelfRelation,
@@ -31,7 +34,7 @@ from stratavit.objectives.self_relation import (
     spatial_relation,
     tokens_to_map,
 )
-from stratavit.views import MultiCropTransform, MultiViewBatch, ViewBatch, collate_views
+from stratavit.data.views import MultiCropTransform, MultiViewBatch, ViewBatch, collate_views
 
 C, HEADS = 16, 4
 

@@ -18,9 +18,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from stratavit.config import resolve_config
-from stratavit.datasets import DataError, ImageFolderDataset, build_dataset
-from stratavit.shards import INDEX, ShardDataset, ShardMapDataset, is_shard_dir, read_index, write_shards
+from stratavit.recipe import resolve_config
+from stratavit.data.datasets import DataError, ImageFolderDataset, build_dataset
+from stratavit.data.shard_format import INDEX, is_shard_dir, read_index
+from stratavit.data.shard_writer import write_shards
+from stratavit.data.shards import ShardDataset, ShardMapDataset
 from stratavit.train import build_train_loader
 
 from conftest import TINY

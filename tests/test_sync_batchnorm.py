@@ -73,7 +73,7 @@ def test_without_distributed_it_is_a_plain_batch_norm():
 
 
 def test_train_uses_it_for_multi_process_cpu_runs_only():
-    from stratavit.config import resolve_config
+    from stratavit.recipe import resolve_config
     from stratavit.train import _sync_batchnorm  # imported here: the spawned workers need not load Lightning
 
     def cfg(*over: str):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from stratavit.backbone import Backbone
+from stratavit.backbones.vit import Backbone
 from stratavit.config import BackboneConfig
 from stratavit.objectives.heads import DINOHead, moco_mlp
 from stratavit.schedules import cosine_schedule, momentum_schedule
@@ -58,9 +58,11 @@ def test_compiled_backbones_keep_their_state_dict_and_losses():
     import numpy as np
     from PIL import Image
 
-    from stratavit.config import resolve_config, to_dict
+    from stratavit.config import to_dict
+
+    from stratavit.recipe import resolve_config
     from stratavit.module import PretrainModule
-    from stratavit.views import MultiCropTransform, collate_views
+    from stratavit.data.views import MultiCropTransform, collate_views
 
     over = ["backbone.arch=vit_tiny_patch16_224", "backbone.img_size=32", "backbone.patch_size=4",
             "backbone.embed_dim=32", "backbone.depth=2", "backbone.num_heads=2", "views.global_size=32",

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from stratavit.config import ConfigError, ViewsConfig
-from stratavit.views import MultiCropTransform, collate_views
+from stratavit.data.views import MultiCropTransform, collate_views
 
 
 def test_multicrop_shapes_and_collate():
@@ -89,7 +89,7 @@ def test_resize_applies_before_every_view_and_keeps_the_view_size():
 
 
 def _resolve(*overrides: str):
-    from stratavit.config import resolve_config
+    from stratavit.recipe import resolve_config
 
     return resolve_config("dino", list(overrides))
 
@@ -111,7 +111,7 @@ def test_resize_smaller_than_the_crops_is_refused():
 
 
 def test_every_shipped_recipe_resolves_and_local_global_resizes_to_256():
-    from stratavit.config import recipe_names, resolve_config
+    from stratavit.recipe import recipe_names, resolve_config
 
     for name in recipe_names():
         v = resolve_config(name).views

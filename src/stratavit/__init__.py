@@ -22,8 +22,8 @@ def evaluate(*args: Any, **kwargs: Any) -> Any:
 
 
 def load_backbone(*args: Any, **kwargs: Any) -> Any:
-    """See :func:`stratavit.export.load_backbone`."""
-    from stratavit.export import load_backbone as _load
+    """See :func:`stratavit.backbones.export.load_backbone`."""
+    from stratavit.backbones.export import load_backbone as _load
 
     return _load(*args, **kwargs)
 

@@ -6,7 +6,7 @@ complete one, never a truncated file: the checkpoint goes to ``last.ckpt.tmp`` a
 ``last.ckpt`` only on step triggers, not at epoch ends, and writes it in place.)
 
 :class:`BatchSeed` makes what a training step draws from the global RNG a function of the step's
-position, so a resumed run draws what the uninterrupted one drew (see :mod:`stratavit.sampling`
+position, so a resumed run draws what the uninterrupted one drew (see :mod:`stratavit.data.sampling`
 for the data order and the views).
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from stratavit.sampling import batch_seed
+from stratavit.data.sampling import batch_seed
 
 
 def _fsync(path: Path, folder: bool = False) -> None:
@@ -94,7 +94,7 @@ class LastCheckpoint(L.Callback):
     ``on_train_batch_end`` (the teacher's EMA update) and before Lightning hands the step's
     metrics to the loggers. The loggers are flushed first, so ``metrics.csv`` holds every step
     the checkpoint holds even when the process is then killed. Every checkpoint records the data
-    position (:data:`DATA_POSITION`) for :meth:`stratavit.sampling.ResumableSampler.resume`.
+    position (:data:`DATA_POSITION`) for :meth:`stratavit.data.sampling.ResumableSampler.resume`.
     """
 
     def __init__(self, path: Path, every_n_steps: int | None = None) -> None:

@@ -17,9 +17,9 @@ from stratavit import __version__
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from stratavit.config import ConfigError
-    from stratavit.datasets import DataError
+    from stratavit.data.datasets import DataError
     from stratavit.evaluation.errors import EvaluationError
-    from stratavit.export import ExportError
+    from stratavit.backbones.export import ExportError
     from stratavit.module import NonFiniteLossError
 
     return (ConfigError, DataError, EvaluationError, ExportError, NonFiniteLossError, FileNotFoundError)
@@ -35,7 +35,7 @@ def _quiet_libraries() -> None:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from stratavit.config import load_recipe_dict, recipe_names
+    from stratavit.recipe import load_recipe_dict, recipe_names
 
     names = recipe_names()
     width = max(len(n) for n in names)
@@ -46,7 +46,8 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from stratavit.config import dump_yaml, resolve_config
+    from stratavit.config import dump_yaml
+    from stratavit.recipe import resolve_config
 
     print(dump_yaml(resolve_config(args.recipe, args.overrides)), end="")
     return 0
@@ -116,7 +117,7 @@ def _blocks(text: str) -> list[int]:
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
-    from stratavit.shards import write_shards
+    from stratavit.data.shard_writer import write_shards
 
     summary = write_shards(
         args.src, args.out, shard_size=args.shard_size, seed=args.seed, workers=args.workers, overwrite=args.overwrite
@@ -134,7 +135,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from stratavit.export import export_run
+    from stratavit.backbones.export import export_run
 
     if args.to != "timm":
         raise SystemExit(f"--to {args.to}: only 'timm' is supported")

@@ -1,9 +1,10 @@
 """Typed configuration: dataclasses, recipe YAML loading and validated dotted overrides.
 
-A :class:`Config` is built from a recipe YAML (``stratavit/recipes/<name>.yaml``) and a list of
-``key=value`` overrides such as ``train.epochs=2`` or ``objectives.dino.out_dim=4096``. Every key
-is checked against the dataclass fields and every value against the field's type before anything
-runs; mistakes raise :class:`ConfigError` naming the key and what is allowed.
+The sections of a :class:`Config` and the generic machinery that builds any dataclass from plain
+data: every key is checked against the dataclass fields and every value against the field's type;
+mistakes raise :class:`ConfigError` naming the key and what is allowed. This module knows no
+objective: ``Config.objectives`` holds each objective's own config dataclass, which the recipe
+layer (:mod:`stratavit.recipe`) builds through the objectives registry.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import dataclasses
 import difflib
 import types
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
@@ -264,7 +263,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
 
 
-def _unknown_key(key: str, name: str, allowed: list[str]) -> ConfigError:
+def unknown_key(key: str, name: str, allowed: list[str]) -> ConfigError:
     close = difflib.get_close_matches(name, allowed, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return ConfigError(f"unknown config key '{key}'.{hint} Allowed here: {', '.join(sorted(allowed))}")
@@ -278,42 +277,13 @@ def build_dataclass(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else name
         if name not in names:
-            raise _unknown_key(key, name, names)
+            raise unknown_key(key, name, names)
         kwargs[name] = _coerce(value, hints[name], key)
     return cls(**kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
-# Recipes and overrides
-
-
-def recipe_names() -> list[str]:
-    """Names of the recipes shipped in ``stratavit/recipes``."""
-    folder = resources.files("stratavit") / "recipes"
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-def load_recipe_dict(recipe: str) -> dict[str, Any]:
-    """Read a recipe by name, or a YAML file path, into a plain dict."""
-    path = Path(recipe)
-    if recipe.endswith((".yaml", ".yml")) and path.exists():
-        text = path.read_text()
-    else:
-        names = recipe_names()
-        if recipe not in names:
-            raise _unknown_recipe(recipe, names)
-        text = (resources.files("stratavit") / "recipes" / f"{recipe}.yaml").read_text()
-    data = yaml.safe_load(text) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"recipe {recipe!r} is not a YAML mapping")
-    data.setdefault("recipe", path.stem if path.exists() else recipe)
-    return data
-
-
-def _unknown_recipe(recipe: str, names: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(recipe, names, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"unknown recipe '{recipe}'.{hint} Available: {', '.join(names)}")
+# Overrides (dotted keys; the recipe layer, stratavit.recipe, applies them)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -331,7 +301,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def _set_path(data: dict[str, Any], parts: list[str], value: Any) -> None:
+def set_path(data: dict[str, Any], parts: list[str], value: Any) -> None:
     node = data
     for part in parts[:-1]:
         child = node.get(part)
@@ -344,59 +314,18 @@ def _set_path(data: dict[str, Any], parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _check_override_path(parts: list[str]) -> None:
-    """Reject unknown keys in an override before merging, naming the allowed ones."""
-    from stratavit.objectives import OBJECTIVES
-
-    cls: Any = Config
-    start = 0
-    if parts[0] == "objectives":
-        if len(parts) == 1:
-            raise ConfigError("set one objective field at a time, e.g. objectives.dino.out_dim=4096")
-        if parts[1] not in OBJECTIVES:
-            raise _unknown_key(f"objectives.{parts[1]}", parts[1], list(OBJECTIVES))
-        cls, start = OBJECTIVES[parts[1]].config_class, 2
+def check_override_path(cls: Any, parts: list[str], start: int = 0) -> None:
+    """Reject an unknown key of an override (``parts`` from ``start`` are fields of dataclass ``cls``
+    and its nested dataclasses) before anything is merged, naming the allowed keys."""
     for i in range(start, len(parts)):
         part, key = parts[i], ".".join(parts[: i + 1])
         if cls is None:
             raise ConfigError(f"'{'.'.join(parts[:i])}' is a value, not a section: cannot set '{key}'")
         names = [f.name for f in dataclasses.fields(cls)]
         if part not in names:
-            raise _unknown_key(key, part, names)
+            raise unknown_key(key, part, names)
         tp = get_type_hints(cls)[part]
         cls = tp if dataclasses.is_dataclass(tp) else None
-
-
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """Validate a plain mapping (a recipe or a saved config.yaml) into a :class:`Config`."""
-    from stratavit.objectives import OBJECTIVES
-
-    data = dict(data)
-    objectives_raw = data.pop("objectives", None) or {}
-    if not isinstance(objectives_raw, dict):
-        raise ConfigError("objectives: expected a mapping of objective name -> settings")
-    cfg = build_dataclass(Config, data)
-    objectives: dict[str, Any] = {}
-    for name, values in objectives_raw.items():
-        if name not in OBJECTIVES:
-            raise _unknown_key(f"objectives.{name}", name, list(OBJECTIVES))
-        values = values or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"objectives.{name}: expected a mapping, got {values!r}")
-        objectives[name] = build_dataclass(OBJECTIVES[name].config_class, values, f"objectives.{name}")
-    cfg.objectives = objectives
-    validate(cfg)
-    return cfg
-
-
-def resolve_config(recipe: str | dict[str, Any], overrides: list[str] | None = None) -> Config:
-    """Recipe (name, YAML path or dict) + ``key=value`` overrides -> validated :class:`Config`."""
-    data = load_recipe_dict(recipe) if isinstance(recipe, str) else dict(recipe)
-    for text in overrides or []:
-        parts, value = parse_override(text)
-        _check_override_path(parts)
-        _set_path(data, parts, value)
-    return config_from_dict(data)
 
 
 def validate(cfg: Config) -> None:
@@ -461,19 +390,6 @@ def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def load_config_file(path: Path) -> Config:
-    """Read a run folder's resolved ``config.yaml`` back into a :class:`Config`."""
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"no config file at {path}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} is not a YAML mapping")
-    return config_from_dict(data)
-
-
 __all__ = [
     "BackboneConfig",
     "Config",
@@ -483,10 +399,12 @@ __all__ = [
     "TeacherConfig",
     "TrainConfig",
     "ViewsConfig",
-    "config_from_dict",
+    "build_dataclass",
+    "check_override_path",
     "dump_yaml",
-    "load_config_file",
-    "recipe_names",
-    "resolve_config",
+    "parse_override",
+    "set_path",
+    "unknown_key",
+    "validate",
     "to_dict",
 ]

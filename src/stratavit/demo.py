@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from stratavit.datasets import HORSES_SAMPLE, SAMPLE_NAME
+from stratavit.data.datasets import HORSES_SAMPLE, SAMPLE_NAME
 
 DEMO_RECIPE = "mocov3"
 DEMO_OVERRIDES: list[str] = [

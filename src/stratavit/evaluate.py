@@ -33,8 +33,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from stratavit.config import Config, load_config_file
-from stratavit.datasets import bad_files, build_dataset, segmentation_root, set_skip_log
+from stratavit.config import Config
+
+from stratavit.recipe import load_config_file
+from stratavit.data.datasets import bad_files, build_dataset, segmentation_root, set_skip_log
 from stratavit.evaluation import knn_per_layer, knn_top1, linear_probe_top1, raw_pixel_features, write_report
 from stratavit.evaluation.correspondence import correspondence_score
 from stratavit.evaluation.errors import EvaluationError
@@ -48,9 +50,9 @@ from stratavit.evaluation.tokens import (
     native_size,
     resolve_blocks,
 )
-from stratavit.export import ExportError, backbone_from_checkpoint, load_backbone, plain_timm_model, random_backbone
+from stratavit.backbones.export import ExportError, backbone_from_checkpoint, load_backbone, plain_timm_model, random_backbone
 from stratavit.train import last_checkpoint
-from stratavit.views import describe_resize, eval_transform
+from stratavit.data.views import describe_resize, eval_transform
 
 
 def load_run_backbone(run_dir: Path, which: str = "teacher") -> nn.Module:

@@ -19,14 +19,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from stratavit.backbone import build_backbone
+from stratavit.backbones.build import build_backbone
 from stratavit.collapse import CollapseMonitor, collapse_metrics
-from stratavit.config import Config, ConfigError, config_from_dict, to_dict
+from stratavit.config import Config, ConfigError, to_dict
+from stratavit.recipe import config_from_dict
 from stratavit.distributed import gather_concat, rank, world_size
 from stratavit.objectives import OBJECTIVES, Objective, StepState, ViewFeatures
 from stratavit.schedules import cosine_schedule, momentum_schedule
 from stratavit.teacher import Teacher
-from stratavit.views import MultiViewBatch
+from stratavit.data.views import MultiViewBatch
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,12 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from stratavit.config import Config, ConfigError, dump_yaml, load_config_file, resolve_config, to_dict
-from stratavit.datasets import DataError, Indexed, bad_files, build_dataset, check_image_sizes, set_skip_log
-from stratavit.sampling import ResumableSampler
-from stratavit.views import MultiCropTransform, collate_views, eval_transform
+from stratavit.config import Config, ConfigError, dump_yaml, to_dict
+
+from stratavit.recipe import load_config_file, resolve_config
+from stratavit.data.datasets import DataError, Indexed, bad_files, build_dataset, check_image_sizes, set_skip_log
+from stratavit.data.sampling import ResumableSampler
+from stratavit.data.views import MultiCropTransform, collate_views, eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,7 @@ def _truncate_metrics(path: Path, from_step: int) -> None:
 
 
 def build_train_loader(cfg: Config, patch_size: int, skip_log: Path | None = None) -> DataLoader:
-    """Multi-crop training loader: batches are :class:`~stratavit.views.MultiViewBatch`.
+    """Multi-crop training loader: batches are :class:`~stratavit.data.views.MultiViewBatch`.
 
     Unreadable images are skipped; with ``skip_log`` their paths are appended to that file by
     whichever process (loader worker) met them.
@@ -118,7 +120,8 @@ def build_train_loader(cfg: Config, patch_size: int, skip_log: Path | None = Non
     if cfg.data.path is None:
         raise ConfigError("no training data: pass --data DIR (an ImageFolder directory) or a named set such as cifar10")
     transform = MultiCropTransform(cfg.views, patch_size)
-    from stratavit.shards import is_shard_dir, shard_loader
+    from stratavit.data.shard_format import is_shard_dir
+    from stratavit.data.shards import shard_loader
 
     if is_shard_dir(cfg.data.path):  # tar shards: streamed, split across processes and workers
         return shard_loader(cfg, transform, skip_log)
@@ -142,7 +145,7 @@ def build_train_loader(cfg: Config, patch_size: int, skip_log: Path | None = Non
             f"data.batch_size={cfg.data.batch_size}; lower data.batch_size or add images"
         )
     # The order of each epoch and each sample's views are pure functions of (seed, epoch, index):
-    # a run resumed mid-epoch continues exactly (stratavit.sampling).
+    # a run resumed mid-epoch continues exactly (stratavit.data.sampling).
     return DataLoader(
         Indexed(ds, seed=cfg.train.seed),
         batch_size=cfg.data.batch_size,
@@ -178,7 +181,7 @@ def pretrain(
 
     from stratavit.checkpointing import BatchSeed, LastCheckpoint, data_position, save_atomically
 
-    from stratavit.export import export_backbone
+    from stratavit.backbones.export import export_backbone
     from stratavit.metrics_log import RunCSVLogger
     from stratavit.module import PretrainModule
 

@@ -55,7 +55,7 @@ from stratavit.evaluation.tokens import (
     model_at_size,
     resolve_blocks,
 )
-from stratavit.views import describe_resize, eval_transform
+from stratavit.data.views import describe_resize, eval_transform
 
 __all__ = [
     "IGNORE_INDEX",

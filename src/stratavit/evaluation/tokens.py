@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from stratavit.backbone import cls_attention
+from stratavit.backbones.vit import cls_attention
 
 __all__ = [
     "BlockTokens",

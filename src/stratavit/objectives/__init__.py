@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from stratavit.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput, StepState, ViewFeatures
+from stratavit.objectives.base import (
+    Objective,
+    ObjectiveConfig,
+    ObjectiveOutput,
+    StepState,
+    ViewFeatures,
+)
 from stratavit.objectives.dino import DINO, DINOConfig
-from stratavit.objectives.ibot_mim import IBOT, IBOTConfig
+from stratavit.objectives.ibot_mim.objective import IBOT, IBOTConfig
 from stratavit.objectives.infonce import InfoNCE, InfoNCEConfig
-from stratavit.objectives.montage import MontageConfig, MontageObjective
+from stratavit.objectives.montage.objective import MontageConfig, MontageObjective
 from stratavit.objectives.patch_aggregate import PatchAggregate, PatchAggregateConfig
-from stratavit.objectives.patch_match import PatchMatch, PatchMatchConfig
-from stratavit.objectives.protonce import ProtoNCE, ProtoNCEConfig
+from stratavit.objectives.patch_match.objective import PatchMatch, PatchMatchConfig
+from stratavit.objectives.protonce.objective import ProtoNCE, ProtoNCEConfig
 from stratavit.objectives.self_relation import SelfRelation, SelfRelationConfig
 
 OBJECTIVES: dict[str, type[Objective]] = {

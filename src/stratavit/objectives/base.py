@@ -16,9 +16,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from stratavit.backbone import Backbone, Features, resolve_level
+from stratavit.backbones.features import FeatureBackbone, Features, resolve_level
 from stratavit.config import ConfigError, ViewsConfig
-from stratavit.views import MultiViewBatch
+from stratavit.data.views import MultiViewBatch
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class ViewFeatures:
     n_global: int
     n_local: int
     batch: MultiViewBatch
-    backbone: Backbone | None = None
+    backbone: FeatureBackbone | None = None
     masks: Tensor | None = None
     extra: dict[str, Features] = field(default_factory=dict)
     """Features of the extra image batches objectives asked for (:meth:`Objective.student_views`)."""
@@ -102,7 +102,7 @@ def _spread(positions: list[int], depth: int) -> list[int]:
     return out
 
 
-def resolve_levels(cfg: ObjectiveConfig, backbone: Backbone, name: str = "objective") -> list[int]:
+def resolve_levels(cfg: ObjectiveConfig, backbone: FeatureBackbone, name: str = "objective") -> list[int]:
     """Config levels -> distinct 1-based block numbers of ``backbone``, in the config's order.
 
     Without ``levels_for_depth`` the levels are blocks of ``backbone`` (negative: from the end);
@@ -175,7 +175,7 @@ class Objective(nn.Module):
     config_class: ClassVar[type[ObjectiveConfig]]
     reads_local_views: ClassVar[bool] = False
 
-    def __init__(self, cfg: ObjectiveConfig, backbone: Backbone) -> None:
+    def __init__(self, cfg: ObjectiveConfig, backbone: FeatureBackbone) -> None:
         super().__init__()
         self.cfg = cfg
         self.levels = resolve_levels(cfg, backbone, self.name)

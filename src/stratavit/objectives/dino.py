@@ -14,9 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stratavit.backbone import Backbone
+from stratavit.backbones.features import FeatureBackbone
 from stratavit.distributed import all_reduce_sum, world_size
-from stratavit.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput, StepState, ViewFeatures
+from stratavit.objectives.base import (
+    Objective,
+    ObjectiveConfig,
+    ObjectiveOutput,
+    StepState,
+    ViewFeatures,
+)
 from stratavit.objectives.heads import DINOHead
 
 
@@ -87,7 +93,7 @@ class DINO(Objective):
     config_class = DINOConfig
     reads_local_views = True
 
-    def __init__(self, cfg: DINOConfig, backbone: Backbone) -> None:
+    def __init__(self, cfg: DINOConfig, backbone: FeatureBackbone) -> None:
         super().__init__(cfg, backbone)
         self.require_one_level("its CLS token")
         self.cfg: DINOConfig = cfg

@@ -32,9 +32,7 @@ def predictor_last_bn(cfg: ContrastiveHeadConfig, backbone: nn.Module) -> bool:
     """``cfg.pred_last_bn``, or MoCo v3's choice when unset: True on a ViT, False on a CNN pyramid."""
     if cfg.pred_last_bn is not None:
         return cfg.pred_last_bn
-    from stratavit.pyramid_backbone import PyramidBackbone
-
-    return not isinstance(backbone, PyramidBackbone)
+    return not backbone.is_pyramid
 
 
 def moco_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, last_bn: bool = True) -> nn.Sequential:

@@ -19,10 +19,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stratavit.backbone import Backbone, LevelFeatures
+from stratavit.backbones.features import FeatureBackbone, LevelFeatures
 from stratavit.distributed import gather_concat, rank
-from stratavit.objectives.base import Objective, ObjectiveOutput, StepState, ViewFeatures
-from stratavit.objectives.heads import ContrastiveHeadConfig, moco_mlp, moco_predictor, per_view, predictor_last_bn
+from stratavit.objectives.base import (
+    Objective,
+    ObjectiveOutput,
+    StepState,
+    ViewFeatures,
+)
+from stratavit.objectives.heads import (
+    ContrastiveHeadConfig,
+    moco_mlp,
+    moco_predictor,
+    per_view,
+    predictor_last_bn,
+)
 
 
 @dataclass
@@ -84,7 +95,7 @@ class InfoNCE(Objective):
     name = "infonce"
     config_class = InfoNCEConfig
 
-    def __init__(self, cfg: InfoNCEConfig, backbone: Backbone) -> None:
+    def __init__(self, cfg: InfoNCEConfig, backbone: FeatureBackbone) -> None:
         super().__init__(cfg, backbone)
         self.cfg: InfoNCEConfig = cfg
         if cfg.level_weights is not None and len(cfg.level_weights) != len(self.levels):

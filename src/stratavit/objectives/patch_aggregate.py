@@ -23,10 +23,21 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from stratavit.backbone import Backbone, Features, LevelFeatures, cls_attention
+from stratavit.backbones.features import FeatureBackbone, Features, LevelFeatures
+from stratavit.backbones.vit import cls_attention
 from stratavit.config import ConfigError
-from stratavit.objectives.base import Objective, ObjectiveOutput, StepState, ViewFeatures
-from stratavit.objectives.heads import ContrastiveHeadConfig, moco_heads, per_view, predictor_last_bn
+from stratavit.objectives.base import (
+    Objective,
+    ObjectiveOutput,
+    StepState,
+    ViewFeatures,
+)
+from stratavit.objectives.heads import (
+    ContrastiveHeadConfig,
+    moco_heads,
+    per_view,
+    predictor_last_bn,
+)
 from stratavit.objectives.infonce import symmetric_infonce
 
 
@@ -81,7 +92,7 @@ class PatchAggregate(Objective):
     name = "patch_aggregate"
     config_class = PatchAggregateConfig
 
-    def __init__(self, cfg: PatchAggregateConfig, backbone: Backbone) -> None:
+    def __init__(self, cfg: PatchAggregateConfig, backbone: FeatureBackbone) -> None:
         super().__init__(cfg, backbone)
         self.cfg: PatchAggregateConfig = cfg
         self.require_one_level("the patch tokens it aggregates")

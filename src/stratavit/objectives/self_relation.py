@@ -29,7 +29,7 @@ modules' projections, so only those are EMA-copied (:meth:`SelfRelation.teacher_
 
 Sampling convention (:func:`overlap_points`, :func:`sampling_grid`): the overlap points are
 source-image coordinates, row-major (y outer, x inner); each view maps them into its own pixel
-coordinates with :func:`stratavit.geometry.source_to_view` (flips included) and normalises them
+coordinates with :func:`stratavit.data.geometry.source_to_view` (flips included) and normalises them
 as ``2 x / S − 1`` for ``grid_sample(align_corners=False)``, under which ±1 are the outer edges of
 the view and token ``i`` of ``g`` sits at ``(2 i + 1) / g − 1``, i.e. at its patch centre.
 
@@ -63,7 +63,6 @@ Metrics: ``sere/spatial``, ``sere/channel`` (unweighted losses) and ``sere/overl
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -71,11 +70,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stratavit.backbone import Backbone
+from stratavit.backbones.features import FeatureBackbone
 from stratavit.config import ConfigError
-from stratavit.geometry import intersect, source_to_view
-from stratavit.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput, StepState, ViewFeatures
-from stratavit.views import ViewBatch
+from stratavit.data.geometry import intersect, source_to_view
+from stratavit.data.views import ViewBatch
+from stratavit.objectives.base import (
+    Objective,
+    ObjectiveConfig,
+    ObjectiveOutput,
+    StepState,
+    ViewFeatures,
+)
 
 Padding = Literal["border", "zeros"]
 
@@ -352,7 +357,7 @@ class SelfRelation(Objective):
     config_class = SelfRelationConfig
     reads_local_views = True
 
-    def __init__(self, cfg: SelfRelationConfig, backbone: Backbone) -> None:
+    def __init__(self, cfg: SelfRelationConfig, backbone: FeatureBackbone) -> None:
         super().__init__(cfg, backbone)
         self.cfg: SelfRelationConfig = cfg
         self.require_one_level("its pre-norm patch tokens")
@@ -385,7 +390,6 @@ class SelfRelation(Objective):
         n_g = student.n_global
         sg = student.global_[lv]
         x_g = tokens_to_map(sg.patches_pre, sg.grid)  # (n_g·B, C, h, w)
-        b = x_g.shape[0] // n_g
         _, p_ch_g = self.channel(x_g)
         _, p_sp_g = self.spatial(x_g)
         with torch.no_grad():

@@ -12,7 +12,7 @@ Shapes: images (B, 3, S, S) -> canvases (c·B/r², 3, S, S), sources (c·B/r², 
 
 A tile's region embedding is either the mean of the patch tokens inside it (:func:`tile_tokens`,
 ``readout: pool``: tiles must cover whole patches, ``S / r`` a multiple of the patch) or RoI-align
-on a feature pyramid (``readout: roi_align``, :mod:`stratavit.objectives.region_readout`, any
+on a feature pyramid (``readout: roi_align``, :mod:`stratavit.objectives.montage.readout`, any
 ``S / r``). :func:`montage_problems` lists everything a batch size / image size gets wrong, with
 the nearest values that work.
 

@@ -2,7 +2,7 @@
 
 One DINO head maps every post-norm token (CLS and patches) of the single level read (default: the
 last block). For every pair (teacher global view q, student view v ≠ q, locals included) the
-tokens are matched per sample from the crop geometry (:func:`stratavit.patch_matching.match_patches`;
+tokens are matched per sample from the crop geometry (:func:`stratavit.objectives.patch_match.matching.match_patches`;
 CLS <-> CLS always, patches of the overlap one-to-one); the loss of the pair is, per sample, the
 weighted mean over its matched pairs of ``CE(P_t(q)[i], P_s(v)[j])`` (CLS weight 1, patch weight
 ``patch_weight``; equal by default), averaged over the batch, then over view pairs.
@@ -25,14 +25,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stratavit.backbone import Backbone
+from stratavit.backbones.features import FeatureBackbone
 from stratavit.config import ConfigError, ViewsConfig
+from stratavit.data.views import ViewBatch
 from stratavit.distributed import sample_seeds
-from stratavit.objectives.base import Objective, ObjectiveOutput, StepState, ViewFeatures
+from stratavit.objectives.base import (
+    Objective,
+    ObjectiveOutput,
+    StepState,
+    ViewFeatures,
+)
 from stratavit.objectives.dino import DINOConfig, teacher_temperature, updated_center
 from stratavit.objectives.heads import DINOHead
-from stratavit.patch_matching import match_patches
-from stratavit.views import ViewBatch
+from stratavit.objectives.patch_match.matching import match_patches
 
 
 @dataclass
@@ -104,7 +109,7 @@ class PatchMatch(Objective):
     config_class = PatchMatchConfig
     reads_local_views = True
 
-    def __init__(self, cfg: PatchMatchConfig, backbone: Backbone) -> None:
+    def __init__(self, cfg: PatchMatchConfig, backbone: FeatureBackbone) -> None:
         super().__init__(cfg, backbone)
         self.require_one_level("all its tokens")
         if cfg.patch_weight < 0 or not 0 <= cfg.patch_jitter_p <= 1:

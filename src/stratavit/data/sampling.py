@@ -7,7 +7,7 @@ in it depends on history that a checkpoint does not hold:
   pure function. :class:`ResumableSampler` shards it across DDP ranks and can start an epoch after
   its first ``k`` batches (the position of the checkpoint).
 * **Views**: the sampler yields ``(epoch, index)`` keys, so the epoch travels with every index into
-  loader workers (persistent ones too); :class:`~stratavit.datasets.Indexed` makes the views of a
+  loader workers (persistent ones too); :class:`~stratavit.data.datasets.Indexed` makes the views of a
   sample inside :func:`seeded_rng` ``(sample_seed(seed, epoch, index))``. The views of a sample
   are thus the same with any number of workers, on any rank, before or after a restart.
 * **Training step** (drop path, anything drawn from the global RNG):

@@ -2,7 +2,7 @@
 
 Levels are the pyramid outputs, finest first: level ``i`` (1-based) is ``P_{i+1}`` of a ResNet
 (level 1 = P2 at stride 4, level 4 = P5 at stride 32); ``-1`` is the coarsest. Each level is
-returned as :class:`~stratavit.backbone.LevelFeatures` so objectives read it like a ViT level:
+returned as :class:`~stratavit.backbones.features.LevelFeatures` so objectives read it like a ViT level:
 
 * ``patches`` (B, h·w, C): the FPN map flattened row-major over ``grid = (h, w)``;
 * ``cls`` (B, C): the global average of that map (a CNN has no class token);
@@ -23,7 +23,11 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
 
-from stratavit.backbone import Features, LevelFeatures, resolve_level
+from stratavit.backbones.features import (
+    Features,
+    LevelFeatures,
+    resolve_level,
+)
 from stratavit.config import BackboneConfig, ConfigError
 
 VIT_ONLY_FIELDS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
@@ -35,7 +39,7 @@ def pyramid_timm_kwargs(cfg: BackboneConfig) -> dict[str, object]:
 
 
 class PyramidBackbone(nn.Module):
-    """timm CNN body + FPN: ``forward(x, levels)`` -> :data:`~stratavit.backbone.Features`.
+    """timm CNN body + FPN: ``forward(x, levels)`` -> :data:`~stratavit.backbones.features.Features`.
 
     Args:
         cfg: ``cfg.type == "resnet_fpn"``; ``cfg.arch`` any timm CNN with 4 feature stages after
@@ -46,6 +50,8 @@ class PyramidBackbone(nn.Module):
         fpn: torchvision ``FeaturePyramidNetwork`` with batch norm (MCL's neck).
         strides: the stride of every level, finest first.
     """
+
+    is_pyramid = True  # levels are pyramid levels with their own strides (see FeatureBackbone)
 
     teacher_batch_stats = True
     """The EMA teacher runs this backbone in training mode (batch statistics), as MoCo's key encoder."""
@@ -137,8 +143,3 @@ class PyramidBackbone(nn.Module):
             out[lv] = out[self.resolve_level(lv)]
         return out
 
-
-def level_map(level: LevelFeatures) -> Tensor:
-    """The patch tokens of a level as a feature map: (B, N, C) -> (B, C, gh, gw)."""
-    b, _, c = level.patches.shape
-    return level.patches.transpose(1, 2).reshape(b, c, *level.grid)

@@ -1,6 +1,6 @@
 """``ibot_mim``: iBOT (Zhou et al. 2022) — DINO on the CLS token plus masked-patch self-distillation.
 
-The student's global views are masked blockwise (:mod:`stratavit.masking`; a learned mask token,
+The student's global views are masked blockwise (:mod:`stratavit.objectives.ibot_mim.masking`; a learned mask token,
 owned here, replaces the masked patch embeddings before the position embedding); the teacher sees
 them clean; local views are never masked. One projection head (shared by default) maps every
 post-norm token of the single level read (default: the last block) to K logits.
@@ -51,13 +51,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stratavit.backbone import Backbone
+from stratavit.backbones.features import FeatureBackbone
 from stratavit.config import ConfigError
 from stratavit.distributed import sample_seeds
-from stratavit.masking import block_masks, ibot_min_num_patches
-from stratavit.objectives.base import Objective, ObjectiveOutput, StepState, ViewFeatures
-from stratavit.objectives.dino import DINOConfig, dino_loss, teacher_temperature, updated_center
+from stratavit.objectives.base import (
+    Objective,
+    ObjectiveOutput,
+    StepState,
+    ViewFeatures,
+)
+from stratavit.objectives.dino import (
+    DINOConfig,
+    dino_loss,
+    teacher_temperature,
+    updated_center,
+)
 from stratavit.objectives.heads import DINOHead
+from stratavit.objectives.ibot_mim.masking import block_masks, ibot_min_num_patches
 
 
 @dataclass
@@ -210,7 +220,7 @@ class IBOT(Objective):
     config_class = IBOTConfig
     reads_local_views = True
 
-    def __init__(self, cfg: IBOTConfig, backbone: Backbone) -> None:
+    def __init__(self, cfg: IBOTConfig, backbone: FeatureBackbone) -> None:
         super().__init__(cfg, backbone)
         self.cfg: IBOTConfig = cfg
         self.require_one_level("its CLS and patch tokens")

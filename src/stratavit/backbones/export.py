@@ -22,8 +22,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from stratavit import __version__
-from stratavit.backbone import Backbone, build_backbone, timm_kwargs
+from stratavit.backbones.build import build_backbone
+from stratavit.backbones.pyramid import PyramidBackbone, pyramid_timm_kwargs
+from stratavit.backbones.vit import Backbone, timm_kwargs
 from stratavit.config import BackboneConfig
+from stratavit.recipe import config_from_dict
+from stratavit.run_folder import last_checkpoint
 
 
 class ExportError(ValueError):
@@ -38,8 +42,6 @@ def timm_model(backbone: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
     """The plain timm model inside a backbone and the kwargs that rebuild it."""
     if isinstance(backbone, Backbone):
         return backbone.vit, timm_kwargs(backbone.cfg)
-    from stratavit.pyramid_backbone import PyramidBackbone, pyramid_timm_kwargs
-
     if isinstance(backbone, PyramidBackbone):
         return backbone.body, pyramid_timm_kwargs(backbone.cfg)
     raise ExportError(f"cannot export a {type(backbone).__name__}")
@@ -114,8 +116,6 @@ def load_backbone(path: str | Path, **timm_overrides: Any) -> nn.Module:
 
 def export_run(run_dir: Path, out: Path, which: str = "teacher") -> Path:
     """Export a run's backbone from its last checkpoint (or its ``backbone.safetensors``)."""
-    from stratavit.train import last_checkpoint
-
     run_dir = Path(run_dir)
     ckpt = last_checkpoint(run_dir)
     if ckpt.exists():
@@ -133,8 +133,6 @@ def export_run(run_dir: Path, out: Path, which: str = "teacher") -> Path:
 
 def backbone_from_checkpoint(ckpt: Path, which: str = "teacher") -> nn.Module:
     """Load the teacher or student backbone from a Lightning checkpoint (weights only, no pickle)."""
-    from stratavit.config import config_from_dict
-
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from stratavit.geometry import intersect
+from stratavit.data.geometry import intersect
 
 
 @dataclass

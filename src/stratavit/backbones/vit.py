@@ -8,61 +8,14 @@ grid shape, both before the final LayerNorm (``*_pre``) and after it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import timm
 import torch
 from torch import Tensor, nn
 
+from stratavit.backbones.features import Features, LevelFeatures, resolve_level
 from stratavit.config import BackboneConfig, ConfigError
-
-
-@dataclass
-class LevelFeatures:
-    """Tokens of one level for a batch of ``B`` views.
-
-    Attributes:
-        tokens_pre: (B, 1 + N, C) CLS + patch tokens before the final norm.
-        grid: ``(gh, gw)`` patch grid, ``N = gh * gw``.
-        norm: the backbone's final norm layer, applied lazily for the post-norm tokens.
-    """
-
-    tokens_pre: Tensor
-    grid: tuple[int, int]
-    norm: nn.Module
-    _post: Tensor | None = field(default=None, repr=False)
-
-    @property
-    def tokens(self) -> Tensor:
-        """(B, 1 + N, C) tokens after the final norm."""
-        if self._post is None:
-            self._post = self.norm(self.tokens_pre)
-        return self._post
-
-    @property
-    def cls(self) -> Tensor:
-        """(B, C) CLS token after the final norm."""
-        return self.tokens[:, 0]
-
-    @property
-    def patches(self) -> Tensor:
-        """(B, N, C) patch tokens after the final norm, row-major over ``grid``."""
-        return self.tokens[:, 1:]
-
-    @property
-    def cls_pre(self) -> Tensor:
-        """(B, C) CLS token before the final norm."""
-        return self.tokens_pre[:, 0]
-
-    @property
-    def patches_pre(self) -> Tensor:
-        """(B, N, C) patch tokens before the final norm."""
-        return self.tokens_pre[:, 1:]
-
-
-Features = dict[int, LevelFeatures]
-"""Level (1-based block number) -> :class:`LevelFeatures`."""
 
 
 def timm_kwargs(cfg: BackboneConfig) -> dict[str, Any]:
@@ -90,14 +43,6 @@ def sincos_pos_embed_2d(grid: tuple[int, int], dim: int, temperature: float = 10
     ox = xx.reshape(-1, 1) * omega
     oy = yy.reshape(-1, 1) * omega
     return torch.cat([ox.sin(), ox.cos(), oy.sin(), oy.cos()], dim=1).float()
-
-
-def resolve_level(level: int, depth: int, kind: str) -> int:
-    """A level (1..depth, or negative from the end) of a ``depth``-level ``kind`` -> 1..depth, or ConfigError."""
-    resolved = level + depth + 1 if level < 0 else level
-    if not 1 <= resolved <= depth:
-        raise ConfigError(f"level {level} does not exist in a {depth}-{kind} (use 1..{depth} or -1)")
-    return resolved
 
 
 def cls_attention(block: nn.Module, tokens_in: Tensor) -> Tensor:
@@ -134,6 +79,8 @@ class Backbone(nn.Module):
     Attributes:
         vit: the plain timm ``VisionTransformer`` (what ``export`` writes).
     """
+
+    is_pyramid = False  # a ViT: levels are blocks (see FeatureBackbone)
 
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
@@ -242,13 +189,3 @@ class Backbone(nn.Module):
             output_fmt="NLC",
             intermediates_only=True,
         )
-
-
-def build_backbone(cfg: BackboneConfig) -> nn.Module:
-    """The backbone ``cfg.type`` names: :class:`Backbone` (ViT) or a CNN feature pyramid
-    (:class:`~stratavit.pyramid_backbone.PyramidBackbone`); both return :data:`Features`."""
-    if cfg.type == "resnet_fpn":
-        from stratavit.pyramid_backbone import PyramidBackbone
-
-        return PyramidBackbone(cfg)
-    return Backbone(cfg)

@@ -2,7 +2,7 @@
 
 E-step (before every epoch from ``warmup_epochs`` on): teacher embeddings of the whole training
 set (eval transform), gathered across processes, spherical k-means at M granularities, per-cluster
-concentration φ (see :mod:`stratavit.clustering`); every process holds the same prototypes.
+concentration φ (see :mod:`stratavit.objectives.protonce.clustering`); every process holds the same prototypes.
 
 M-step loss, for every global view's query q (B, D), l2-normalised, and granularity m:
 ``CE(q · [c⁺ ; c⁻]ᵀ / [φ⁺ ; φ⁻], own column)`` where c⁺ (B, D) are the prototypes of the batch's
@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stratavit.backbone import Backbone, Features
-from stratavit.clustering import Prototypes, distributed_cluster
+from stratavit.backbones.features import FeatureBackbone, Features
 from stratavit.config import ConfigError
 from stratavit.objectives.base import ObjectiveOutput, StepState, ViewFeatures
 from stratavit.objectives.infonce import InfoNCE, InfoNCEConfig
+from stratavit.objectives.protonce.clustering import Prototypes, distributed_cluster
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class ProtoNCE(InfoNCE):
     name = "protonce"
     config_class = ProtoNCEConfig
 
-    def __init__(self, cfg: ProtoNCEConfig, backbone: Backbone) -> None:
+    def __init__(self, cfg: ProtoNCEConfig, backbone: FeatureBackbone) -> None:
         super().__init__(cfg, backbone)
         self.cfg: ProtoNCEConfig = cfg
         self.require_one_level("the feature it clusters")

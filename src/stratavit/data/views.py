@@ -24,7 +24,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
 from stratavit.config import ConfigError, ViewsConfig
-from stratavit.geometry import crop_box_from_params
+from stratavit.data.geometry import crop_box_from_params
 
 
 @dataclass

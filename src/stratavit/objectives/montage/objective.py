@@ -5,9 +5,9 @@ For each of the two global views ``v`` (symmetric) and montage level ``i = 0 .. 
 - level 0 is view ``v`` itself, (B, 3, S, S); level ``i ≥ 1`` tiles fresh crops of the batch (the
   recipe's local views, ``views.local_crops = 2 (L − 1)`` at ``views.local_size ==
   views.global_size``) downscaled by ``r = 2^i``, every image ``c_i = tile_copies[i]`` times, into
-  ``c_i · B / r²`` canvases (c_i·B/r², 3, S, S) (:func:`stratavit.montage.make_montage`). The
+  ``c_i · B / r²`` canvases (c_i·B/r², 3, S, S) (:func:`stratavit.objectives.montage.layout.make_montage`). The
   authors' ``c = [1, 1, 1, 2]`` gives ``B, B/4, B/16, B/32`` canvases: the batch must be a multiple
-  of 32 (:func:`stratavit.montage.batch_multiple`);
+  of 32 (:func:`stratavit.objectives.montage.layout.batch_multiple`);
 - a tile's **region embedding** (c_i · B, D) comes from the student's map of the canvases through
   the readout (below) and the level's own predictor;
 - targets: the teacher's whole-image embeddings (B, D) of the *other* global view (level-0 readout,
@@ -19,7 +19,7 @@ For each of the two global views ``v`` (symmetric) and montage level ``i = 0 .. 
 Readout (``readout``):
 
 - ``roi_align`` (default, the authors'): MCL's own readout
-  (:mod:`stratavit.objectives.region_readout`): level ``i`` is read from pyramid level
+  (:mod:`stratavit.objectives.montage.readout`): level ``i`` is read from pyramid level
   ``P_{top−i}`` with RoI-align, then a conv neck (4 × conv3x3-BN-ReLU, average pool, MLP). On a
   CNN + FPN backbone (recipe ``mcl-resnet``) the pyramid is the backbone's; on a ViT it is a simple
   (ViTDet) pyramid of the objective's level with strides ``p/4, p/2, p, 2p`` (4 levels). Either
@@ -27,7 +27,7 @@ Readout (``readout``):
   reads stride ``32 / 2^i`` (32, 16, 8, 4) where its ``224 / 2^i``-px tiles span 7 cells. Whole
   images (level 0 and the teacher's targets) are read with the box of the whole view. The image
   size must be a multiple of ``lcm(2^(L−1), patch)``.
-- ``pool``: the mean patch token inside the tile (:func:`stratavit.montage.tile_tokens`), through
+- ``pool``: the mean patch token inside the tile (:func:`stratavit.objectives.montage.layout.tile_tokens`), through
   the neck MLP; tiles must cover whole patches, so the image size must be a multiple of
   ``2^(L−1) · patch`` (128 at patch 16: not 224).
 """
@@ -41,15 +41,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stratavit.backbone import Backbone
+from stratavit.backbones.features import FeatureBackbone, level_map
 from stratavit.config import ConfigError, ViewsConfig
+from stratavit.data.views import MultiViewBatch
 from stratavit.distributed import gather_concat, rank
-from stratavit.montage import Montage, make_montage, montage_problems, raise_problems, tile_tokens
-from stratavit.objectives.base import Objective, ObjectiveOutput, StepState, ViewFeatures
+from stratavit.objectives.base import (
+    Objective,
+    ObjectiveOutput,
+    StepState,
+    ViewFeatures,
+)
 from stratavit.objectives.heads import ContrastiveHeadConfig, moco_mlp
-from stratavit.objectives.region_readout import ConvRegionNeck, RegionReadout, SimplePyramid
-from stratavit.pyramid_backbone import PyramidBackbone, level_map
-from stratavit.views import MultiViewBatch
+from stratavit.objectives.montage.layout import (
+    Montage,
+    make_montage,
+    montage_problems,
+    raise_problems,
+    tile_tokens,
+)
+from stratavit.objectives.montage.readout import (
+    ConvRegionNeck,
+    RegionReadout,
+    SimplePyramid,
+)
 
 
 @dataclass
@@ -93,7 +107,7 @@ class MontageObjective(Objective):
     name = "montage"
     config_class = MontageConfig
 
-    def __init__(self, cfg: MontageConfig, backbone: Backbone) -> None:
+    def __init__(self, cfg: MontageConfig, backbone: FeatureBackbone) -> None:
         super().__init__(cfg, backbone)
         problems = []
         if cfg.montage_levels < 1:
@@ -116,7 +130,7 @@ class MontageObjective(Objective):
             )
         raise_problems(problems)
         self.cfg: MontageConfig = cfg
-        self.on_pyramid = isinstance(backbone, PyramidBackbone)
+        self.on_pyramid = backbone.is_pyramid
         if self.on_pyramid and cfg.readout != "roi_align":
             raise ConfigError("objectives.montage on a CNN feature pyramid reads regions with readout=roi_align")
         self.readout: RegionReadout | None = None

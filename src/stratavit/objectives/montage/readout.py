@@ -12,7 +12,7 @@ exactly a ``w × w`` window (``w = 7`` at 224 px); a neck shared across levels (
   gets the same readout. For ViT-S/16 at 224 px: (B, 384, 14, 14) -> (B, 256, 56, 56),
   (B, 256, 28, 28), (B, 256, 14, 14), (B, 256, 7, 7) at strides 4, 8, 16, 32; montage level ``i``
   (tiles of ``224 / 2^i`` px) reads stride ``32 / 2^i``, so every tile is an exact 7 × 7 window, as
-  on a ResNet's P5..P2. A CNN backbone (:mod:`stratavit.pyramid_backbone`) brings its own FPN.
+  on a ResNet's P5..P2. A CNN backbone (:mod:`stratavit.backbones.pyramid`) brings its own FPN.
 * :class:`ConvRegionNeck` is the neck, (M, C, w, w) -> (M, D); :class:`RegionReadout` bundles the
   pyramid (if any) and the neck, so one EMA copy of it is the teacher side.
 """

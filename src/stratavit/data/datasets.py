@@ -18,7 +18,10 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
-from stratavit.sampling import sample_seed, seeded_rng
+from stratavit.data.errors import DataError
+from stratavit.data.sampling import sample_seed, seeded_rng
+from stratavit.data.shard_format import is_shard_dir
+from stratavit.data.shards import ShardMapDataset
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +30,6 @@ SAMPLE_NAME = "cifar10-sample"
 """``--data cifar10-sample`` (or ``cifar10-sample:test``) reads the sample shipped in the package."""
 HORSES_SAMPLE = "horses-sample"
 """``--dense-train horses-sample:train --dense-val horses-sample:val``: the shipped Weizmann Horses sample."""
-
-
-class DataError(ValueError):
-    """The data cannot be used; the message says why and what to do."""
 
 
 def cache_dir() -> Path:
@@ -110,7 +109,7 @@ class Indexed(Dataset):
     """Wraps a data set so that items become ``(x, label, index)``.
 
     With ``seed``, a key may also be ``(epoch, index)`` (what
-    :class:`~stratavit.sampling.ResumableSampler` yields): the item is then made with torch's and
+    :class:`~stratavit.data.sampling.ResumableSampler` yields): the item is then made with torch's and
     Python's RNGs seeded from ``(seed, epoch, index)``, so a sample's random augmentation is the
     same in any loader worker, on any rank, and after a restart.
     """
@@ -207,7 +206,7 @@ def build_dataset(
     Args:
         spec: an ImageFolder directory, a named set (``cifar10``, ``cifar100``, ``stl10``; append
             ``:test`` for the test split), ``cifar10-sample[:test]`` for the shipped sample, or a
-            shard folder (:mod:`stratavit.shards`, read by random access).
+            shard folder (:mod:`stratavit.data.shards`, read by random access).
         split: ``train`` or ``test`` for named sets (``spec``'s ``:split`` suffix wins).
         limit: keep a fixed random subset of this many images (seeded by ``seed``).
     """
@@ -219,7 +218,6 @@ def build_dataset(
     elif name in NAMED_DATASETS and not Path(spec).exists():
         ds = _named(name, split, root, transform)
     else:
-        from stratavit.shards import ShardMapDataset, is_shard_dir
 
         if is_shard_dir(spec):  # tar shards (`stratavit shard`): their first `limit` samples are a random subset
             return ShardMapDataset(spec, transform, limit=limit)

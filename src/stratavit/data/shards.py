@@ -1,428 +1,39 @@
-"""Tar shards in the WebDataset layout: write them from an ImageFolder, stream them for training.
-
-A shard folder::
-
-    SHARDS/shard-000000.tar   per sample, consecutive: KEY.jpg (or .png, .webp, ...) and KEY.cls
-    SHARDS/shard-000001.tar
-    ...
-    SHARDS/index.json         written last: shard names, samples per shard, total, class names
-
-* **Samples.** ``KEY`` is the sample's *global index* (zero-padded): its position in the shard set,
-  shard after shard. ``KEY.cls`` holds the label as ASCII digits. The image keeps the source
-  file's original bytes (no re-encoding, no quality loss); its extension is the decoded format's
-  (``jpg`` for JPEG files whatever their name, ``png``, ``webp``, ``bmp``, ``gif``, ``tiff``,
-  ``ppm``); an image in any other format is re-encoded as lossless PNG. Every image is decoded once
-  while writing (JPEGs at reduced scale, which still reads all their data): unreadable ones are
-  skipped, counted and listed in ``index.json``.
-* **Order.** The writer shuffles the samples with a seed before cutting shards, so every shard is a
-  random draw of the classes (a class folder never ends up in one shard), and the first ``N``
-  global indices are a random subset of size ``N`` (how ``data.limit`` works on shards).
-* **Reading.** :class:`ShardDataset` streams ``(transform(img), label[, index])`` for training,
-  split across processes and loader workers (see its docstring for the exact rule);
-  :class:`ShardMapDataset` reads any sample by its global index (the E-step of clustering recipes,
-  evaluation).
-"""
+"""Read tar shards (layout: :mod:`stratavit.data.shard_format`): stream them for training, read any sample by index."""
 
 from __future__ import annotations
 
-import io
-import json
 import logging
-import os
 import random
-import tarfile
-import time
 import warnings
-from bisect import bisect_right
-from dataclasses import dataclass, field
-from itertools import accumulate
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from stratavit import distributed
-from stratavit.datasets import NAMED_DATASETS, DataError, ImageFolderDataset, build_dataset
-from stratavit.sampling import sample_seed, seeded_rng
+from stratavit.data.errors import DataError
+from stratavit.data.sampling import sample_seed, seeded_rng
+from stratavit.data.shard_format import (
+    DECODE_ERRORS,
+    DEFAULT_SHUFFLE_BUFFER,
+    TAR_ERRORS,
+    decode_sample,
+    read_index,
+    read_shard,
+    split_name,
+    tar_members,
+)
+from stratavit.data.views import collate_views
 
 if TYPE_CHECKING:
     from stratavit.config import Config
 
 log = logging.getLogger(__name__)
 
-INDEX = "index.json"
-FORMAT = "stratavit-shards"
-VERSION = 1
-SHARD_NAME = "shard-{:06d}.tar"
-DEFAULT_SHARD_SIZE = 1000
-"""Samples per shard: ~100 MB of ImageNet-sized JPEGs, ~2 MB of CIFAR."""
-DEFAULT_SHUFFLE_BUFFER = 1000
-"""Undecoded samples each loader worker holds to shuffle (≈ 110 MB per worker for ImageNet JPEGs)."""
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm", "pnm")
-_FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif",
-               "TIFF": "tiff", "PPM": "ppm"}
-_DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, KeyError, EOFError, Image.DecompressionBombError)
-_TAR_ERRORS = (OSError, tarfile.TarError, EOFError, ValueError)
-
-
-# ------------------------------------------------------------------------------------------ index
-
-
-@dataclass(frozen=True)
-class ShardIndex:
-    """The contents of ``index.json``: which shards, how many samples each, the class names."""
-
-    root: Path
-    shards: tuple[str, ...]
-    counts: tuple[int, ...]
-    classes: tuple[str, ...]
-    skipped: tuple[str, ...] = ()
-    offsets: tuple[int, ...] = field(init=False)
-    """Global index of each shard's first sample (len(shards) + 1 entries; the last is the total)."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "offsets", tuple(accumulate(self.counts, initial=0)))
-
-    @property
-    def total(self) -> int:
-        return self.offsets[-1]
-
-    def path(self, shard: int) -> Path:
-        return self.root / self.shards[shard]
-
-    def locate(self, index: int) -> tuple[int, int]:
-        """Global index -> (shard, position inside the shard)."""
-        s = bisect_right(self.offsets, index) - 1
-        return s, index - self.offsets[s]
-
-
-def is_shard_dir(path: str | Path) -> bool:
-    """True for a folder that looks like shards: ``index.json`` or ``.tar`` files, no sub-folders, no images.
-
-    (An ImageFolder has class sub-folders or images; a shard folder, complete or not, has neither.)
-    """
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        return False
-    found = False
-    with os.scandir(p) as it:
-        for e in it:
-            if e.is_dir() or e.name.lower().endswith(IMG_EXTENSIONS):
-                return False
-            found = found or e.name == INDEX or e.name.endswith(".tar")
-    return found
-
-
-def read_index(root: str | Path) -> ShardIndex:
-    """Read and check ``root/index.json``; :class:`DataError` says what is wrong and what to do."""
-    root = Path(root).expanduser()
-    redo = f"write the shards again with `stratavit shard SRC --out {root} --overwrite`"
-    if not root.is_dir():
-        raise DataError(f"shard folder {root} does not exist or is not a folder; write one with `stratavit shard SRC --out {root}`")
-    index_path = root / INDEX
-    if not index_path.is_file():
-        tars = sorted(p.name for p in root.glob("*.tar"))
-        if not tars:
-            raise DataError(f"no shards in {root} (no {INDEX}, no .tar files); write them with `stratavit shard SRC --out {root}`")
-        raise DataError(
-            f"{root} holds {len(tars)} .tar files but no {INDEX} (written last by `stratavit shard`: without it the "
-            f"writing did not finish, or the shards come from another tool); {redo}"
-        )
-    try:
-        meta = json.loads(index_path.read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"format is {meta.get('format')!r}, not {FORMAT!r}")
-        shards = tuple(str(s["name"]) for s in meta["shards"])
-        counts = tuple(int(s["count"]) for s in meta["shards"])
-        classes = tuple(str(c) for c in meta["classes"])
-        total = int(meta["total"])
-        skipped = tuple(str(s) for s in meta.get("skipped", []))
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{index_path} is not a valid stratavit shard index ({e}); {redo}") from None
-    if sum(counts) != total or any(c < 0 for c in counts):
-        raise DataError(f"{index_path}: the shard counts add up to {sum(counts)}, not total={total}; {redo}")
-    if total == 0:
-        raise DataError(f"{index_path} lists no samples; {redo} from a folder with readable images")
-    missing = [s for s in shards if not (root / s).is_file()]
-    if missing:
-        raise DataError(f"{root}: {len(missing)} shard(s) listed in {INDEX} are missing ({', '.join(missing[:3])}...); {redo}")
-    return ShardIndex(root, shards, counts, classes, skipped)
-
-
-# ------------------------------------------------------------------------------------------ writing
-
-
-def _check_image(item: tuple[str, int]) -> tuple[str, int, bytes | None, str]:
-    """Read and decode one source image: ``(path, label, bytes to store or None, extension or error)``."""
-    path, label = item
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-        with Image.open(io.BytesIO(data)) as img:
-            fmt = img.format or ""
-            img.draft("RGB", (1, 1))  # JPEG: decode at 1/8 scale (all data is still read and checked)
-            img.load()
-            if fmt in _FORMAT_EXT:
-                return path, label, data, _FORMAT_EXT[fmt]
-            buf = io.BytesIO()
-            with Image.open(io.BytesIO(data)) as full:
-                full.convert("RGB").save(buf, format="PNG")
-            return path, label, buf.getvalue(), "png"
-    except _DECODE_ERRORS as e:
-        return path, label, None, f"{type(e).__name__}: {e}"
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mode = 0o444
-    info.mtime = 0  # the same images give byte-identical shards
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _write_shard(path: Path, samples: Sequence[tuple[str, bytes, str, int]]) -> None:
-    """Write ``(key, image bytes, extension, label)`` samples to ``path`` atomically (tmp + fsync + rename)."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for key, data, ext, label in samples:
-                    _add(tar, f"{key}.{ext}", data)
-                    _add(tar, f"{key}.cls", str(int(label)).encode("ascii"))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_shards(
-    src: str | Path,
-    out_dir: str | Path,
-    *,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    seed: int = 0,
-    workers: int | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Write an ImageFolder (or ``cifar10-sample[:test]``) as tar shards; returns a summary.
-
-    Labels and class names are those :func:`stratavit.datasets.build_dataset` gives the same
-    folder. Samples are shuffled (``seed``) before being cut into shards of ``shard_size``; each
-    shard is written atomically and ``index.json`` last, so a folder with an ``index.json`` is
-    complete. Unreadable images are skipped and listed (``summary["skipped"]``, ``index.json``).
-
-    Args:
-        workers: processes that read and check the images (default: up to 8 CPU cores; 0: none).
-        overwrite: replace the shards of an existing shard folder (otherwise a :class:`DataError`).
-
-    Returns:
-        ``{"out", "shards", "total", "classes", "skipped", "seconds"}``.
-    """
-    if shard_size < 1:
-        raise DataError(f"shard_size={shard_size}: give at least 1 sample per shard")
-    out = Path(out_dir).expanduser()
-    src_str = str(src)
-    if src_str.partition(":")[0] in NAMED_DATASETS and not Path(src_str).exists():
-        raise DataError(f"{src}: `stratavit shard` reads an ImageFolder directory; export {src} as one first")
-    if is_shard_dir(src_str):
-        raise DataError(f"{src} is already a shard folder; pass the ImageFolder it was written from")
-    ds = build_dataset(src_str)
-    if not isinstance(ds, ImageFolderDataset):
-        raise DataError(f"{src}: `stratavit shard` reads an ImageFolder directory (root/<class>/<image>) or cifar10-sample")
-    if out.resolve() == ds.root.resolve() or ds.root.resolve() in out.resolve().parents:
-        raise DataError(f"--out {out} lies inside the source folder {ds.root}; choose a folder outside it")
-    if out.is_dir() and any(p.name != INDEX and not p.name.startswith("shard-") for p in out.iterdir()):
-        raise DataError(f"--out {out} holds other files than shards; choose an empty or new folder")
-    if out.exists() and (out / INDEX).exists() and not overwrite:
-        raise DataError(f"{out} already holds shards ({INDEX}); pass --overwrite to replace them or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / INDEX).unlink(missing_ok=True)  # until the new index is written, the folder reads as unfinished
-
-    started = time.time()
-    order = np.random.default_rng(seed).permutation(len(ds.samples))
-    items = [ds.samples[i] for i in order]
-    width = max(8, len(str(len(items))))
-    n_workers = min(8, os.cpu_count() or 1) if workers is None else workers
-    from tqdm.auto import tqdm
-
-    pool = None
-    if n_workers > 1 and len(items) > 64:
-        import multiprocessing
-
-        pool = multiprocessing.get_context().Pool(n_workers)
-        checked: Iterator[tuple[str, int, bytes | None, str]] = pool.imap(_check_image, items, chunksize=32)
-    else:
-        checked = map(_check_image, items)
-    names: list[str] = []
-    counts: list[int] = []
-    skipped: list[str] = []
-    pending: list[tuple[str, bytes, str, int]] = []
-    written = 0
-
-    def flush() -> None:
-        name = SHARD_NAME.format(len(names))
-        _write_shard(out / name, pending)
-        names.append(name)
-        counts.append(len(pending))
-        pending.clear()
-
-    try:
-        for path, label, data, ext in tqdm(checked, total=len(items), desc=f"shards -> {out}", unit="img", disable=not progress):
-            if data is None:
-                skipped.append(path)
-                log.warning("skipping unreadable image %s (%s)", path, ext)
-                continue
-            pending.append((f"{written:0{width}d}", data, ext, label))
-            written += 1
-            if len(pending) == shard_size:
-                flush()
-        if pending:
-            flush()
-    finally:
-        if pool is not None:
-            pool.terminate()
-    if not names:
-        raise DataError(f"none of the {len(items)} images in {ds.root} could be read; nothing written")
-    keep = set(names)
-    for stale in out.glob("shard-*.tar"):  # left by an earlier, larger shard set (--overwrite)
-        if stale.name not in keep:
-            stale.unlink()
-    meta = {
-        "format": FORMAT,
-        "version": VERSION,
-        "source": str(ds.root),
-        "seed": seed,
-        "shard_size": shard_size,
-        "total": written,
-        "classes": list(ds.classes),
-        "shards": [{"name": n, "count": c} for n, c in zip(names, counts)],
-        "skipped": skipped,
-    }
-    tmp = out / f"{INDEX}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, out / INDEX)
-    return {
-        "out": str(out),
-        "shards": len(names),
-        "total": written,
-        "classes": list(ds.classes),
-        "skipped": skipped,
-        "seconds": round(time.time() - started, 2),
-    }
-
-
 # ------------------------------------------------------------------------------------------ reading
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    """WebDataset convention: the key is the member path up to the first dot of its file name."""
-    folder, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()
-
-
-class _NotPlainUstar(Exception):
-    """A header :func:`_ustar_members` leaves to :mod:`tarfile` (pax, GNU long names, base-256 sizes)."""
-
-
-_ZERO_BLOCK = bytes(512)
-
-
-def _ustar_members(fh: BinaryIO) -> Iterator[tuple[str, int, int]]:
-    """``(name, size, data offset)`` of the regular files of a plain ustar/v7 tar, parsed directly.
-
-    About 20x faster than :mod:`tarfile` per member (which matters for small images). The caller
-    may read from ``fh`` between items: each header is read at its absolute offset.
-    """
-    at = 0
-    while True:
-        fh.seek(at)
-        h = fh.read(512)
-        if not h or h == _ZERO_BLOCK:
-            return
-        if len(h) < 512:
-            raise tarfile.ReadError("unexpected end of data")
-        try:
-            checksum = int(h[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
-            size = int(h[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-        except ValueError:
-            raise _NotPlainUstar from None
-        if checksum != sum(h) - sum(h[148:156]) + 256:
-            raise tarfile.ReadError(f"bad tar header checksum at byte {at}")
-        kind = h[156:157]
-        if kind in (b"x", b"g", b"L", b"K"):
-            raise _NotPlainUstar
-        name = h[:100].split(b"\0", 1)[0]
-        if h[257:262] == b"ustar" and h[345] != 0:
-            name = h[345:500].split(b"\0", 1)[0] + b"/" + name
-        if kind in (b"0", b"\0", b"7"):
-            yield name.decode("utf-8", "surrogateescape"), size, at + 512
-        at += 512 + ((size + 511) & ~511)
-
-
-def _members(fh: BinaryIO) -> Iterator[tuple[str, int, int]]:
-    """``(name, size, data offset)`` of each regular file of the tar ``fh``, in order.
-
-    Plain ustar headers (what :func:`write_shards` writes) are parsed directly; from the first
-    other header on, :mod:`tarfile` takes over. Damaged data raises ``tarfile.ReadError``.
-    """
-    done = 0
-    try:
-        for item in _ustar_members(fh):
-            yield item
-            done += 1
-        return
-    except _NotPlainUstar:
-        pass
-    fh.seek(0)
-    with tarfile.open(fileobj=fh, mode="r:") as tar:
-        files = (m for m in tar if m.isfile())
-        for i, m in enumerate(files):
-            if i >= done:
-                yield m.name, m.size, m.offset_data
-
-
-def _read_shard(path: Path, start: int, stop: int) -> Iterator[tuple[int, str, dict[str, bytes]]]:
-    """Samples ``start .. stop-1`` of one shard as ``(position, key, {extension: bytes})``.
-
-    Samples before ``start`` cost only their tar headers (their data is seeked over).
-    Tar errors propagate; the caller counts the samples it did not get.
-    """
-    pos, key, parts = -1, None, {}
-    with open(path, "rb") as fh:
-        for name, size, offset in _members(fh):
-            k, ext = _split_name(name)
-            if k != key:
-                if key is not None and pos >= start:
-                    yield pos, key, parts
-                pos, key, parts = pos + 1, k, {}
-                if pos >= stop:
-                    return
-            if pos >= start:
-                fh.seek(offset)
-                data = fh.read(size)
-                if len(data) != size:
-                    raise tarfile.ReadError("unexpected end of data")
-                parts[ext] = data
-    if key is not None and start <= pos < stop:
-        yield pos, key, parts
-
-
-def _decode(parts: dict[str, bytes]) -> tuple[Image.Image, int]:
-    """``{extension: bytes}`` of one sample -> (RGB image, label); raises on anything unusable."""
-    label = int(parts["cls"].decode("ascii").strip())
-    data = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
-    if data is None:
-        raise KeyError(f"no image member (have {sorted(parts)})")
-    with Image.open(io.BytesIO(data)) as img:
-        return img.convert("RGB"), label
 
 
 def _plan(counts: Sequence[int], order: Sequence[int], begin: int, end: int) -> list[tuple[int, int, int]]:
@@ -481,7 +92,7 @@ class ShardDataset(_SkipRecorder, IterableDataset):
     worker (seeded by seed, epoch, rank and worker). Call :meth:`set_epoch` before each epoch
     (stratavit's training loader gets it called by Lightning); it reaches persistent loader workers
     through shared memory. Each sample's transform runs under
-    :func:`~stratavit.sampling.seeded_rng` ``(sample_seed(seed, epoch, index))``, as in the
+    :func:`~stratavit.data.sampling.seeded_rng` ``(sample_seed(seed, epoch, index))``, as in the
     ImageFolder loader, so its views do not depend on the worker or rank that makes them.
 
     **Resuming.** :meth:`resume` ``(epoch, batches_done)`` makes epoch ``epoch`` skip the batches a
@@ -617,10 +228,10 @@ class ShardDataset(_SkipRecorder, IterableDataset):
         for s, start, stop in pieces:
             got, error = 0, None
             try:
-                for pos, key, parts in _read_shard(self.index.path(s), start, stop):
+                for pos, key, parts in read_shard(self.index.path(s), start, stop):
                     got += 1
                     yield f"{self.index.shards[s]}:{key}", self.index.offsets[s] + pos, parts, None
-            except _TAR_ERRORS as e:
+            except TAR_ERRORS as e:
                 error = f"unreadable shard: {type(e).__name__}: {e}"
             for pos in range(start + got, stop):
                 yield f"{self.index.shards[s]}:#{pos}", self.index.offsets[s] + pos, None, error or "missing from the shard"
@@ -673,9 +284,9 @@ class ShardDataset(_SkipRecorder, IterableDataset):
         for name, index, parts, error in stream:
             if parts is not None:
                 try:
-                    img, label = _decode(parts)
+                    img, label = decode_sample(parts)
                     last = (img, label, index)
-                except _DECODE_ERRORS as e:
+                except DECODE_ERRORS as e:
                     error = f"{type(e).__name__}: {e}"
             if error is not None:
                 self._record_bad(name, error)
@@ -719,13 +330,13 @@ class ShardMapDataset(_SkipRecorder, Dataset):
             key = None
             try:
                 with open(self.index.path(shard), "rb") as fh:
-                    for name, size, offset in _members(fh):
-                        k, ext = _split_name(name)
+                    for name, size, offset in tar_members(fh):
+                        k, ext = split_name(name)
                         if k != key:
                             table.append({})
                             key = k
                         table[-1][ext] = (offset, size)
-            except _TAR_ERRORS as e:
+            except TAR_ERRORS as e:
                 log.warning("shard %s is damaged after %d samples (%s)", self.index.path(shard), len(table), e)
             self._tables[shard] = table
         return self._tables[shard]
@@ -745,8 +356,8 @@ class ShardMapDataset(_SkipRecorder, Dataset):
                     for ext, (off, size) in table[pos].items():
                         fh.seek(off)
                         parts[ext] = fh.read(size)
-                return _decode(parts)
-            except _DECODE_ERRORS as e:
+                return decode_sample(parts)
+            except DECODE_ERRORS as e:
                 self._record_bad(name, e)
         raise DataError(f"none of the {self._n} samples in {self.root} could be read")
 
@@ -767,8 +378,6 @@ def shard_loader(cfg: "Config", transform: Callable[[Image.Image], Any], skip_lo
     follows Lightning's epoch (it calls ``set_epoch`` on the loader's sampler, which forwards it to
     the data set). ``data.limit`` keeps the first ``limit`` global indices.
     """
-    from stratavit.views import collate_views
-
     assert cfg.data.path is not None
     ds = ShardDataset(
         cfg.data.path, transform, seed=cfg.train.seed, limit=cfg.data.limit, batch_size=cfg.data.batch_size, with_index=True
@@ -796,3 +405,4 @@ def shard_loader(cfg: "Config", transform: Callable[[Image.Image], Any], skip_lo
     loader.sampler.set_epoch = ds.set_epoch  # type: ignore[union-attr]
     loader.sampler.resume = ds.resume  # type: ignore[union-attr]
     return loader
+

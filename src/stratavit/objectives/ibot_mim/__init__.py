@@ -1,0 +1,1 @@
+"""iBOT: block-wise masks (``masking``) and the masked-image-modelling loss (``objective``)."""

@@ -1,0 +1,1 @@
+"""Local-Global: patch correspondences across views (``matching``) and the matched-patch DINO loss (``objective``)."""

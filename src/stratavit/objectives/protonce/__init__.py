@@ -1,0 +1,1 @@
+"""PCL ProtoNCE: distributed k-means prototypes (``clustering``) and the loss (``objective``)."""
