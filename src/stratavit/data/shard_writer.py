@@ -80,6 +80,59 @@ def _write_shard(path: Path, samples: Sequence[tuple[str, bytes, str, int]]) -> 
         tmp.unlink(missing_ok=True)
 
 
+def _checked_source(src: str | Path, out: Path, overwrite: bool) -> ImageFolderDataset:
+    """The ImageFolder to shard, after every check of ``src`` and ``out``; raises :class:`DataError`."""
+    src_str = str(src)
+    if src_str.partition(":")[0] in NAMED_DATASETS and not Path(src_str).exists():
+        raise DataError(f"{src}: `stratavit shard` reads an ImageFolder directory; export {src} as one first")
+    if is_shard_dir(src_str):
+        raise DataError(f"{src} is already a shard folder; pass the ImageFolder it was written from")
+    ds = build_dataset(src_str)
+    if not isinstance(ds, ImageFolderDataset):
+        raise DataError(f"{src}: `stratavit shard` reads an ImageFolder directory (root/<class>/<image>) or cifar10-sample")
+    if out.resolve() == ds.root.resolve() or ds.root.resolve() in out.resolve().parents:
+        raise DataError(f"--out {out} lies inside the source folder {ds.root}; choose a folder outside it")
+    if out.is_dir() and any(p.name != INDEX and not p.name.startswith("shard-") for p in out.iterdir()):
+        raise DataError(f"--out {out} holds other files than shards; choose an empty or new folder")
+    if out.exists() and (out / INDEX).exists() and not overwrite:
+        raise DataError(f"{out} already holds shards ({INDEX}); pass --overwrite to replace them or choose another --out")
+    return ds
+
+
+def _write_all(
+    checked: Iterator[tuple[str, int, bytes | None, str]], total: int, out: Path, shard_size: int, progress: bool
+) -> tuple[list[str], list[int], list[str]]:
+    """Cut the checked samples, in order, into shards of ``shard_size``; returns (names, counts, skipped)."""
+    from tqdm.auto import tqdm
+
+    width = max(8, len(str(total)))
+    names: list[str] = []
+    counts: list[int] = []
+    skipped: list[str] = []
+    pending: list[tuple[str, bytes, str, int]] = []
+    written = 0
+
+    def flush() -> None:
+        name = SHARD_NAME.format(len(names))
+        _write_shard(out / name, pending)
+        names.append(name)
+        counts.append(len(pending))
+        pending.clear()
+
+    for path, label, data, ext in tqdm(checked, total=total, desc=f"shards -> {out}", unit="img", disable=not progress):
+        if data is None:
+            skipped.append(path)
+            log.warning("skipping unreadable image %s (%s)", path, ext)
+            continue
+        pending.append((f"{written:0{width}d}", data, ext, label))
+        written += 1
+        if len(pending) == shard_size:
+            flush()
+    if pending:
+        flush()
+    return names, counts, skipped
+
+
 def write_shards(
     src: str | Path,
     out_dir: str | Path,
@@ -107,30 +160,14 @@ def write_shards(
     if shard_size < 1:
         raise DataError(f"shard_size={shard_size}: give at least 1 sample per shard")
     out = Path(out_dir).expanduser()
-    src_str = str(src)
-    if src_str.partition(":")[0] in NAMED_DATASETS and not Path(src_str).exists():
-        raise DataError(f"{src}: `stratavit shard` reads an ImageFolder directory; export {src} as one first")
-    if is_shard_dir(src_str):
-        raise DataError(f"{src} is already a shard folder; pass the ImageFolder it was written from")
-    ds = build_dataset(src_str)
-    if not isinstance(ds, ImageFolderDataset):
-        raise DataError(f"{src}: `stratavit shard` reads an ImageFolder directory (root/<class>/<image>) or cifar10-sample")
-    if out.resolve() == ds.root.resolve() or ds.root.resolve() in out.resolve().parents:
-        raise DataError(f"--out {out} lies inside the source folder {ds.root}; choose a folder outside it")
-    if out.is_dir() and any(p.name != INDEX and not p.name.startswith("shard-") for p in out.iterdir()):
-        raise DataError(f"--out {out} holds other files than shards; choose an empty or new folder")
-    if out.exists() and (out / INDEX).exists() and not overwrite:
-        raise DataError(f"{out} already holds shards ({INDEX}); pass --overwrite to replace them or choose another --out")
+    ds = _checked_source(src, out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     (out / INDEX).unlink(missing_ok=True)  # until the new index is written, the folder reads as unfinished
 
     started = time.time()
     order = np.random.default_rng(seed).permutation(len(ds.samples))
     items = [ds.samples[i] for i in order]
-    width = max(8, len(str(len(items))))
     n_workers = min(8, os.cpu_count() or 1) if workers is None else workers
-    from tqdm.auto import tqdm
-
     pool = None
     if n_workers > 1 and len(items) > 64:
         import multiprocessing
@@ -139,31 +176,8 @@ def write_shards(
         checked: Iterator[tuple[str, int, bytes | None, str]] = pool.imap(_check_image, items, chunksize=32)
     else:
         checked = map(_check_image, items)
-    names: list[str] = []
-    counts: list[int] = []
-    skipped: list[str] = []
-    pending: list[tuple[str, bytes, str, int]] = []
-    written = 0
-
-    def flush() -> None:
-        name = SHARD_NAME.format(len(names))
-        _write_shard(out / name, pending)
-        names.append(name)
-        counts.append(len(pending))
-        pending.clear()
-
     try:
-        for path, label, data, ext in tqdm(checked, total=len(items), desc=f"shards -> {out}", unit="img", disable=not progress):
-            if data is None:
-                skipped.append(path)
-                log.warning("skipping unreadable image %s (%s)", path, ext)
-                continue
-            pending.append((f"{written:0{width}d}", data, ext, label))
-            written += 1
-            if len(pending) == shard_size:
-                flush()
-        if pending:
-            flush()
+        names, counts, skipped = _write_all(checked, len(items), out, shard_size, progress)
     finally:
         if pool is not None:
             pool.terminate()
@@ -173,6 +187,7 @@ def write_shards(
     for stale in out.glob("shard-*.tar"):  # left by an earlier, larger shard set (--overwrite)
         if stale.name not in keep:
             stale.unlink()
+    written = sum(counts)
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -195,5 +210,3 @@ def write_shards(
         "skipped": skipped,
         "seconds": round(time.time() - started, 2),
     }
-
-
