@@ -19,7 +19,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-ENVIRONMENT_FILE = "environment.json"
+from stratavit.run_folder import ENVIRONMENT
+
+ENVIRONMENT_FILE = ENVIRONMENT
 PACKAGES = ("torch", "torchvision", "timm", "lightning", "numpy")
 """Distributions whose versions are recorded (``None`` when one is not installed)."""
 

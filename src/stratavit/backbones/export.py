@@ -27,7 +27,7 @@ from stratavit.backbones.pyramid import PyramidBackbone, pyramid_timm_kwargs
 from stratavit.backbones.vit import Backbone, timm_kwargs
 from stratavit.config import BackboneConfig
 from stratavit.recipe import config_from_dict
-from stratavit.run_folder import last_checkpoint
+from stratavit.run_folder import BACKBONE, RunFolder, last_checkpoint
 
 
 class ExportError(ValueError):
@@ -101,7 +101,7 @@ def load_backbone(path: str | Path, **timm_overrides: Any) -> nn.Module:
     """
     path = Path(path)
     if path.is_dir():
-        path = path / "backbone.safetensors"
+        path = path / BACKBONE
     meta = read_metadata(path)
     if "arch" not in meta:
         raise ExportError(f"{path} has no 'arch' metadata; it was not written by stratavit export")
@@ -121,7 +121,7 @@ def export_run(run_dir: Path, out: Path, which: str = "teacher") -> Path:
     if ckpt.exists():
         backbone = backbone_from_checkpoint(ckpt, which)
         return save_backbone(backbone, out, {"weights": which})
-    final = run_dir / "backbone.safetensors"
+    final = RunFolder(run_dir).backbone
     if final.exists() and which == "teacher":
         if final.resolve() != Path(out).resolve():
             import shutil
