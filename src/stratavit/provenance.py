@@ -19,6 +19,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
+
+import stratavit
 from stratavit.run_folder import ENVIRONMENT
 
 ENVIRONMENT_FILE = ENVIRONMENT
@@ -70,8 +73,6 @@ def git_info(source: Path | None = None) -> dict[str, Any]:
 
 
 def _cuda() -> dict[str, Any]:
-    import torch
-
     info: dict[str, Any] = {
         "available": torch.cuda.is_available(),
         "cuda_version": torch.version.cuda,
@@ -91,8 +92,6 @@ def environment(seed: int | None = None, world_size: int | None = None, **extra:
     ``platform``, ``hostname``, ``cuda`` (availability, CUDA and cuDNN versions, device names),
     ``world_size`` and any ``extra`` keyword.
     """
-    import stratavit
-
     source = Path(stratavit.__file__).resolve().parent
     return {
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

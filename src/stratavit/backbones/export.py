@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from stratavit import __version__
@@ -108,8 +109,6 @@ def load_backbone(path: str | Path, **timm_overrides: Any) -> nn.Module:
     kwargs = json.loads(meta.get("timm_kwargs", "{}"))
     kwargs.update(timm_overrides)
     model = timm.create_model(meta["arch"], pretrained=False, **kwargs)
-    from safetensors.torch import load_file
-
     model.load_state_dict(load_file(str(path)), strict=True)
     return model.eval()
 
@@ -124,8 +123,6 @@ def export_run(run_dir: Path, out: Path, which: str = "teacher") -> Path:
     final = RunFolder(run_dir).backbone
     if final.exists() and which == "teacher":
         if final.resolve() != Path(out).resolve():
-            import shutil
-
             shutil.copyfile(final, out)
         return Path(out)
     raise ExportError(f"{run_dir} has neither {ckpt} nor {final}; is it a stratavit run folder?")

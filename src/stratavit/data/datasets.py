@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tarfile
 from importlib import resources
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
+from torchvision import datasets as tvd
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from stratavit.data.errors import DataError
@@ -153,8 +155,6 @@ def sample_dir(name: str = "cifar10_sample") -> Path:
         with tarfile.open(archive) as tar:
             tar.extractall(tmp, filter="data")
         if target.exists():
-            import shutil
-
             shutil.rmtree(target)
         tmp.rename(target)
         done.touch()
@@ -172,8 +172,6 @@ def segmentation_root(spec: str | Path) -> Path:
 
 
 def _named(name: str, split: str, root: str | None, transform: Any) -> Dataset:
-    from torchvision import datasets as tvd
-
     root_path = Path(root).expanduser() if root else cache_dir() / "torchvision"
     train = split == "train"
     try:

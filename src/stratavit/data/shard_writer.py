@@ -5,20 +5,19 @@ from __future__ import annotations
 import io
 import json
 import logging
+import multiprocessing
 import os
 import tarfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 from stratavit.data.datasets import NAMED_DATASETS, ImageFolderDataset, build_dataset
 from stratavit.data.errors import DataError
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +102,6 @@ def _write_all(
     checked: Iterator[tuple[str, int, bytes | None, str]], total: int, out: Path, shard_size: int, progress: bool
 ) -> tuple[list[str], list[int], list[str]]:
     """Cut the checked samples, in order, into shards of ``shard_size``; returns (names, counts, skipped)."""
-    from tqdm.auto import tqdm
-
     width = max(8, len(str(total)))
     names: list[str] = []
     counts: list[int] = []
@@ -170,8 +167,6 @@ def write_shards(
     n_workers = min(8, os.cpu_count() or 1) if workers is None else workers
     pool = None
     if n_workers > 1 and len(items) > 64:
-        import multiprocessing
-
         pool = multiprocessing.get_context().Pool(n_workers)
         checked: Iterator[tuple[str, int, bytes | None, str]] = pool.imap(_check_image, items, chunksize=32)
     else:

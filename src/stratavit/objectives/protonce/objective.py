@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
 
 from stratavit.backbones.features import FeatureBackbone, Features
@@ -179,8 +180,6 @@ class ProtoNCE(InfoNCE):
                 )
             self.num_clusters = list(self.cfg.num_clusters)
             how = f"(from {key})"
-        from lightning.fabric.utilities.rank_zero import rank_zero_only
-
         if getattr(rank_zero_only, "rank", 0) == 0:  # once per run, not once per process
             log.info("%s: %d images -> num_clusters %s %s", self.name, n_images, self.num_clusters, how)
 
