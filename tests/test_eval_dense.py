@@ -14,15 +14,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 
-from stratavit.evaluation.dense import (
-    SegmentationFolder,
+from stratavit.evaluation.dense import dense_probe
+from stratavit.evaluation.dense_head import (
     auto_epochs,
     confusion_matrix,
-    dense_probe,
     evaluate_dense_head,
     segmentation_scores,
     train_dense_head,
 )
+from stratavit.evaluation.segmentation_data import SegmentationFolder
 from stratavit.evaluation.errors import EvaluationError
 
 

@@ -11,18 +11,17 @@ import pytest
 import torch
 from matplotlib import image as mpimg
 
-from stratavit.evaluation import visuals
+from stratavit.evaluation import embedding, md_html
+from stratavit.evaluation.block_plots import plot_layer_panels
+from stratavit.evaluation.embedding import embed_2d, plot_embedding_2d
+from stratavit.evaluation.md_html import write_html
 from stratavit.evaluation.report import write_report
 from stratavit.evaluation.visuals import (
-    embed_2d,
     pca_rgb,
     plot_attention_maps,
     plot_confusion,
-    plot_embedding_2d,
-    plot_layer_panels,
     plot_matches,
     plot_pca_rgb,
-    write_html,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -159,7 +158,7 @@ def test_embed_2d_pca() -> None:
 
 def test_embed_2d_auto_picks_an_installed_method(monkeypatch: pytest.MonkeyPatch) -> None:
     feats, _ = _clusters(10, 2)
-    monkeypatch.setattr(visuals, "_have", lambda name: False)  # nothing optional installed
+    monkeypatch.setattr(embedding, "_have", lambda name: False)  # nothing optional installed
     coords, method, _ = embed_2d(feats)
     assert method == "pca" and coords.shape == (20, 2)
     with pytest.raises(ImportError):
@@ -169,9 +168,9 @@ def test_embed_2d_auto_picks_an_installed_method(monkeypatch: pytest.MonkeyPatch
         raise ImportError("installed but broken")
 
     # installed but failing to import: "auto" moves on to the next method, an explicit one raises
-    monkeypatch.setattr(visuals, "_have", lambda name: True)
-    monkeypatch.setattr(visuals, "_tsne", broken)
-    monkeypatch.setattr(visuals, "_umap", broken)
+    monkeypatch.setattr(embedding, "_have", lambda name: True)
+    monkeypatch.setattr(embedding, "_tsne", broken)
+    monkeypatch.setattr(embedding, "_umap", broken)
     assert embed_2d(feats).method == "pca"
     with pytest.raises(ImportError):
         embed_2d(feats, method="tsne")
@@ -316,7 +315,7 @@ def test_write_html_markdown_package(tmp_path: Path) -> None:
 
 
 def test_builtin_converter_details() -> None:
-    html_ = visuals._md_to_html(
+    html_ = md_html.markdown_to_html(
         "# T\n\ntext _it_ and snake_case_name\nline two\n\n```\n<raw> **x**\n```\n\n---\n\n"
         "> quoted\n\n[bad](javascript:alert(1))\n"
     )

@@ -338,7 +338,7 @@ def _check_dense(
 
     Returns ``(train_root, val_root, 1-based blocks, size)``; raises :class:`EvaluationError`.
     """
-    from stratavit.evaluation.dense import SegmentationFolder
+    from stratavit.evaluation.segmentation_data import SegmentationFolder
 
     roots = (segmentation_root(str(train)), segmentation_root(str(val)))
     try:

@@ -26,7 +26,9 @@ from typing import Any
 import yaml
 
 from stratavit.evaluation.errors import EvaluationError
-from stratavit.evaluation.report import _fmt, _get, _md_table, _new_figure, _save, _to_float
+from stratavit.evaluation.metrics_csv import read_metrics
+from stratavit.evaluation.plotting import Curve, draw_block_curves, new_figure, save_figure
+from stratavit.evaluation.tables import dig, fmt, md_escape, md_table, to_float
 
 __all__ = ["COLUMNS", "compare_runs"]
 
@@ -103,7 +105,7 @@ def _num(value: Any) -> float | None:
         value = float(value)
         return value if math.isfinite(value) else None
     if isinstance(value, str):
-        return _to_float(value)
+        return to_float(value)
     return None
 
 
@@ -173,26 +175,7 @@ def _read_run_json(run_dir: Path) -> dict[str, Any] | None:
 
 def _read_loss(metrics_csv: Path) -> tuple[list[float], list[float]]:
     """Total loss against step (sparse rows skipped); empty lists when there is none."""
-    if not metrics_csv.is_file():
-        return [], []
-    try:
-        with metrics_csv.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            columns = list(reader.fieldnames or [])
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        log.warning("ignoring %s: %s", metrics_csv, e)
-        return [], []
-    if "loss" not in columns:
-        return [], []
-    xs, ys = [], []
-    for i, row in enumerate(rows):
-        y = _to_float(row.get("loss"))
-        x = _to_float(row.get("step")) if "step" in columns else float(i)
-        if x is not None and y is not None:
-            xs.append(x)
-            ys.append(y)
-    return xs, ys
+    return read_metrics(metrics_csv, warn=True).series("loss")
 
 
 class _Run:
@@ -219,7 +202,7 @@ class _Run:
     def recipe(self) -> str | None:
         for value in (
             self.config_recipe,
-            _get(self.summary, "recipe"),
+            dig(self.summary, "recipe"),
             self.meta.get("recipe"),
         ):
             if value not in (None, ""):
@@ -230,7 +213,7 @@ class _Run:
         """A run.json value (first of ``keys`` present), falling back to the copy in results meta."""
         for source in (self.summary, self.meta.get("training")):
             for key in keys:
-                value = _get(source, key)
+                value = dig(source, key)
                 if value is not None:
                     return value
         return None
@@ -242,23 +225,23 @@ class _Run:
         for block, value in knn_layers:
             if best_value is None or value > best_value:
                 best_block, best_value = block, value
-        dense_miou = _num(_get(r, "dense", "miou"))
-        dense_acc = _num(_get(r, "dense", "pixel_acc"))
-        corr = _num(_get(r, "correspondence", "top1"))
+        dense_miou = _num(dig(r, "dense", "miou"))
+        dense_acc = _num(dig(r, "dense", "pixel_acc"))
+        corr = _num(dig(r, "correspondence", "top1"))
         meta = self.meta
         row: dict[str, Any] = {
             "label": label,
             "run_dir": str(self.dir),
             "recipe": self.recipe,
-            "knn_top1": _num(_get(r, "knn", "top1")),
-            "linear_top1": _num(_get(r, "linear", "top1")),
+            "knn_top1": _num(dig(r, "knn", "top1")),
+            "linear_top1": _num(dig(r, "linear", "top1")),
             "best_block_knn": best_block,
             "best_block_knn_top1": best_value,
             "dense_miou": dense_miou,
             "dense_pixel_acc": dense_acc,
             "correspondence_top1": corr,
-            "random_init_knn_top1": _num(_get(r, "baselines", "random_init", "knn_top1")),
-            "raw_pixels_knn_top1": _num(_get(r, "baselines", "raw_pixels", "knn_top1")),
+            "random_init_knn_top1": _num(dig(r, "baselines", "random_init", "knn_top1")),
+            "raw_pixels_knn_top1": _num(dig(r, "baselines", "raw_pixels", "knn_top1")),
             "images_per_s": _num(self.training("images_per_s")),
             "wall_time_s": _num(self.training("wall_time_s")),
             "steps": _int(self.training("global_step", "steps")),
@@ -267,7 +250,7 @@ class _Run:
             "eval_test": None if meta.get("test") is None else str(meta["test"]),
             "eval_train_images": _int(meta.get("train_images")),
             "eval_test_images": _int(meta.get("test_images")),
-            "knn_k": _int(_get(r, "knn", "k")),
+            "knn_k": _int(dig(r, "knn", "k")),
         }
         assert tuple(row) == COLUMNS
         return row
@@ -331,10 +314,10 @@ def _data_warnings(rows: Sequence[Mapping[str, Any]]) -> list[str]:
             "**Warning: these runs were evaluated on different data, so their numbers are not comparable.**"
         ]
         for r in known:
-            lines.append(f"- {_md_escape(r['label'])}: {_describe_data(r)}")
+            lines.append(f"- {md_escape(r['label'])}: {_describe_data(r)}")
         warnings.append("\n".join(lines))
     if unknown and len(rows) > 1:
-        names = ", ".join(_md_escape(r["label"]) for r in unknown)
+        names = ", ".join(md_escape(r["label"]) for r in unknown)
         warnings.append(
             f"**Warning:** the evaluation data of {names} is not recorded (no `meta.train`/`meta.test` in "
             "results.json), so it cannot be checked that the numbers are comparable."
@@ -343,7 +326,7 @@ def _data_warnings(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     if len(ks) > 1:
         warnings.append(
             "**Warning:** the kNN numbers use different k ("
-            + ", ".join(f"{_md_escape(r['label'])}: k={r['knn_k']}" for r in rows if r["knn_k"] is not None)
+            + ", ".join(f"{md_escape(r['label'])}: k={r['knn_k']}" for r in rows if r["knn_k"] is not None)
             + ")."
         )
     return warnings
@@ -367,8 +350,8 @@ def _best_sentence(rows: Sequence[Mapping[str, Any]]) -> str:
         return "No run has evaluation metrics to rank."
     parts = []
     for name, labels, value in best:
-        who = " and ".join(f"**{_md_escape(lab)}**" for lab in labels)
-        parts.append(f"{name}: {who} ({_fmt(value)})")
+        who = " and ".join(f"**{md_escape(lab)}**" for lab in labels)
+        parts.append(f"{name}: {who} ({fmt(value)})")
     return "Best run per metric: " + "; ".join(parts) + "."
 
 
@@ -393,32 +376,21 @@ def _plot_per_block(
     solid, the others dashed/dotted in the same colour.
     """
     styles = ("-", "--", ":", "-.")
-    fig = None
-    ticks: set[int] = set()
+    drawn = []
     for i, (run, label) in enumerate(zip(runs, labels)):
         for j, (suffix, path, key) in enumerate(curves):
-            pts = _layers(_get(run.results, *path), key)
-            if not pts:
-                continue
-            if fig is None:
-                fig = _new_figure()
-                ax = fig.add_subplot()
-            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-            ticks.update(xs)
-            ax.plot(
-                xs, ys, marker="o" if j == 0 else "s", linestyle=styles[j % len(styles)], color=_color(i),
-                linewidth=1.8 if j == 0 else 1.2, markersize=4, label=f"{label}{suffix}",
-            )
-    if fig is None:
+            pts = _layers(dig(run.results, *path), key)
+            if pts:
+                drawn.append(Curve(
+                    f"{label}{suffix}", [p[0] for p in pts], [p[1] for p in pts], linestyle=styles[j % len(styles)],
+                    marker="o" if j == 0 else "s", color=_color(i), linewidth=1.8 if j == 0 else 1.2, markersize=4,
+                ))
+    if not drawn:
         return None
-    ordered = sorted(ticks)
-    ax.set_xticks(ordered, [str(t) for t in ordered])
-    ax.set_xlabel("transformer block")
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
-    ax.set_title(title)
-    return _save(fig, out_png)
+    fig = new_figure()
+    draw_block_curves(fig.add_subplot(), drawn, xlabel="transformer block", ylabel=ylabel, title=title,
+                      tick_label=str)
+    return save_figure(fig, out_png)
 
 
 def _plot_headline(rows: Sequence[Mapping[str, Any]], out_png: Path) -> Path | None:
@@ -427,14 +399,14 @@ def _plot_headline(rows: Sequence[Mapping[str, Any]], out_png: Path) -> Path | N
         return None
     n_runs, n_bars = len(rows), len(bars)
     width = 0.8 / n_bars
-    fig = _new_figure((max(6.0, 1.2 + 1.4 * n_runs), 4.2))
+    fig = new_figure((max(6.0, 1.2 + 1.4 * n_runs), 4.2))
     ax = fig.add_subplot()
     for j, (col, name) in enumerate(bars):
         xs = [i + (j - (n_bars - 1) / 2) * width for i in range(n_runs)]
         heights = [r[col] if r[col] is not None else 0.0 for r in rows]
         container = ax.bar(xs, heights, width=width * 0.95, color=_color(j), label=name)
         ax.bar_label(
-            container, labels=[_fmt(r[col]) if r[col] is not None else "–" for r in rows],
+            container, labels=[fmt(r[col]) if r[col] is not None else "–" for r in rows],
             fontsize="x-small", padding=1,
         )
     ax.set_xticks(range(n_runs), [r["label"] for r in rows], rotation=20 if n_runs > 3 else 0)
@@ -444,13 +416,13 @@ def _plot_headline(rows: Sequence[Mapping[str, Any]], out_png: Path) -> Path | N
     ax.grid(True, axis="y", alpha=0.3)
     fig.legend(loc="outside lower center", ncols=min(n_bars, 2), fontsize="small")
     ax.set_title("headline metrics per run")
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def _plot_loss(runs: Sequence[_Run], labels: Sequence[str], out_png: Path) -> Path | None:
     if not any(run.loss[0] for run in runs):
         return None
-    fig = _new_figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     for i, (run, label) in enumerate(zip(runs, labels)):
         xs, ys = run.loss
@@ -461,7 +433,7 @@ def _plot_loss(runs: Sequence[_Run], labels: Sequence[str], out_png: Path) -> Pa
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize="small")
     ax.set_title("training loss (total)")
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def _plot_throughput(rows: Sequence[Mapping[str, Any]], out_png: Path) -> Path | None:
@@ -472,20 +444,20 @@ def _plot_throughput(rows: Sequence[Mapping[str, Any]], out_png: Path) -> Path |
     if not panels:
         return None
     n_runs = len(rows)
-    fig = _new_figure((max(6.0, 2.0 + 1.6 * n_runs * len(panels)), 4.0))
+    fig = new_figure((max(6.0, 2.0 + 1.6 * n_runs * len(panels)), 4.0))
     for k, (col, name) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), k + 1)
         heights = [r[col] if r[col] is not None else 0.0 for r in rows]
         container = ax.bar(range(n_runs), heights, color=[_color(i) for i in range(n_runs)])
         ax.bar_label(
-            container, labels=[_fmt(r[col]) if r[col] is not None else "–" for r in rows],
+            container, labels=[fmt(r[col]) if r[col] is not None else "–" for r in rows],
             fontsize="x-small", padding=1,
         )
         ax.set_xticks(range(n_runs), [r["label"] for r in rows], rotation=20 if n_runs > 3 else 0)
         ax.set_ylabel(name)
         ax.grid(True, axis="y", alpha=0.3)
         ax.set_title(name)
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 # --------------------------------------------------------------------------- #
@@ -508,10 +480,6 @@ def _write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     return path
 
 
-def _md_escape(text: Any) -> str:
-    return str(text).replace("|", "\\|")
-
-
 def _md_rows(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     header = [
         "run", "recipe", "kNN top-1 (%)", "linear top-1 (%)", "best block kNN (%)", "dense mIoU (%)",
@@ -522,16 +490,16 @@ def _md_rows(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[An
     for r in rows:
         best = None
         if r["best_block_knn"] is not None:
-            best = f"block {r['best_block_knn']} ({_fmt(r['best_block_knn_top1'])})"
+            best = f"block {r['best_block_knn']} ({fmt(r['best_block_knn_top1'])})"
         data = None
         if r["eval_train"] is not None or r["eval_test"] is not None:
             data = f"{r['eval_train'] or '?'} → {r['eval_test'] or '?'}"
         table.append([
-            _md_escape(r["label"]),
-            None if r["recipe"] is None else _md_escape(r["recipe"]),
+            md_escape(r["label"]),
+            None if r["recipe"] is None else md_escape(r["recipe"]),
             r["knn_top1"], r["linear_top1"], best, r["dense_miou"], r["dense_pixel_acc"],
             r["correspondence_top1"], r["images_per_s"], r["wall_time_s"], r["steps"], r["epochs"],
-            None if data is None else _md_escape(data),
+            None if data is None else md_escape(data),
         ])
     return header, table
 
@@ -552,10 +520,10 @@ def _write_markdown(
     )
     parts.extend(warnings)
     header, table = _md_rows(rows)
-    parts.append("## Results\n\n" + _md_table(header, table))
+    parts.append("## Results\n\n" + md_table(header, table))
     parts.append(_best_sentence(rows))
     parts.append(
-        "## Runs\n\n" + "\n".join(f"- **{_md_escape(r['label'])}**: `{r['run_dir']}`" for r in rows)
+        "## Runs\n\n" + "\n".join(f"- **{md_escape(r['label'])}**: `{r['run_dir']}`" for r in rows)
     )
     captions = {
         "headline": "Headline metrics",

@@ -27,7 +27,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import Tensor, nn
 
-from stratavit.evaluation.features import _progress
+from stratavit.evaluation.progress import progress
 from stratavit.evaluation.tokens import block_tokens, grid_of, resolve_blocks
 from stratavit.geometry import crop_box_from_params, patch_centers_in_source, source_to_view
 
@@ -225,7 +225,7 @@ def correspondence_score(
     grid = grid_of(model, (size, size), shown)
     totals = {n: {"queries": 0, "correct": 0.0, "exact": 0.0, "chance": 0.0} for n in numbers}
     example: dict[str, Any] = {}
-    for start in _progress(range(0, len(images), batch_size), "correspondence", math.ceil(len(images) / batch_size)):
+    for start in progress(range(0, len(images), batch_size), "correspondence", math.ceil(len(images) / batch_size)):
         sl = slice(start, start + batch_size)
         toks_a = block_tokens(model, pairs.view_a[sl].to(dev), numbers)
         toks_b = block_tokens(model, pairs.view_b[sl].to(dev), numbers)

@@ -17,14 +17,9 @@ from torch.utils.data import Dataset
 
 from stratavit.evaluation.features import BlockFeatures
 from stratavit.evaluation.tokens import block_tokens, cls_attention_maps, figure_block, is_cnn
-from stratavit.evaluation.visuals import (
-    plot_attention_maps,
-    plot_confusion,
-    plot_embedding_2d,
-    plot_layer_panels,
-    plot_matches,
-    plot_pca_rgb,
-)
+from stratavit.evaluation.block_plots import plot_layer_panels
+from stratavit.evaluation.embedding import plot_embedding_2d
+from stratavit.evaluation.visuals import plot_attention_maps, plot_confusion, plot_matches, plot_pca_rgb
 
 
 def _unnormalise(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
