@@ -64,39 +64,28 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from stratavit.evaluate import evaluate_run
+    from stratavit.evaluation.evaluations import EVALUATIONS, option_sections
+    from stratavit.evaluation.options import build_options, parse_overrides
+    from stratavit.evaluation.run import evaluate
+    from stratavit.run_folder import EvalFolder, RunFolder
 
-    results = evaluate_run(
-        args.run_dir,
-        train=args.train,
-        test=args.test,
-        out=args.out,
-        train_limit=args.train_limit,
-        test_limit=args.test_limit,
-        batch_size=args.batch_size,
-        img_size=args.img_size,
-        resize=args.resize,
-        which=args.which,
-        baselines=args.baselines,
-        num_workers=args.num_workers,
-        linear_epochs=args.linear_epochs,
-        dense_train=args.dense_train,
-        dense_val=args.dense_val,
-        dense_blocks=args.dense_blocks,
-        dense_size=args.dense_size,
-        correspondence_images=args.correspondence,
-        visuals=not args.no_visuals,
-        seed=args.seed,
-    )
-    out = Path(args.out) if args.out else Path(args.run_dir) / "eval"
-    summary = {"knn_top1": results["knn"]["top1"], "linear_top1": results["linear"]["top1"]}
-    if "dense" in results:
-        summary["dense_miou"] = results["dense"]["miou"]
-    if "correspondence" in results:
-        summary["correspondence_top1"] = results["correspondence"]["top1"]
+    flags = {
+        "train_limit": args.train_limit, "test_limit": args.test_limit, "batch_size": args.batch_size,
+        "img_size": args.img_size, "resize": args.resize, "which": args.which, "baselines": args.baselines,
+        "num_workers": args.num_workers, "visuals": not args.no_visuals, "seed": args.seed,
+        "linear": {"epochs": args.linear_epochs},
+        "dense": {"train": args.dense_train, "val": args.dense_val, "blocks": args.dense_blocks, "size": args.dense_size},
+        "correspondence": {"images": args.correspondence},
+    }
+    options = build_options(option_sections(), parse_overrides(args.overrides, flags))
+    results = evaluate(args.run_dir, args.train, args.test, args.out, options)
+    out = EvalFolder(Path(args.out) if args.out else RunFolder(Path(args.run_dir)).eval_dir)
+    summary: dict[str, float] = {}
+    for evaluation in EVALUATIONS:
+        summary.update(evaluation.summary(results))
     print(json.dumps({k: round(v, 2) for k, v in summary.items()}))
-    print(f"results: {out / 'results.json'}")
-    print(f"report:  {out / 'report.md'}")
+    print(f"results: {out.results}")
+    print(f"report:  {out.report_md}")
     return 0
 
 
@@ -106,6 +95,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     compare_runs([Path(r) for r in args.run_dirs], Path(args.out), labels=args.labels, eval_subdir=args.eval_subdir)
     print(f"table: {Path(args.out) / 'compare.md'} ({Path(args.out) / 'compare.csv'})")
     return 0
+
+
+class _TrailingOverrides(argparse.ArgumentParser):
+    """A sub-command parser that takes ``key=value`` overrides after the options too.
+
+    argparse alone binds a ``nargs="*"`` positional right after the first positional, so
+    ``evaluate RUN --train A --test B knn.k=10`` would refuse ``knn.k=10``.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def, override]
+        ns, extras = super().parse_known_args(args, namespace)
+        trailing = [a for a in extras if "=" in a and not a.startswith("-")]
+        ns.overrides = [*(getattr(ns, "overrides", None) or []), *trailing]
+        return ns, [a for a in extras if a not in trailing]
 
 
 def _blocks(text: str) -> list[int]:
@@ -201,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--which", choices=("teacher", "student"), default="teacher")
     s.add_argument("--baselines", action="store_true", help="also evaluate random init and raw pixels")
     s.add_argument("--num-workers", type=int, default=0, help="data loader workers")
-    s.add_argument("--linear-epochs", type=int, default=100, help="epochs of each linear probe (default 100)")
+    s.add_argument("--linear-epochs", type=int, default=100, help="epochs of each linear probe (default 100; = linear.epochs)")
     s.add_argument("--dense-train", help="images/ + masks/ folder to train the dense probe on (or horses-sample:train)")
     s.add_argument("--dense-val", help="images/ + masks/ folder to report the dense probe's mIoU on (or horses-sample:val)")
     s.add_argument("--dense-blocks", type=_blocks, help="blocks of the dense probe, e.g. 4,8,12 (default: 4 spread)")
@@ -210,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out images for the correspondence score (default 200; 0 skips it)")
     s.add_argument("--no-visuals", action="store_true", help="skip the pictures and report.html")
     s.add_argument("--seed", type=int, default=0, help="seed of subsets, crops and probes")
+    s.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="evaluation options, e.g. knn.k=10 linear.epochs=50 dense.blocks=[2,4] (override the flags)")
+    s.__class__ = _TrailingOverrides  # key=value also after the options
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("compare", help="one table and overlaid plots across evaluated runs")

@@ -10,7 +10,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from stratavit.evaluation.plotting import Curve, HLine, block_series, draw_block_curves, finite, new_figure, save_figure
+from stratavit.evaluation.plotting import (
+    Curve,
+    HLine,
+    block_series,
+    draw_block_curves,
+    finite,
+    new_figure,
+    save_figure,
+)
 from stratavit.evaluation.tables import dig
 
 __all__ = ["PANELS", "plot_layer_curve", "plot_layer_panels"]

@@ -29,7 +29,11 @@ from torch import Tensor, nn
 
 from stratavit.evaluation.progress import progress
 from stratavit.evaluation.tokens import block_tokens, grid_of, resolve_blocks
-from stratavit.geometry import crop_box_from_params, patch_centers_in_source, source_to_view
+from stratavit.geometry import (
+    crop_box_from_params,
+    patch_centers_in_source,
+    source_to_view,
+)
 
 __all__ = ["ViewPairs", "sample_crop", "make_view_pairs", "match_scores", "correspondence_score"]
 

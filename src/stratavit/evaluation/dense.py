@@ -63,7 +63,14 @@ from stratavit.evaluation.segmentation_data import (
     scan_masks,
 )
 from stratavit.evaluation.store import StoreWriter, open_arrays, read_meta
-from stratavit.evaluation.tokens import block_dims, block_tokens, grid_of, is_cnn, model_at_size, resolve_blocks
+from stratavit.evaluation.tokens import (
+    block_dims,
+    block_tokens,
+    grid_of,
+    is_cnn,
+    model_at_size,
+    resolve_blocks,
+)
 
 __all__ = ["DenseTokens", "dense_probe", "weights_fingerprint"]
 

@@ -1,5 +1,9 @@
 """The Markdown report of an evaluation (``report.md``, and ``report.html`` beside it).
 
+Its parts: the ``meta`` list, the headline table (columns from every evaluation's ``headline``),
+each evaluation's own section (``Evaluation.report_section``, in the order of ``EVALUATIONS``), the
+pictures, the training loss and the training health (:mod:`stratavit.evaluation.training_health`).
+
 Expected ``results`` layout (all accuracies in percent)::
 
     {
@@ -22,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from stratavit.evaluation.block_plots import plot_layer_curve
+from stratavit.evaluation.evaluations import EVALUATIONS
+from stratavit.evaluation.evaluations.classification import baseline_label
 from stratavit.evaluation.md_html import write_html
 from stratavit.evaluation.tables import dig, fmt, md_table
 from stratavit.evaluation.training_health import (
@@ -32,6 +38,7 @@ from stratavit.evaluation.training_health import (
     plot_loss_curve,
     training_health,
 )
+from stratavit.run_folder import EvalFolder
 
 __all__ = [
     "baseline_label",
@@ -43,64 +50,19 @@ __all__ = [
     "write_report",
 ]
 
-LAYER_PNG = "layer_curve.png"
-
-_BASELINE_NAMES = {"random_init": "random init", "raw_pixels": "raw pixels"}
-
-
-def baseline_label(name: str) -> str:
-    return _BASELINE_NAMES.get(name, name.replace("_", " "))
-
-
 # --------------------------------------------------------------------------- #
 # markdown
 # --------------------------------------------------------------------------- #
 def _headline(results: Mapping[str, Any]) -> str:
-    extra = [
-        (part, key, label)
-        for part, key, label in (("dense", "miou", "dense mIoU (%)"), ("correspondence", "top1", "correspondence (%)"))
-        if dig(results, part, key) is not None
-    ]
-    rows = [
-        ["pre-trained backbone (last block)", dig(results, "knn", "top1"), dig(results, "linear", "top1")]
-        + [dig(results, part, key) for part, key, _ in extra]
-    ]
+    columns = [c for e in EVALUATIONS for c in e.headline()]
+    columns = [c for c in columns if c.always or c.read(results) is not None]
+    rows = [["pre-trained backbone (last block)", *(c.read(results) for c in columns)]]
     for name, base in (dig(results, "baselines") or {}).items():
         if not isinstance(base, Mapping):
             continue
-        knn = base.get("knn_top1", dig(base, "knn", "top1"))
-        lin = base.get("linear_top1", dig(base, "linear", "top1"))
         suffix = " (last block)" if name == "random_init" else ""
-        rows.append([baseline_label(name) + suffix, knn, lin] + [dig(base, part, key) for part, key, _ in extra])
-    return md_table(["model", "kNN top-1 (%)", "linear top-1 (%)", *(label for *_, label in extra)], rows)
-
-
-def _layer_table(results: Mapping[str, Any]) -> str | None:
-    layers = results.get("layers") or []
-    if not layers:
-        return None
-    keys: list[str] = []
-    for row in layers:
-        for k in row:
-            if k != "block" and k not in keys:
-                keys.append(k)
-    header = ["block", *keys]
-    ref_cols: list[tuple[str, dict[int, Mapping[str, Any]]]] = []
-    for name, base in (dig(results, "baselines") or {}).items():
-        base_layers = dig(base, "layers")
-        if base_layers:
-            by_block = {int(r["block"]): r for r in base_layers if "block" in r}
-            for k in keys:
-                if any(k in r for r in by_block.values()):
-                    header.append(f"{baseline_label(name)} {k}")
-                    ref_cols.append((k, by_block))
-    rows = []
-    for row in sorted(layers, key=lambda r: int(r.get("block", 0))):
-        block = int(row.get("block", 0))
-        cells: list[Any] = [block, *(row.get(k) for k in keys)]
-        cells += [by_block.get(block, {}).get(k) for k, by_block in ref_cols]
-        rows.append(cells)
-    return md_table(header, rows)
+        rows.append([baseline_label(name) + suffix, *(c.read_baseline(base) for c in columns)])
+    return md_table(["model", *(c.label for c in columns)], rows)
 
 
 def _meta_lines(meta: Mapping[str, Any], indent: str = "") -> list[str]:
@@ -113,26 +75,6 @@ def _meta_lines(meta: Mapping[str, Any], indent: str = "") -> list[str]:
         else:
             lines.append(f"{indent}- **{k}**: {fmt(v)}")
     return lines
-
-
-def _block_section(
-    results: Mapping[str, Any], part: str, columns: Sequence[tuple[str, str]], intro: str
-) -> str | None:
-    """Markdown table of ``results[part]["layers"]`` (and the random-init baseline's, if any)."""
-    rows_by_block = {int(r["block"]): r for r in dig(results, part, "layers") or [] if "block" in r}
-    if not rows_by_block:
-        return None
-    base = {int(r["block"]): r for r in dig(results, "baselines", "random_init", part, "layers") or []}
-    header = ["block", *(label for _, label in columns)]
-    if base:
-        header += [f"random init {label}" for _, label in columns]
-    rows = []
-    for block, row in sorted(rows_by_block.items()):
-        cells: list[Any] = [block, *(row.get(key) for key, _ in columns)]
-        if base:
-            cells += [base.get(block, {}).get(key) for key, _ in columns]
-        rows.append(cells)
-    return intro + "\n\n" + md_table(header, rows)
 
 
 def write_report(
@@ -173,46 +115,10 @@ def write_report(
 
     parts.append("## Headline\n\n" + _headline(results))
 
-    layer_table = _layer_table(results)
-    if layer_table is not None:
-        parts.append("## Per-block evaluation\n\n" + layer_table)
-        baselines = results.get("baselines") or {}
-        lines: dict[str, float] = {}
-        curves: dict[str, list[dict]] = {}
-        for name, base in baselines.items():
-            value = dig(base, "knn_top1")
-            label = baseline_label(name)
-            if value is not None:
-                lines[label + (" (last block)" if name == "random_init" else "")] = float(value)
-            if dig(base, "layers"):
-                curves[f"{label} (per block)"] = list(base["layers"])
-        png = plot_layer_curve(
-            list(results["layers"]),
-            out_dir / LAYER_PNG,
-            key="knn_top1",
-            baselines=lines or None,
-            title="kNN top-1 per transformer block",
-            extra_curves=curves or None,
-        )
-        parts.append(f"![kNN top-1 per block]({os.path.relpath(png, out_dir)})")
-
-    dense = _block_section(
-        results, "dense", [("miou", "mIoU (%)"), ("pixel_acc", "pixel acc. (%)")],
-        "## Dense probe\n\nA linear segmentation head on frozen patch tokens (upsampled logits, "
-        f"cross-entropy), {fmt(dig(results, 'dense', 'num_classes'))} classes, "
-        f"input {fmt(dig(results, 'dense', 'size'))} px, evaluated at the masks' own resolution.",
-    )
-    if dense is not None:
-        parts.append(dense)
-    corr = _block_section(
-        results, "correspondence", [("top1", "top-1 (%)"), ("exact", "exact (%)"), ("chance", "chance (%)")],
-        "## Correspondence\n\nTwo random crops of each of "
-        f"{fmt(dig(results, 'correspondence', 'pairs'))} held-out images: is the nearest patch (cosine) "
-        "of the other view within one patch of the true location? *exact*: the very patch; *chance*: a "
-        "random guess.",
-    )
-    if corr is not None:
-        parts.append(corr)
+    for evaluation in EVALUATIONS:
+        section = evaluation.report_section(results, out_dir)
+        if section is not None:
+            parts.append(section)
 
     if figures:
         pics = [f"**{caption}**\n\n![{caption}]({os.path.relpath(png, out_dir)})" for caption, png in figures]
@@ -231,8 +137,8 @@ def write_report(
     if extra_md:
         parts.append(extra_md.strip())
 
-    report = out_dir / "report.md"
-    report.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
+    folder = EvalFolder(out_dir)
+    folder.report_md.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
     if html:
-        write_html(report, out_dir / "report.html")
-    return report
+        write_html(folder.report_md, folder.report_html)
+    return folder.report_md

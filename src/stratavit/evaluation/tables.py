@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["dig", "fmt", "md_escape", "md_table", "to_float"]
+__all__ = ["block_section", "dig", "fmt", "integer", "md_escape", "md_table", "number", "to_float"]
 
 
 def to_float(cell: str | None) -> float | None:
@@ -50,3 +50,41 @@ def dig(d: Any, *keys: str) -> Any:
             return None
         d = d[key]
     return d
+
+
+def number(value: Any) -> float | None:
+    """A finite float from a JSON/YAML value, else ``None`` (bools and strings of junk included)."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return to_float(value)
+    return None
+
+
+def integer(value: Any) -> int | None:
+    """An integral :func:`number` as an int, else ``None``."""
+    v = number(value)
+    return int(v) if v is not None and v == int(v) else None
+
+
+def block_section(
+    results: Mapping[str, Any], part: str, columns: Sequence[tuple[str, str]], intro: str
+) -> str | None:
+    """``intro`` and a Markdown table of ``results[part]["layers"]`` (and the random-init baseline's, if any)."""
+    rows_by_block = {int(r["block"]): r for r in dig(results, part, "layers") or [] if "block" in r}
+    if not rows_by_block:
+        return None
+    base = {int(r["block"]): r for r in dig(results, "baselines", "random_init", part, "layers") or []}
+    header = ["block", *(label for _, label in columns)]
+    if base:
+        header += [f"random init {label}" for _, label in columns]
+    rows = []
+    for block, row in sorted(rows_by_block.items()):
+        cells: list[Any] = [block, *(row.get(key) for key, _ in columns)]
+        if base:
+            cells += [base.get(block, {}).get(key) for key, _ in columns]
+        rows.append(cells)
+    return intro + "\n\n" + md_table(header, rows)

@@ -11,6 +11,7 @@ The 2-D feature map is in :mod:`stratavit.evaluation.embedding`, the per-block c
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch import Tensor
 from stratavit.evaluation.embedding import pca_project
 from stratavit.evaluation.plotting import as_cpu_float, new_figure, save_figure
 
-__all__ = ["plot_attention_maps", "pca_rgb", "plot_pca_rgb", "plot_matches", "plot_confusion"]
+__all__ = ["plot_attention_maps", "pca_rgb", "plot_pca_rgb", "plot_matches", "plot_confusion", "unnormalise"]
 
 MAX_HEADS_SHOWN = 6
 _CELL = 1.45  # inches per image cell in image grids
@@ -309,3 +310,10 @@ def plot_confusion(conf: Tensor, class_names: list[str] | None, out_png: Path) -
     ax.set_ylabel("true")
     ax.set_title(f"confusion (row-normalised %), accuracy {acc:.1f}%", fontsize="medium")
     return save_figure(fig, out_png)
+
+
+def unnormalise(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """``(..., 3, H, W)`` normalised images -> values in ``[0, 1]``."""
+    m = torch.tensor(mean, dtype=x.dtype).view(3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(3, 1, 1)
+    return (x * s + m).clamp(0, 1)
