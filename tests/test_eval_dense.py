@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-
 from stratavit.evaluation.dense import dense_probe
 from stratavit.evaluation.dense_head import (
     auto_epochs,
@@ -22,10 +21,8 @@ from stratavit.evaluation.dense_head import (
     segmentation_scores,
     train_dense_head,
 )
-from stratavit.evaluation.segmentation_data import SegmentationFolder
 from stratavit.evaluation.errors import EvaluationError
-
-
+from stratavit.evaluation.segmentation_data import SegmentationFolder
 
 
 def _tiny_vit() -> torch.nn.Module:
