@@ -12,7 +12,7 @@ import torch
 from matplotlib import image as mpimg
 
 from stratavit.evaluation import embedding, md_html
-from stratavit.evaluation.block_plots import plot_layer_panels
+from stratavit.evaluation.block_plots import plot_block_panels
 from stratavit.evaluation.embedding import embed_2d, plot_embedding_2d
 from stratavit.evaluation.md_html import write_html
 from stratavit.evaluation.report import write_report
@@ -222,22 +222,22 @@ def _full_results() -> dict:
     }
 
 
-def test_plot_layer_panels_full_and_partial(tmp_path: Path) -> None:
-    full = _assert_png(plot_layer_panels(_full_results(), tmp_path / "full.png"))
+def test_plot_block_panels_full_and_partial(tmp_path: Path) -> None:
+    full = _assert_png(plot_block_panels(_full_results(), tmp_path / "full.png"))
 
     only_knn = {"layers": [{"block": 1, "knn_top1": 40.0}, {"block": 2, "knn_top1": 45.0}]}
-    one = _assert_png(plot_layer_panels(only_knn, tmp_path / "one.png"))
+    one = _assert_png(plot_block_panels(only_knn, tmp_path / "one.png"))
     assert one.shape[1] < full.shape[1]  # one panel is narrower than a 2x2 grid
 
     only_corr = {"correspondence": {"top1": 70.0, "layers": [{"block": 3, "top1": 70.0}]}}
-    _assert_png(plot_layer_panels(only_corr, tmp_path / "corr.png"))
+    _assert_png(plot_block_panels(only_corr, tmp_path / "corr.png"))
 
     # missing / None values and baselines without the model's curve
     odd = {"layers": [{"block": 1, "knn_top1": None}, {"block": 2}],
            "baselines": {"random_init": {"layers": [{"block": 1, "knn_top1": 10.0}]}}}
-    assert plot_layer_panels(odd, tmp_path / "odd.png") is None
-    assert plot_layer_panels({"knn": {"top1": 1.0}}, tmp_path / "none.png") is None
-    assert plot_layer_panels({}, tmp_path / "empty.png") is None
+    assert plot_block_panels(odd, tmp_path / "odd.png") is None
+    assert plot_block_panels({"knn": {"top1": 1.0}}, tmp_path / "none.png") is None
+    assert plot_block_panels({}, tmp_path / "empty.png") is None
     assert not (tmp_path / "none.png").exists()
 
 

@@ -21,10 +21,10 @@ from stratavit.evaluation.plotting import (
 )
 from stratavit.evaluation.tables import dig
 
-__all__ = ["PANELS", "plot_layer_curve", "plot_layer_panels"]
+__all__ = ["PANELS", "plot_block_curve", "plot_block_panels"]
 
 
-def plot_layer_curve(
+def plot_block_curve(
     layers: list[dict],
     out_png: Path,
     *,
@@ -70,14 +70,14 @@ PANELS: list[tuple[str, str, list[tuple[str | None, str | None, str]]]] = [
     ("correspondence top-1", "top-1 (%)", [("patch NN", "correspondence", "top1")]),
     ("dense mIoU", "mIoU (%)", [("mIoU", "dense", "miou")]),
 ]
-"""The panels of :func:`plot_layer_panels`; an evaluation adds its own (see ``Evaluation.panels``)."""
+"""The panels of :func:`plot_block_panels`; an evaluation adds its own (see ``Evaluation.panels``)."""
 
 
 def _layers_of(results: Any, part: str | None) -> Any:
     return results.get("layers") if part is None else dig(results, part, "layers")
 
 
-def plot_layer_panels(
+def plot_block_panels(
     results: Mapping[str, Any],
     out_png: Path,
     *,

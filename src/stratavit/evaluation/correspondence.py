@@ -86,6 +86,12 @@ def sample_crop(
 
     Area fraction uniform in ``scale``, log-uniform aspect ratio in ``ratio``; falls back to the
     largest centred crop within ``ratio`` after 10 failed draws (the usual RandomResizedCrop rule).
+
+    Not :class:`stratavit.views.ViewMaker`: the training views draw from torch's global RNG
+    (``RandomResizedCrop.get_params``), resize the PIL image and add photometric noise, while this
+    score draws from its own ``random.Random(seed)`` and crops the tensor, so that its numbers depend
+    only on the seed; sharing the view maker would change every score. The geometry (boxes, flips,
+    patch centres) is :mod:`stratavit.geometry`'s, as in training.
     """
     area = width * height
     for _ in range(10):

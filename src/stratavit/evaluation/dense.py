@@ -228,6 +228,36 @@ def _class_count(train_ds: SegmentationFolder, val_ds: SegmentationFolder, num_c
     return num_classes, np.dtype(np.uint8) if max(top.max_id, IGNORE_INDEX) <= 255 else np.dtype(np.int32)
 
 
+def _probe_blocks(
+    net: nn.Module, train_ds: SegmentationFolder, val_ds: SegmentationFolder, numbers: list[int], num_classes: int,
+    mask_dtype: np.dtype, root: Path, head: dict[str, Any], *, batch_size: int, num_workers: int,
+    device: torch.device,
+) -> list[dict[str, Any]]:
+    """Token stores of both splits under ``root``, then one head per block: its row of ``layers``."""
+    weights = weights_fingerprint(net)
+    stores = {}
+    for split, ds in (("train", train_ds), ("val", val_ds)):
+        key = {
+            "version": _STORE_VERSION, "weights": weights, "data": ds.digest(), "n": len(ds), "size": ds.size,
+            "mean": list(ds.mean), "std": list(ds.std),
+        }
+        stores[split] = _extract_tokens(
+            net, ds, numbers, root / split, key, with_masks=split == "train", mask_dtype=mask_dtype,
+            batch_size=batch_size, num_workers=num_workers, device=device, desc=f"dense features ({split})",
+        )
+    train_store, val_store = stores["train"], stores["val"]
+    assert train_store.masks is not None
+    layers = []
+    for b in progress(numbers, "dense heads", total=len(numbers)):
+        trained = train_dense_head(train_store.block(b), train_store.masks, num_classes, device=device, **head)
+        scores = evaluate_dense_head(trained, val_store.block(b), val_ds.original_masks(), num_classes)
+        layers.append(
+            {"block": b, "miou": scores["miou"], "pixel_acc": scores["pixel_acc"],
+             "per_class_iou": scores["per_class_iou"]}
+        )
+    return layers
+
+
 def dense_probe(
     model: nn.Module,
     train_root: str | Path,
@@ -297,34 +327,12 @@ def dense_probe(
     num_classes, mask_dtype = _class_count(train_ds, val_ds, num_classes, num_workers)
     dev = torch.device(device)
     net.to(dev)
-    weights = weights_fingerprint(net)
+    head = {"epochs": epochs, "lr": lr, "batch_size": head_batch_size, "weight_decay": weight_decay, "seed": seed}
     tmp_ctx = tempfile.TemporaryDirectory(prefix="stratavit-dense-") if cache_dir is None else None
     root = Path(tmp_ctx.name) if tmp_ctx is not None else Path(cache_dir)  # type: ignore[arg-type]
-    layers = []
     try:
-        stores = {}
-        for split, ds in (("train", train_ds), ("val", val_ds)):
-            key = {
-                "version": _STORE_VERSION, "weights": weights, "data": ds.digest(), "n": len(ds), "size": s,
-                "mean": list(ds.mean), "std": list(ds.std),
-            }
-            stores[split] = _extract_tokens(
-                net, ds, numbers, root / split, key, with_masks=split == "train", mask_dtype=mask_dtype,
-                batch_size=batch_size, num_workers=num_workers, device=dev, desc=f"dense features ({split})",
-            )
-        train_store, val_store = stores["train"], stores["val"]
-        assert train_store.masks is not None
-        for b in progress(numbers, "dense heads", total=len(numbers)):
-            head = train_dense_head(
-                train_store.block(b), train_store.masks, num_classes, epochs=epochs, lr=lr,
-                batch_size=head_batch_size, weight_decay=weight_decay, seed=seed, device=dev,
-            )
-            scores = evaluate_dense_head(head, val_store.block(b), val_ds.original_masks(), num_classes)
-            layers.append(
-                {"block": b, "miou": scores["miou"], "pixel_acc": scores["pixel_acc"],
-                 "per_class_iou": scores["per_class_iou"]}
-            )
-        del stores, train_store, val_store
+        layers = _probe_blocks(net, train_ds, val_ds, numbers, num_classes, mask_dtype, root, head,
+                               batch_size=batch_size, num_workers=num_workers, device=dev)
     finally:
         if tmp_ctx is not None:
             tmp_ctx.cleanup()

@@ -174,6 +174,25 @@ def auto_epochs(num_images: int, batch_size: int = DEFAULT_HEAD_BATCH, steps: in
     return max(1, math.ceil(steps / per_epoch))
 
 
+def _check_mask_ids(masks: FeatureArray, num_classes: int, ignore_index: int) -> None:
+    """Every non-ignored id of ``masks`` ``(N, S, S)`` lies in ``0..num_classes-1``, and some pixel is labelled."""
+    labelled = 0
+    for idx in _chunks(masks.shape[0], int(np.prod(masks.shape[1:]))):  # every id once, before training
+        y = _rows(masks, idx)
+        valid = y[y != ignore_index]
+        if valid.numel():
+            hi, lo = int(valid.max()), int(valid.min())
+            if hi >= num_classes or lo < 0:
+                bad = hi if hi >= num_classes else lo
+                raise EvaluationError(
+                    f"training masks hold class id {bad} but num_classes is {num_classes}; raise num_classes or "
+                    f"mark those pixels {ignore_index} (ignore)"
+                )
+        labelled += valid.numel()
+    if labelled == 0:
+        raise EvaluationError(f"every training mask pixel is {ignore_index} (ignore): nothing to train on")
+
+
 def train_dense_head(
     train_feats: FeatureArray,
     train_masks: FeatureArray,
@@ -226,21 +245,7 @@ def train_dense_head(
     if epochs < 1 or batch_size < 1 or not lr > 0:
         raise EvaluationError(f"epochs, batch_size and lr must be positive (got {epochs}, {batch_size}, {lr})")
     s_hw = tuple(int(v) for v in train_masks.shape[1:])
-    labelled = 0
-    for idx in _chunks(n, int(np.prod(s_hw))):  # validate every id once, before training
-        y = _rows(train_masks, idx)
-        valid = y[y != ignore_index]
-        if valid.numel():
-            hi, lo = int(valid.max()), int(valid.min())
-            if hi >= num_classes or lo < 0:
-                bad = hi if hi >= num_classes else lo
-                raise EvaluationError(
-                    f"training masks hold class id {bad} but num_classes is {num_classes}; raise num_classes or "
-                    f"mark those pixels {ignore_index} (ignore)"
-                )
-        labelled += valid.numel()
-    if labelled == 0:
-        raise EvaluationError(f"every training mask pixel is {ignore_index} (ignore): nothing to train on")
+    _check_mask_ids(train_masks, num_classes, ignore_index)
 
     dev = torch.device(device)
     mean, std = _channel_stats(train_feats)

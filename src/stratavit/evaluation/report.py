@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from stratavit.evaluation.block_plots import plot_layer_curve
+from stratavit.evaluation.block_plots import plot_block_curve
 from stratavit.evaluation.evaluations import EVALUATIONS
 from stratavit.evaluation.evaluations.classification import baseline_label
 from stratavit.evaluation.md_html import write_html
@@ -46,7 +46,7 @@ __all__ = [
     "collapse_thresholds",
     "plot_collapse_curve",
     "plot_loss_curve",
-    "plot_layer_curve",
+    "plot_block_curve",
     "write_report",
 ]
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from stratavit.evaluation.block_plots import plot_layer_panels
+from stratavit.evaluation.block_plots import plot_block_panels
 from stratavit.evaluation.protocol import Figure, Panel
 from stratavit.evaluation.tokens import (
     block_tokens,
@@ -45,7 +45,7 @@ def model_figures(
     cnn = is_cnn(model)
     names = {"unit": "CNN stage", "global_label": "global avg pool"} if cnn else {}
     specs = [(p.title, p.ylabel, list(p.curves)) for p in sorted(panels, key=lambda p: p.order)]
-    png = plot_layer_panels(results, out_dir / "layer_panels.png", panels=specs, **names)
+    png = plot_block_panels(results, out_dir / "layer_panels.png", panels=specs, **names)
     if png is not None:
         figures.append(Figure(
             "Per-stage probes: kNN and linear on the global average pool, correspondence, dense" if cnn else

@@ -1,4 +1,4 @@
-"""``stratavit evaluate``: frozen-feature evaluation of a run's backbone, per block and per level.
+"""``stratavit evaluate``: frozen-feature evaluation of a run's backbone, block by block.
 
 :func:`evaluate` runs every enabled evaluation of
 :data:`~stratavit.evaluation.evaluations.EVALUATIONS` on the run's backbone (and, with

@@ -18,10 +18,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from stratavit.evaluation.block_plots import plot_layer_curve
+from stratavit.evaluation.block_plots import plot_block_curve
 from stratavit.evaluation.embedding import plot_embedding_2d
 from stratavit.evaluation.features import BlockFeatures, raw_pixel_features
-from stratavit.evaluation.knn import knn_per_layer, knn_top1
+from stratavit.evaluation.knn import knn_per_block, knn_top1
 from stratavit.evaluation.linear import linear_probe_top1
 from stratavit.evaluation.plotting import block_series
 from stratavit.evaluation.protocol import (
@@ -93,7 +93,7 @@ def classification_probes(
         if pooling not in poolings:
             continue
         ftr, fte = train.pooled(pooling), test.pooled(pooling)
-        knn = knn_per_layer(ftr, train.labels, fte, test.labels, k=k, temperature=temperature, num_classes=num_classes)
+        knn = knn_per_block(ftr, train.labels, fte, test.labels, k=k, temperature=temperature, num_classes=num_classes)
         for i in range(depth):
             lin = linear_probe_top1(
                 ftr[i], train.labels, fte[i], test.labels, num_classes=num_classes, epochs=linear_epochs
@@ -170,7 +170,7 @@ def _best_block(results: Mapping[str, Any]) -> tuple[int | None, float | None]:
     return best
 
 
-def _layer_table(results: Mapping[str, Any]) -> str | None:
+def _block_table(results: Mapping[str, Any]) -> str | None:
     layers = results.get("layers") or []
     if not layers:
         return None
@@ -257,7 +257,7 @@ class Classification(Evaluation):
         ]
 
     def report_section(self, results: Mapping[str, Any], out_dir: Path) -> str | None:
-        table = _layer_table(results)
+        table = _block_table(results)
         if table is None:
             return None
         lines: dict[str, float] = {}
@@ -268,7 +268,7 @@ class Classification(Evaluation):
                 lines[label + (" (last block)" if name == "random_init" else "")] = float(value)
             if dig(base, "layers"):
                 curves[f"{label} (per block)"] = list(base["layers"])
-        png = plot_layer_curve(
+        png = plot_block_curve(
             list(results["layers"]), out_dir / LAYER_PNG, key="knn_top1", baselines=lines or None,
             title="kNN top-1 per transformer block", extra_curves=curves or None,
         )
