@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from stratavit.demo import DEMO_OVERRIDES
-from stratavit.evaluate import evaluate_run
+from stratavit.evaluation.run import evaluate_run
 from stratavit.train import pretrain
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from stratavit.data.datasets import SAMPLE_NAME
 from stratavit.demo import DEMO_OVERRIDES, DEMO_RECIPE
-from stratavit.evaluate import evaluate_run
+from stratavit.evaluation.run import evaluate_run
 from stratavit.train import pretrain
 
 

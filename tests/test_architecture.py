@@ -1,6 +1,6 @@
 """The shape of the house, checked: no import circle inside the package (module-level and
-function-level imports alike), no source file over 500 lines, no function over 80 lines except the
-few listed with their reason, and no private name imported across modules."""
+function-level imports alike), no source file over 500 lines, no function over 80 lines (its docstring
+not counted) except the few listed with their reason, and no private name imported across modules."""
 
 from __future__ import annotations
 
@@ -12,18 +12,12 @@ MAX_FILE_LINES = 500
 MAX_FUNCTION_LINES = 80
 # function -> why it is longer than MAX_FUNCTION_LINES
 LONG_FUNCTIONS: dict[str, str] = {}
-# Evaluation and the training engine are being reshaped (issue 13); until they land, their known
-# exceptions are listed here so that every other module is held to the rules now.
-PENDING_FILES = {"evaluation/report.py", "evaluation/visuals.py", "evaluation/compare.py", "evaluation/dense.py"}
-PENDING_FUNCTIONS = {
-    "stratavit.evaluate.evaluate_run", "stratavit.train.pretrain", "stratavit.evaluation.report.write_report",
-    "stratavit.evaluation.visuals.plot_layer_panels", "stratavit.evaluation.compare.compare_runs",
-    "stratavit.evaluation.dense.train_dense_head", "stratavit.evaluation.dense.dense_probe",
-    "stratavit.evaluation.linear.linear_probe_top1", "stratavit.evaluation.features.extract_block_features",
-}
-PENDING_PRIVATE_IMPORTS = {"stratavit.evaluation.compare", "stratavit.evaluation.correspondence", "stratavit.evaluation.dense",
-                           "stratavit.evaluation.visuals"}
-PENDING_CIRCLES = [["stratavit.evaluation.report", "stratavit.evaluation.visuals", "stratavit.evaluation.report"]]
+# The training engine is being reshaped (issue 13); until it lands its known exception is listed
+# here so that every other module is held to the rules now.
+PENDING_FILES: set[str] = set()
+PENDING_FUNCTIONS = {"stratavit.train.pretrain"}
+PENDING_PRIVATE_IMPORTS: set[str] = set()
+PENDING_CIRCLES: list[list[str]] = []
 
 
 def _module_name(path: Path) -> str:
@@ -137,6 +131,9 @@ def test_no_function_over_80_lines_without_a_reason():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
                 n = node.end_lineno - first + 1  # type: ignore[operator]
+                doc = node.body[0]
+                if isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str):
+                    n -= doc.end_lineno - doc.lineno + 1  # type: ignore[operator]  # documentation is not length
                 key = f"{_module_name(path)}.{node.name}"
                 if n > MAX_FUNCTION_LINES and key not in LONG_FUNCTIONS and key not in PENDING_FUNCTIONS:
                     long[key] = n

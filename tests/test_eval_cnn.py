@@ -17,7 +17,9 @@ from torch.utils.data import TensorDataset
 
 from stratavit.config import BackboneConfig
 from stratavit.data.datasets import build_dataset
-from stratavit.evaluate import classification_probes, evaluate_run, load_run_backbone, plain_timm_model
+from stratavit.evaluation.evaluations.classification import classification_probes
+from stratavit.evaluation.run import evaluate_run, load_run_backbone
+from stratavit.backbones.export import plain_timm_model
 from stratavit.evaluation.correspondence import correspondence_score
 from stratavit.evaluation.dense import dense_probe
 from stratavit.evaluation.errors import EvaluationError

@@ -13,19 +13,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-
-from stratavit.evaluation.dense import (
-    SegmentationFolder,
+from stratavit.evaluation.dense import dense_probe
+from stratavit.evaluation.dense_head import (
     auto_epochs,
     confusion_matrix,
-    dense_probe,
     evaluate_dense_head,
     segmentation_scores,
     train_dense_head,
 )
 from stratavit.evaluation.errors import EvaluationError
-
-
+from stratavit.evaluation.segmentation_data import SegmentationFolder
 
 
 def _tiny_vit() -> torch.nn.Module:

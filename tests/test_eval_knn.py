@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from stratavit.evaluation.knn import knn_per_layer, knn_predict, knn_top1
+from stratavit.evaluation.knn import knn_per_block, knn_predict, knn_top1
 
 # Hand-made 2-D case. Directions (before normalisation; magnitudes differ on purpose):
 #   a = ( 1, 0)  label 0      b = (0.6,  0.8) label 1
@@ -111,11 +111,11 @@ def test_per_layer():
     train_y, test_y = torch.randint(0, 3, (50,), generator=g), torch.randint(0, 3, (20,), generator=g)
     train[2] += 4 * torch.nn.functional.one_hot(train_y, 8).float()  # make the last layer informative
     test[2] += 4 * torch.nn.functional.one_hot(test_y, 8).float()
-    accs = knn_per_layer(train, train_y, test, test_y, k=5)
+    accs = knn_per_block(train, train_y, test, test_y, k=5)
     assert isinstance(accs, list) and len(accs) == n_layers
     assert all(isinstance(a, float) and 0.0 <= a <= 100.0 for a in accs)
     for layer in range(n_layers):
         assert accs[layer] == knn_top1(train[layer], train_y, test[layer], test_y, k=5)
     assert accs[2] == 100.0
     with pytest.raises(ValueError):
-        knn_per_layer(train, train_y, test[:2], test_y)
+        knn_per_block(train, train_y, test[:2], test_y)

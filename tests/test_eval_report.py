@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stratavit.evaluation.report import plot_layer_curve, plot_loss_curve, write_report
+from stratavit.evaluation.report import plot_block_curve, plot_loss_curve, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -59,15 +59,15 @@ def test_plot_loss_curve_missing_or_empty(tmp_path):
     assert not (tmp_path / "a.png").exists() and not (tmp_path / "b.png").exists()
 
 
-def test_plot_layer_curve(tmp_path):
-    out = plot_layer_curve(
+def test_plot_block_curve(tmp_path):
+    out = plot_block_curve(
         _results()["layers"],
         tmp_path / "plots" / "layers.png",
         baselines={"random init (last block)": 27.0, "raw pixels": 38.9},
         title="t",
     )
     assert _is_png(out)
-    out2 = plot_layer_curve(_results()["layers"], tmp_path / "lin.png", key="linear_top1")
+    out2 = plot_block_curve(_results()["layers"], tmp_path / "lin.png", key="linear_top1")
     assert _is_png(out2)
 
 

@@ -11,18 +11,17 @@ import pytest
 import torch
 from matplotlib import image as mpimg
 
-from stratavit.evaluation import visuals
+from stratavit.evaluation import embedding, md_html
+from stratavit.evaluation.block_plots import plot_block_panels
+from stratavit.evaluation.embedding import embed_2d, plot_embedding_2d
+from stratavit.evaluation.md_html import write_html
 from stratavit.evaluation.report import write_report
 from stratavit.evaluation.visuals import (
-    embed_2d,
     pca_rgb,
     plot_attention_maps,
     plot_confusion,
-    plot_embedding_2d,
-    plot_layer_panels,
     plot_matches,
     plot_pca_rgb,
-    write_html,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -159,7 +158,7 @@ def test_embed_2d_pca() -> None:
 
 def test_embed_2d_auto_picks_an_installed_method(monkeypatch: pytest.MonkeyPatch) -> None:
     feats, _ = _clusters(10, 2)
-    monkeypatch.setattr(visuals, "_have", lambda name: False)  # nothing optional installed
+    monkeypatch.setattr(embedding, "_have", lambda name: False)  # nothing optional installed
     coords, method, _ = embed_2d(feats)
     assert method == "pca" and coords.shape == (20, 2)
     with pytest.raises(ImportError):
@@ -169,9 +168,9 @@ def test_embed_2d_auto_picks_an_installed_method(monkeypatch: pytest.MonkeyPatch
         raise ImportError("installed but broken")
 
     # installed but failing to import: "auto" moves on to the next method, an explicit one raises
-    monkeypatch.setattr(visuals, "_have", lambda name: True)
-    monkeypatch.setattr(visuals, "_tsne", broken)
-    monkeypatch.setattr(visuals, "_umap", broken)
+    monkeypatch.setattr(embedding, "_have", lambda name: True)
+    monkeypatch.setattr(embedding, "_tsne", broken)
+    monkeypatch.setattr(embedding, "_umap", broken)
     assert embed_2d(feats).method == "pca"
     with pytest.raises(ImportError):
         embed_2d(feats, method="tsne")
@@ -223,22 +222,22 @@ def _full_results() -> dict:
     }
 
 
-def test_plot_layer_panels_full_and_partial(tmp_path: Path) -> None:
-    full = _assert_png(plot_layer_panels(_full_results(), tmp_path / "full.png"))
+def test_plot_block_panels_full_and_partial(tmp_path: Path) -> None:
+    full = _assert_png(plot_block_panels(_full_results(), tmp_path / "full.png"))
 
     only_knn = {"layers": [{"block": 1, "knn_top1": 40.0}, {"block": 2, "knn_top1": 45.0}]}
-    one = _assert_png(plot_layer_panels(only_knn, tmp_path / "one.png"))
+    one = _assert_png(plot_block_panels(only_knn, tmp_path / "one.png"))
     assert one.shape[1] < full.shape[1]  # one panel is narrower than a 2x2 grid
 
     only_corr = {"correspondence": {"top1": 70.0, "layers": [{"block": 3, "top1": 70.0}]}}
-    _assert_png(plot_layer_panels(only_corr, tmp_path / "corr.png"))
+    _assert_png(plot_block_panels(only_corr, tmp_path / "corr.png"))
 
     # missing / None values and baselines without the model's curve
     odd = {"layers": [{"block": 1, "knn_top1": None}, {"block": 2}],
            "baselines": {"random_init": {"layers": [{"block": 1, "knn_top1": 10.0}]}}}
-    assert plot_layer_panels(odd, tmp_path / "odd.png") is None
-    assert plot_layer_panels({"knn": {"top1": 1.0}}, tmp_path / "none.png") is None
-    assert plot_layer_panels({}, tmp_path / "empty.png") is None
+    assert plot_block_panels(odd, tmp_path / "odd.png") is None
+    assert plot_block_panels({"knn": {"top1": 1.0}}, tmp_path / "none.png") is None
+    assert plot_block_panels({}, tmp_path / "empty.png") is None
     assert not (tmp_path / "none.png").exists()
 
 
@@ -316,7 +315,7 @@ def test_write_html_markdown_package(tmp_path: Path) -> None:
 
 
 def test_builtin_converter_details() -> None:
-    html_ = visuals._md_to_html(
+    html_ = md_html.markdown_to_html(
         "# T\n\ntext _it_ and snake_case_name\nline two\n\n```\n<raw> **x**\n```\n\n---\n\n"
         "> quoted\n\n[bad](javascript:alert(1))\n"
     )

@@ -15,8 +15,8 @@ def pretrain(*args: Any, **kwargs: Any) -> Any:
 
 
 def evaluate(*args: Any, **kwargs: Any) -> Any:
-    """See :func:`stratavit.evaluate.evaluate_run`."""
-    from stratavit.evaluate import evaluate_run
+    """See :func:`stratavit.evaluation.run.evaluate_run`."""
+    from stratavit.evaluation.run import evaluate_run
 
     return evaluate_run(*args, **kwargs)
 

@@ -65,39 +65,28 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from stratavit.evaluate import evaluate_run
+    from stratavit.evaluation.evaluations import EVALUATIONS, option_sections
+    from stratavit.evaluation.options import build_options, parse_overrides
+    from stratavit.evaluation.run import evaluate
+    from stratavit.run_folder import EvalFolder, RunFolder
 
-    results = evaluate_run(
-        args.run_dir,
-        train=args.train,
-        test=args.test,
-        out=args.out,
-        train_limit=args.train_limit,
-        test_limit=args.test_limit,
-        batch_size=args.batch_size,
-        img_size=args.img_size,
-        resize=args.resize,
-        which=args.which,
-        baselines=args.baselines,
-        num_workers=args.num_workers,
-        linear_epochs=args.linear_epochs,
-        dense_train=args.dense_train,
-        dense_val=args.dense_val,
-        dense_blocks=args.dense_blocks,
-        dense_size=args.dense_size,
-        correspondence_images=args.correspondence,
-        visuals=not args.no_visuals,
-        seed=args.seed,
-    )
-    out = Path(args.out) if args.out else Path(args.run_dir) / "eval"
-    summary = {"knn_top1": results["knn"]["top1"], "linear_top1": results["linear"]["top1"]}
-    if "dense" in results:
-        summary["dense_miou"] = results["dense"]["miou"]
-    if "correspondence" in results:
-        summary["correspondence_top1"] = results["correspondence"]["top1"]
+    flags = {
+        "train_limit": args.train_limit, "test_limit": args.test_limit, "batch_size": args.batch_size,
+        "img_size": args.img_size, "resize": args.resize, "which": args.which, "baselines": args.baselines,
+        "num_workers": args.num_workers, "visuals": not args.no_visuals, "seed": args.seed,
+        "linear": {"epochs": args.linear_epochs},
+        "dense": {"train": args.dense_train, "val": args.dense_val, "blocks": args.dense_blocks, "size": args.dense_size},
+        "correspondence": {"images": args.correspondence},
+    }
+    options = build_options(option_sections(), parse_overrides(args.overrides, flags))
+    results = evaluate(args.run_dir, args.train, args.test, args.out, options)
+    out = EvalFolder(Path(args.out) if args.out else RunFolder(Path(args.run_dir)).eval_dir)
+    summary: dict[str, float] = {}
+    for evaluation in EVALUATIONS:
+        summary.update(evaluation.summary(results))
     print(json.dumps({k: round(v, 2) for k, v in summary.items()}))
-    print(f"results: {out / 'results.json'}")
-    print(f"report:  {out / 'report.md'}")
+    print(f"results: {out.results}")
+    print(f"report:  {out.report_md}")
     return 0
 
 
@@ -107,6 +96,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     compare_runs([Path(r) for r in args.run_dirs], Path(args.out), labels=args.labels, eval_subdir=args.eval_subdir)
     print(f"table: {Path(args.out) / 'compare.md'} ({Path(args.out) / 'compare.csv'})")
     return 0
+
+
+class _TrailingOverrides(argparse.ArgumentParser):
+    """A sub-command parser that takes ``key=value`` overrides after the options too.
+
+    argparse alone binds a ``nargs="*"`` positional right after the first positional, so
+    ``evaluate RUN --train A --test B knn.k=10`` would refuse ``knn.k=10``.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def, override]
+        ns, extras = super().parse_known_args(args, namespace)
+        trailing = [a for a in extras if "=" in a and not a.startswith("-")]
+        ns.overrides = [*(getattr(ns, "overrides", None) or []), *trailing]
+        return ns, [a for a in extras if a not in trailing]
 
 
 def _blocks(text: str) -> list[int]:
@@ -163,6 +166,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    """The ``evaluate`` sub-command: its flags, and ``key=value`` overrides of the evaluations' options."""
+    s = sub.add_parser(
+        "evaluate",
+        help="per-block kNN and linear probes (CLS and patches), dense probe, correspondence, visual report",
+    )
+    s.add_argument("run_dir")
+    s.add_argument("--train", required=True, help="labelled train set (ImageFolder dir or named set)")
+    s.add_argument("--test", required=True, help="labelled test set (ImageFolder dir or named set, e.g. cifar10:test)")
+    s.add_argument("--out", help="output folder (default RUN_DIR/eval)")
+    s.add_argument("--train-limit", type=int, help="use a fixed random subset of the train set")
+    s.add_argument("--test-limit", type=int, help="use a fixed random subset of the test set")
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--img-size", type=int, help="evaluation resolution (default: the backbone's)")
+    s.add_argument("--resize", choices=("center_crop", "stretch"), default="center_crop",
+                   help="how images of other sizes reach --img-size (default: shorter side + centre crop)")
+    s.add_argument("--which", choices=("teacher", "student"), default="teacher")
+    s.add_argument("--baselines", action="store_true", help="also evaluate random init and raw pixels")
+    s.add_argument("--num-workers", type=int, default=0, help="data loader workers")
+    s.add_argument("--linear-epochs", type=int, default=100, help="epochs of each linear probe (default 100; = linear.epochs)")
+    s.add_argument("--dense-train", help="images/ + masks/ folder to train the dense probe on (or horses-sample:train)")
+    s.add_argument("--dense-val", help="images/ + masks/ folder to report the dense probe's mIoU on (or horses-sample:val)")
+    s.add_argument("--dense-blocks", type=_blocks, help="blocks of the dense probe, e.g. 4,8,12 (default: 4 spread)")
+    s.add_argument("--dense-size", type=int, help="input size of the dense probe (default: --img-size)")
+    s.add_argument("--correspondence", type=int, default=200, metavar="N",
+                   help="held-out images for the correspondence score (default 200; 0 skips it)")
+    s.add_argument("--no-visuals", action="store_true", help="skip the pictures and report.html")
+    s.add_argument("--seed", type=int, default=0, help="seed of subsets, crops and probes")
+    s.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="evaluation options, e.g. knn.k=10 linear.epochs=50 dense.blocks=[2,4] (override the flags)")
+    s.__class__ = _TrailingOverrides  # key=value also after the options
+    s.set_defaults(func=cmd_evaluate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stratavit", description="Multi-level self-supervised pre-training of ViTs.")
     p.add_argument("--version", action="version", version=f"stratavit {__version__}")
@@ -185,33 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=2")
     s.set_defaults(func=cmd_pretrain)
 
-    s = sub.add_parser(
-        "evaluate",
-        help="per-block kNN and linear probes (CLS and patches), dense probe, correspondence, visual report",
-    )
-    s.add_argument("run_dir")
-    s.add_argument("--train", required=True, help="labelled train set (ImageFolder dir or named set)")
-    s.add_argument("--test", required=True, help="labelled test set (ImageFolder dir or named set, e.g. cifar10:test)")
-    s.add_argument("--out", help="output folder (default RUN_DIR/eval)")
-    s.add_argument("--train-limit", type=int, help="use a fixed random subset of the train set")
-    s.add_argument("--test-limit", type=int, help="use a fixed random subset of the test set")
-    s.add_argument("--batch-size", type=int, default=256)
-    s.add_argument("--img-size", type=int, help="evaluation resolution (default: the backbone's)")
-    s.add_argument("--resize", choices=("center_crop", "stretch"), default="center_crop",
-                   help="how images of other sizes reach --img-size (default: shorter side + centre crop)")
-    s.add_argument("--which", choices=("teacher", "student"), default="teacher")
-    s.add_argument("--baselines", action="store_true", help="also evaluate random init and raw pixels")
-    s.add_argument("--num-workers", type=int, default=0, help="data loader workers")
-    s.add_argument("--linear-epochs", type=int, default=100, help="epochs of each linear probe (default 100)")
-    s.add_argument("--dense-train", help="images/ + masks/ folder to train the dense probe on (or horses-sample:train)")
-    s.add_argument("--dense-val", help="images/ + masks/ folder to report the dense probe's mIoU on (or horses-sample:val)")
-    s.add_argument("--dense-blocks", type=_blocks, help="blocks of the dense probe, e.g. 4,8,12 (default: 4 spread)")
-    s.add_argument("--dense-size", type=int, help="input size of the dense probe (default: --img-size)")
-    s.add_argument("--correspondence", type=int, default=200, metavar="N",
-                   help="held-out images for the correspondence score (default 200; 0 skips it)")
-    s.add_argument("--no-visuals", action="store_true", help="skip the pictures and report.html")
-    s.add_argument("--seed", type=int, default=0, help="seed of subsets, crops and probes")
-    s.set_defaults(func=cmd_evaluate)
+    _add_evaluate(sub)
 
     s = sub.add_parser("compare", help="one table and overlaid plots across evaluated runs")
     s.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")

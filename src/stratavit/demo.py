@@ -44,7 +44,7 @@ DEMO_OVERRIDES: list[str] = [
 
 def run_demo(out: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Pre-train into ``out`` and evaluate into ``out/eval``; returns the evaluation results."""
-    from stratavit.evaluate import evaluate_run
+    from stratavit.evaluation.run import evaluate_run
     from stratavit.train import last_checkpoint, pretrain
 
     out = Path(out)

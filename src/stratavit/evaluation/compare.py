@@ -5,7 +5,7 @@ Each run folder is read, never written:
 * ``RUN/config.yaml``: the resolved config (its top-level ``recipe`` names the run),
 * ``RUN/run.json``: training summary written by :func:`stratavit.train.pretrain` (optional),
 * ``RUN/metrics.csv``: training metrics, for the overlaid loss curves (optional),
-* ``RUN/<eval_subdir>/results.json``: evaluation written by :func:`stratavit.evaluate.evaluate_run`
+* ``RUN/<eval_subdir>/results.json``: evaluation written by :func:`stratavit.evaluation.run.evaluate_run`
   (required). Any part of it may be missing (older runs); missing values stay empty in the CSV
   and show as "–" in the Markdown.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,109 +24,70 @@ from typing import Any
 
 import yaml
 
+from stratavit.evaluation.compare_plots import (
+    plot_headline,
+    plot_loss,
+    plot_per_block,
+    plot_throughput,
+)
 from stratavit.evaluation.errors import EvaluationError
-from stratavit.evaluation.report import _fmt, _get, _md_table, _new_figure, _save, _to_float
+from stratavit.evaluation.evaluations import EVALUATIONS
+from stratavit.evaluation.metrics_csv import read_metrics
+from stratavit.evaluation.protocol import Column, ComparePlot
+from stratavit.evaluation.tables import dig, fmt, integer, md_escape, md_table, number
+from stratavit.run_folder import EvalFolder, RunFolder
 
-__all__ = ["COLUMNS", "compare_runs"]
+__all__ = ["COLUMNS", "PLOTS", "column_names", "compare_runs", "evaluation_columns", "plot_names"]
 
 log = logging.getLogger(__name__)
 
 CSV_NAME = "compare.csv"
 MD_NAME = "compare.md"
 
-# Stable column order of compare.csv (and of the rows returned by compare_runs).
-COLUMNS: tuple[str, ...] = (
-    "label",
-    "run_dir",
-    "recipe",
-    "knn_top1",
-    "linear_top1",
-    "best_block_knn",
-    "best_block_knn_top1",
-    "dense_miou",
-    "dense_pixel_acc",
-    "correspondence_top1",
-    "random_init_knn_top1",
-    "raw_pixels_knn_top1",
-    "images_per_s",
-    "wall_time_s",
-    "steps",
-    "epochs",
-    "eval_train",
-    "eval_test",
-    "eval_train_images",
-    "eval_test_images",
-    "knn_k",
-)
+IDENTITY_COLUMNS = ("label", "run_dir", "recipe")
+RUN_COLUMNS = ("images_per_s", "wall_time_s", "steps", "epochs")  # from run.json
+DATA_COLUMNS = ("eval_train", "eval_test", "eval_train_images", "eval_test_images")  # from results meta
+_RUN_BEST = (("images_per_s", "throughput (img/s)", True), ("wall_time_s", "wall time (shortest)", False))
+_OWN_PLOTS = {"headline": "compare_headline.png", "loss": "compare_loss.png", "throughput": "compare_throughput.png"}
 
-# File names of the plots, by kind.
-PLOTS: dict[str, str] = {
-    "knn_layers": "compare_knn_layers.png",
-    "linear_layers": "compare_linear_layers.png",
-    "correspondence": "compare_correspondence.png",
-    "dense": "compare_dense_miou.png",
-    "headline": "compare_headline.png",
-    "loss": "compare_loss.png",
-    "throughput": "compare_throughput.png",
-}
 
-# (column, readable name, higher is better) for the "best run per metric" sentence.
-_BEST_METRICS: tuple[tuple[str, str, bool], ...] = (
-    ("knn_top1", "kNN top-1", True),
-    ("linear_top1", "linear top-1", True),
-    ("best_block_knn_top1", "best-block kNN top-1", True),
-    ("dense_miou", "dense mIoU", True),
-    ("dense_pixel_acc", "dense pixel accuracy", True),
-    ("correspondence_top1", "correspondence top-1", True),
-    ("images_per_s", "throughput (img/s)", True),
-    ("wall_time_s", "wall time (shortest)", False),
-)
+def evaluation_columns() -> list[Column]:
+    """The registered evaluations' columns, grouped: metrics, baselines, settings."""
+    cols = [c for e in EVALUATIONS for c in e.columns()]
+    return [c for group in ("metric", "baseline", "setting") for c in cols if c.group == group]
 
-# Bars of the headline chart: (column, legend name).
-_HEADLINE_BARS: tuple[tuple[str, str], ...] = (
-    ("knn_top1", "kNN top-1 (%)"),
-    ("linear_top1", "linear top-1 (%)"),
-    ("dense_miou", "dense mIoU (%)"),
-    ("correspondence_top1", "correspondence top-1 (%)"),
-)
+
+def column_names() -> tuple[str, ...]:
+    """Column order of compare.csv (and of the rows returned by compare_runs)."""
+    cols = evaluation_columns()
+
+    def names(group: str) -> list[str]:
+        return [c.name for c in cols if c.group == group]
+
+    return (*IDENTITY_COLUMNS, *names("metric"), *names("baseline"), *RUN_COLUMNS, *DATA_COLUMNS, *names("setting"))
+
+
+def per_block_plots() -> list[ComparePlot]:
+    """The registered evaluations' overlaid per-block plots, in their order."""
+    return sorted((p for e in EVALUATIONS for p in e.compare_plots), key=lambda p: p.order)
+
+
+def plot_names() -> dict[str, str]:
+    """File names of the plots, by kind."""
+    return {**{p.kind: p.png for p in per_block_plots()}, **_OWN_PLOTS}
+
+
+COLUMNS: tuple[str, ...] = column_names()
+"""The columns with the built-in evaluations (:func:`compare_runs` asks the registry again)."""
+PLOTS: dict[str, str] = plot_names()
+"""The plots with the built-in evaluations, by kind."""
 
 
 # --------------------------------------------------------------------------- #
 # reading a run folder
 # --------------------------------------------------------------------------- #
-def _num(value: Any) -> float | None:
-    """A finite float from a JSON/YAML value, else ``None`` (bools and strings of junk included)."""
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    if isinstance(value, str):
-        return _to_float(value)
-    return None
-
-
-def _int(value: Any) -> int | None:
-    v = _num(value)
-    return int(v) if v is not None and v == int(v) else None
-
-
-def _layers(rows: Any, key: str) -> list[tuple[int, float]]:
-    """Sorted ``(block, value)`` pairs of a per-block list, skipping entries without ``key``."""
-    if not isinstance(rows, list):
-        return []
-    pts: dict[int, float] = {}
-    for row in rows:
-        if not isinstance(row, Mapping):
-            continue
-        block, value = _int(row.get("block")), _num(row.get(key))
-        if block is not None and value is not None:
-            pts[block] = value
-    return sorted(pts.items())
-
-
 def _read_config_recipe(run_dir: Path) -> str | None:
-    path = run_dir / "config.yaml"
+    path = RunFolder(run_dir).config
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
@@ -141,7 +101,7 @@ def _read_config_recipe(run_dir: Path) -> str | None:
 
 
 def _read_results(run_dir: Path, eval_subdir: str) -> dict[str, Any]:
-    path = run_dir / eval_subdir / "results.json"
+    path = EvalFolder(run_dir / eval_subdir).results
     if not path.is_file():
         out_hint = "" if eval_subdir == "eval" else f" --out {run_dir / eval_subdir}"
         raise EvaluationError(
@@ -160,7 +120,7 @@ def _read_results(run_dir: Path, eval_subdir: str) -> dict[str, Any]:
 
 
 def _read_run_json(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "run.json"
+    path = RunFolder(run_dir).summary
     if not path.is_file():
         return None
     try:
@@ -173,26 +133,7 @@ def _read_run_json(run_dir: Path) -> dict[str, Any] | None:
 
 def _read_loss(metrics_csv: Path) -> tuple[list[float], list[float]]:
     """Total loss against step (sparse rows skipped); empty lists when there is none."""
-    if not metrics_csv.is_file():
-        return [], []
-    try:
-        with metrics_csv.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            columns = list(reader.fieldnames or [])
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        log.warning("ignoring %s: %s", metrics_csv, e)
-        return [], []
-    if "loss" not in columns:
-        return [], []
-    xs, ys = [], []
-    for i, row in enumerate(rows):
-        y = _to_float(row.get("loss"))
-        x = _to_float(row.get("step")) if "step" in columns else float(i)
-        if x is not None and y is not None:
-            xs.append(x)
-            ys.append(y)
-    return xs, ys
+    return read_metrics(metrics_csv, warn=True).series("loss")
 
 
 class _Run:
@@ -200,7 +141,7 @@ class _Run:
 
     def __init__(self, run_dir: Path, eval_subdir: str) -> None:
         self.dir = run_dir
-        if not run_dir.is_dir() or not (run_dir / "config.yaml").is_file():
+        if not run_dir.is_dir() or not RunFolder(run_dir).config.is_file():
             raise EvaluationError(
                 f"{run_dir} is not a stratavit run folder (no config.yaml); "
                 "pass the --out folder of `stratavit pretrain`"
@@ -208,7 +149,7 @@ class _Run:
         self.config_recipe = _read_config_recipe(run_dir)
         self.results = _read_results(run_dir, eval_subdir)
         self.summary = _read_run_json(run_dir)
-        self.loss = _read_loss(run_dir / "metrics.csv")
+        self.loss = _read_loss(RunFolder(run_dir).metrics)
 
     @property
     def meta(self) -> Mapping[str, Any]:
@@ -219,7 +160,7 @@ class _Run:
     def recipe(self) -> str | None:
         for value in (
             self.config_recipe,
-            _get(self.summary, "recipe"),
+            dig(self.summary, "recipe"),
             self.meta.get("recipe"),
         ):
             if value not in (None, ""):
@@ -230,47 +171,26 @@ class _Run:
         """A run.json value (first of ``keys`` present), falling back to the copy in results meta."""
         for source in (self.summary, self.meta.get("training")):
             for key in keys:
-                value = _get(source, key)
+                value = dig(source, key)
                 if value is not None:
                     return value
         return None
 
-    def row(self, label: str) -> dict[str, Any]:
-        r = self.results
-        knn_layers = _layers(r.get("layers"), "knn_top1")
-        best_block, best_value = None, None
-        for block, value in knn_layers:
-            if best_value is None or value > best_value:
-                best_block, best_value = block, value
-        dense_miou = _num(_get(r, "dense", "miou"))
-        dense_acc = _num(_get(r, "dense", "pixel_acc"))
-        corr = _num(_get(r, "correspondence", "top1"))
+    def row(self, label: str, columns: Sequence[Column], names: Sequence[str]) -> dict[str, Any]:
         meta = self.meta
-        row: dict[str, Any] = {
-            "label": label,
-            "run_dir": str(self.dir),
-            "recipe": self.recipe,
-            "knn_top1": _num(_get(r, "knn", "top1")),
-            "linear_top1": _num(_get(r, "linear", "top1")),
-            "best_block_knn": best_block,
-            "best_block_knn_top1": best_value,
-            "dense_miou": dense_miou,
-            "dense_pixel_acc": dense_acc,
-            "correspondence_top1": corr,
-            "random_init_knn_top1": _num(_get(r, "baselines", "random_init", "knn_top1")),
-            "raw_pixels_knn_top1": _num(_get(r, "baselines", "raw_pixels", "knn_top1")),
-            "images_per_s": _num(self.training("images_per_s")),
-            "wall_time_s": _num(self.training("wall_time_s")),
-            "steps": _int(self.training("global_step", "steps")),
-            "epochs": _int(self.training("epochs_completed", "epochs")),
+        values: dict[str, Any] = {"label": label, "run_dir": str(self.dir), "recipe": self.recipe}
+        values.update({c.name: c.read(self.results) for c in columns})
+        values.update({
+            "images_per_s": number(self.training("images_per_s")),
+            "wall_time_s": number(self.training("wall_time_s")),
+            "steps": integer(self.training("global_step", "steps")),
+            "epochs": integer(self.training("epochs_completed", "epochs")),
             "eval_train": None if meta.get("train") is None else str(meta["train"]),
             "eval_test": None if meta.get("test") is None else str(meta["test"]),
-            "eval_train_images": _int(meta.get("train_images")),
-            "eval_test_images": _int(meta.get("test_images")),
-            "knn_k": _int(_get(r, "knn", "k")),
-        }
-        assert tuple(row) == COLUMNS
-        return row
+            "eval_train_images": integer(meta.get("train_images")),
+            "eval_test_images": integer(meta.get("test_images")),
+        })
+        return {name: values[name] for name in names}
 
 
 # --------------------------------------------------------------------------- #
@@ -318,7 +238,7 @@ def _describe_data(row: Mapping[str, Any]) -> str:
     return text
 
 
-def _data_warnings(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+def _data_warnings(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> list[str]:
     """Markdown warnings when the runs were not evaluated on the same data (or k)."""
     warnings: list[str] = []
     known = [r for r in rows if r["eval_train"] is not None or r["eval_test"] is not None]
@@ -331,28 +251,33 @@ def _data_warnings(rows: Sequence[Mapping[str, Any]]) -> list[str]:
             "**Warning: these runs were evaluated on different data, so their numbers are not comparable.**"
         ]
         for r in known:
-            lines.append(f"- {_md_escape(r['label'])}: {_describe_data(r)}")
+            lines.append(f"- {md_escape(r['label'])}: {_describe_data(r)}")
         warnings.append("\n".join(lines))
     if unknown and len(rows) > 1:
-        names = ", ".join(_md_escape(r["label"]) for r in unknown)
+        names = ", ".join(md_escape(r["label"]) for r in unknown)
         warnings.append(
             f"**Warning:** the evaluation data of {names} is not recorded (no `meta.train`/`meta.test` in "
             "results.json), so it cannot be checked that the numbers are comparable."
         )
-    ks = {r["knn_k"] for r in rows if r["knn_k"] is not None}
-    if len(ks) > 1:
-        warnings.append(
-            "**Warning:** the kNN numbers use different k ("
-            + ", ".join(f"{_md_escape(r['label'])}: k={r['knn_k']}" for r in rows if r["knn_k"] is not None)
-            + ")."
-        )
+    for col in columns:
+        if col.must_agree is None:
+            continue
+        what, short = col.must_agree
+        given = [r for r in rows if r[col.name] is not None]
+        if len({r[col.name] for r in given}) > 1:
+            warnings.append(
+                f"**Warning:** {what} ("
+                + ", ".join(f"{md_escape(r['label'])}: {short}={r[col.name]}" for r in given)
+                + ")."
+            )
     return warnings
 
 
-def _best_runs(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, list[str], float]]:
+def _best_runs(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> list[tuple[str, list[str], float]]:
     """``(metric name, labels of the best runs (ties), value)`` for every metric some run has."""
+    metrics = [(c.name, *c.best) for c in columns if c.best is not None and c.group == "metric"]
     out = []
-    for col, name, higher in _BEST_METRICS:
+    for col, name, higher in [*metrics, *_RUN_BEST]:
         values = [(r["label"], r[col]) for r in rows if r[col] is not None]
         if not values:
             continue
@@ -361,131 +286,15 @@ def _best_runs(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, list[str], 
     return out
 
 
-def _best_sentence(rows: Sequence[Mapping[str, Any]]) -> str:
-    best = _best_runs(rows)
+def _best_sentence(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> str:
+    best = _best_runs(rows, columns)
     if not best:
         return "No run has evaluation metrics to rank."
     parts = []
     for name, labels, value in best:
-        who = " and ".join(f"**{_md_escape(lab)}**" for lab in labels)
-        parts.append(f"{name}: {who} ({_fmt(value)})")
+        who = " and ".join(f"**{md_escape(lab)}**" for lab in labels)
+        parts.append(f"{name}: {who} ({fmt(value)})")
     return "Best run per metric: " + "; ".join(parts) + "."
-
-
-# --------------------------------------------------------------------------- #
-# plots
-# --------------------------------------------------------------------------- #
-def _color(i: int) -> str:
-    return f"C{i % 10}"
-
-
-def _plot_per_block(
-    runs: Sequence[_Run],
-    labels: Sequence[str],
-    out_png: Path,
-    curves: Sequence[tuple[str, tuple[str, ...], str]],
-    title: str,
-    ylabel: str,
-) -> Path | None:
-    """Overlaid per-block curves, one colour per run.
-
-    ``curves``: ``(legend suffix, key path to the per-block list, value key)``; the first is drawn
-    solid, the others dashed/dotted in the same colour.
-    """
-    styles = ("-", "--", ":", "-.")
-    fig = None
-    ticks: set[int] = set()
-    for i, (run, label) in enumerate(zip(runs, labels)):
-        for j, (suffix, path, key) in enumerate(curves):
-            pts = _layers(_get(run.results, *path), key)
-            if not pts:
-                continue
-            if fig is None:
-                fig = _new_figure()
-                ax = fig.add_subplot()
-            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-            ticks.update(xs)
-            ax.plot(
-                xs, ys, marker="o" if j == 0 else "s", linestyle=styles[j % len(styles)], color=_color(i),
-                linewidth=1.8 if j == 0 else 1.2, markersize=4, label=f"{label}{suffix}",
-            )
-    if fig is None:
-        return None
-    ordered = sorted(ticks)
-    ax.set_xticks(ordered, [str(t) for t in ordered])
-    ax.set_xlabel("transformer block")
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
-    ax.set_title(title)
-    return _save(fig, out_png)
-
-
-def _plot_headline(rows: Sequence[Mapping[str, Any]], out_png: Path) -> Path | None:
-    bars = [(col, name) for col, name in _HEADLINE_BARS if any(r[col] is not None for r in rows)]
-    if not bars:
-        return None
-    n_runs, n_bars = len(rows), len(bars)
-    width = 0.8 / n_bars
-    fig = _new_figure((max(6.0, 1.2 + 1.4 * n_runs), 4.2))
-    ax = fig.add_subplot()
-    for j, (col, name) in enumerate(bars):
-        xs = [i + (j - (n_bars - 1) / 2) * width for i in range(n_runs)]
-        heights = [r[col] if r[col] is not None else 0.0 for r in rows]
-        container = ax.bar(xs, heights, width=width * 0.95, color=_color(j), label=name)
-        ax.bar_label(
-            container, labels=[_fmt(r[col]) if r[col] is not None else "–" for r in rows],
-            fontsize="x-small", padding=1,
-        )
-    ax.set_xticks(range(n_runs), [r["label"] for r in rows], rotation=20 if n_runs > 3 else 0)
-    top = max((r[col] for r in rows for col, _ in bars if r[col] is not None), default=0.0)
-    ax.set_ylim(0.0, max(1.0, top * 1.12))
-    ax.set_ylabel("%")
-    ax.grid(True, axis="y", alpha=0.3)
-    fig.legend(loc="outside lower center", ncols=min(n_bars, 2), fontsize="small")
-    ax.set_title("headline metrics per run")
-    return _save(fig, out_png)
-
-
-def _plot_loss(runs: Sequence[_Run], labels: Sequence[str], out_png: Path) -> Path | None:
-    if not any(run.loss[0] for run in runs):
-        return None
-    fig = _new_figure()
-    ax = fig.add_subplot()
-    for i, (run, label) in enumerate(zip(runs, labels)):
-        xs, ys = run.loss
-        if xs:
-            ax.plot(xs, ys, color=_color(i), linewidth=1.4, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (total)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
-    ax.set_title("training loss (total)")
-    return _save(fig, out_png)
-
-
-def _plot_throughput(rows: Sequence[Mapping[str, Any]], out_png: Path) -> Path | None:
-    panels = [
-        (col, name) for col, name in (("images_per_s", "images / s"), ("wall_time_s", "wall time (s)"))
-        if any(r[col] is not None for r in rows)
-    ]
-    if not panels:
-        return None
-    n_runs = len(rows)
-    fig = _new_figure((max(6.0, 2.0 + 1.6 * n_runs * len(panels)), 4.0))
-    for k, (col, name) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), k + 1)
-        heights = [r[col] if r[col] is not None else 0.0 for r in rows]
-        container = ax.bar(range(n_runs), heights, color=[_color(i) for i in range(n_runs)])
-        ax.bar_label(
-            container, labels=[_fmt(r[col]) if r[col] is not None else "–" for r in rows],
-            fontsize="x-small", padding=1,
-        )
-        ax.set_xticks(range(n_runs), [r["label"] for r in rows], rotation=20 if n_runs > 3 else 0)
-        ax.set_ylabel(name)
-        ax.grid(True, axis="y", alpha=0.3)
-        ax.set_title(name)
-    return _save(fig, out_png)
 
 
 # --------------------------------------------------------------------------- #
@@ -499,46 +308,38 @@ def _csv_cell(value: Any) -> str:
     return str(value)
 
 
-def _write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+def _write_csv(rows: Sequence[Mapping[str, Any]], names: Sequence[str], path: Path) -> Path:
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(COLUMNS)
+        writer.writerow(names)
         for row in rows:
-            writer.writerow([_csv_cell(row[c]) for c in COLUMNS])
+            writer.writerow([_csv_cell(row[c]) for c in names])
     return path
 
 
-def _md_escape(text: Any) -> str:
-    return str(text).replace("|", "\\|")
-
-
-def _md_rows(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    header = [
-        "run", "recipe", "kNN top-1 (%)", "linear top-1 (%)", "best block kNN (%)", "dense mIoU (%)",
-        "dense pixel acc (%)", "correspondence top-1 (%)", "img/s", "wall time (s)", "steps", "epochs",
-        "eval data (train → test)",
-    ]
+def _md_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> tuple[list[str], list[list[Any]]]:
+    shown = [c for c in columns if c.header is not None and c.group == "metric"]
+    header = ["run", "recipe", *(c.header for c in shown), "img/s", "wall time (s)", "steps", "epochs",
+              "eval data (train → test)"]
     table = []
     for r in rows:
-        best = None
-        if r["best_block_knn"] is not None:
-            best = f"block {r['best_block_knn']} ({_fmt(r['best_block_knn_top1'])})"
         data = None
         if r["eval_train"] is not None or r["eval_test"] is not None:
             data = f"{r['eval_train'] or '?'} → {r['eval_test'] or '?'}"
         table.append([
-            _md_escape(r["label"]),
-            None if r["recipe"] is None else _md_escape(r["recipe"]),
-            r["knn_top1"], r["linear_top1"], best, r["dense_miou"], r["dense_pixel_acc"],
-            r["correspondence_top1"], r["images_per_s"], r["wall_time_s"], r["steps"], r["epochs"],
-            None if data is None else _md_escape(data),
+            md_escape(r["label"]),
+            None if r["recipe"] is None else md_escape(r["recipe"]),
+            *(c.cell(r) if c.cell is not None else r[c.name] for c in shown),
+            r["images_per_s"], r["wall_time_s"], r["steps"], r["epochs"],
+            None if data is None else md_escape(data),
         ])
-    return header, table
+    return header, table  # type: ignore[return-value]
 
 
 def _write_markdown(
     out_dir: Path,
     rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[Column],
     plots: Mapping[str, Path],
     warnings: Sequence[str],
     title: str,
@@ -551,18 +352,15 @@ def _write_markdown(
         f"The same numbers are in [{CSV_NAME}]({CSV_NAME})."
     )
     parts.extend(warnings)
-    header, table = _md_rows(rows)
-    parts.append("## Results\n\n" + _md_table(header, table))
-    parts.append(_best_sentence(rows))
+    header, table = _md_rows(rows, columns)
+    parts.append("## Results\n\n" + md_table(header, table))
+    parts.append(_best_sentence(rows, columns))
     parts.append(
-        "## Runs\n\n" + "\n".join(f"- **{_md_escape(r['label'])}**: `{r['run_dir']}`" for r in rows)
+        "## Runs\n\n" + "\n".join(f"- **{md_escape(r['label'])}**: `{r['run_dir']}`" for r in rows)
     )
     captions = {
         "headline": "Headline metrics",
-        "knn_layers": "kNN top-1 per block",
-        "linear_layers": "Linear probe top-1 per block",
-        "correspondence": "Correspondence top-1 per block",
-        "dense": "Dense mIoU per block",
+        **{p.kind: p.caption for p in per_block_plots()},
         "loss": "Training loss (total; the losses of different recipes are on different scales)",
         "throughput": "Throughput and wall time",
     }
@@ -627,47 +425,30 @@ def compare_runs(
             raise EvaluationError("labels must not be empty")
 
     runs = [_Run(p, eval_subdir) for p in run_paths]
-    names = list(labels) if labels is not None else _default_labels(runs)
-    rows = [run.row(name) for run, name in zip(runs, names)]
+    columns, names = evaluation_columns(), column_names()
+    labels_ = list(labels) if labels is not None else _default_labels(runs)
+    rows = [run.row(name, columns, names) for run, name in zip(runs, labels_)]
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = _write_csv(rows, out_dir / CSV_NAME)
-
+    csv_path = _write_csv(rows, names, out_dir / CSV_NAME)
+    files = plot_names()
     plots: dict[str, Path] = {}
 
     def add(kind: str, png: Path | None) -> None:
         if png is not None:
             plots[kind] = png
 
-    add("headline", _plot_headline(rows, out_dir / PLOTS["headline"]))
-    add("knn_layers", _plot_per_block(
-        runs, names, out_dir / PLOTS["knn_layers"],
-        [("", ("layers",), "knn_top1"), (" (patch tokens)", ("layers",), "knn_top1_patch")],
-        "kNN top-1 per transformer block", "kNN top-1 (%)",
-    ))
-    add("linear_layers", _plot_per_block(
-        runs, names, out_dir / PLOTS["linear_layers"],
-        [("", ("layers",), "linear_top1"), (" (patch tokens)", ("layers",), "linear_top1_patch")],
-        "linear probe top-1 per transformer block", "linear top-1 (%)",
-    ))
-    add("correspondence", _plot_per_block(
-        runs, names, out_dir / PLOTS["correspondence"],
-        [("", ("correspondence", "layers"), "top1")],
-        "correspondence top-1 per transformer block", "correspondence top-1 (%)",
-    ))
-    add("dense", _plot_per_block(
-        runs, names, out_dir / PLOTS["dense"],
-        [("", ("dense", "layers"), "miou")],
-        "dense mIoU per transformer block", "mIoU (%)",
-    ))
-    add("loss", _plot_loss(runs, names, out_dir / PLOTS["loss"]))
-    add("throughput", _plot_throughput(rows, out_dir / PLOTS["throughput"]))
+    add("headline", plot_headline(rows, [(c.name, c.bar) for c in columns if c.bar], out_dir / files["headline"]))
+    for spec in per_block_plots():
+        add(spec.kind, plot_per_block(runs, labels_, out_dir / spec.png, spec.curves, spec.title, spec.ylabel))
+    add("loss", plot_loss(runs, labels_, out_dir / files["loss"]))
+    add("throughput", plot_throughput(rows, out_dir / files["throughput"]))
 
-    warnings = _data_warnings(rows)
-    md_path = _write_markdown(out_dir, rows, plots, warnings, title, eval_subdir)
+    warnings = _data_warnings(rows, columns)
+    md_path = _write_markdown(out_dir, rows, columns, plots, warnings, title, eval_subdir)
     return {
-        "columns": list(COLUMNS),
+        "columns": list(names),
         "rows": rows,
         "csv": csv_path,
         "markdown": md_path,

@@ -27,9 +27,13 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import Tensor, nn
 
-from stratavit.evaluation.features import _progress
+from stratavit.evaluation.progress import progress
 from stratavit.evaluation.tokens import block_tokens, grid_of, resolve_blocks
-from stratavit.data.geometry import crop_box_from_params, patch_centers_in_source, source_to_view
+from stratavit.data.geometry import (
+    crop_box_from_params,
+    patch_centers_in_source,
+    source_to_view,
+)
 
 __all__ = ["ViewPairs", "sample_crop", "make_view_pairs", "match_scores", "correspondence_score"]
 
@@ -82,6 +86,12 @@ def sample_crop(
 
     Area fraction uniform in ``scale``, log-uniform aspect ratio in ``ratio``; falls back to the
     largest centred crop within ``ratio`` after 10 failed draws (the usual RandomResizedCrop rule).
+
+    Not :class:`stratavit.data.views.ViewMaker`: the training views draw from torch's global RNG
+    (``RandomResizedCrop.get_params``), resize the PIL image and add photometric noise, while this
+    score draws from its own ``random.Random(seed)`` and crops the tensor, so that its numbers depend
+    only on the seed; sharing the view maker would change every score. The geometry (boxes, flips,
+    patch centres) is :mod:`stratavit.data.geometry`'s, as in training.
     """
     area = width * height
     for _ in range(10):
@@ -225,7 +235,7 @@ def correspondence_score(
     grid = grid_of(model, (size, size), shown)
     totals = {n: {"queries": 0, "correct": 0.0, "exact": 0.0, "chance": 0.0} for n in numbers}
     example: dict[str, Any] = {}
-    for start in _progress(range(0, len(images), batch_size), "correspondence", math.ceil(len(images) / batch_size)):
+    for start in progress(range(0, len(images), batch_size), "correspondence", math.ceil(len(images) / batch_size)):
         sl = slice(start, start + batch_size)
         toks_a = block_tokens(model, pairs.view_a[sl].to(dev), numbers)
         toks_b = block_tokens(model, pairs.view_b[sl].to(dev), numbers)

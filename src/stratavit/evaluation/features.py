@@ -17,22 +17,21 @@ repeated evaluations are cheap.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import sys
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
+from stratavit.evaluation.progress import progress
+from stratavit.evaluation.store import StoreWriter, open_arrays, read_meta, to_tensors
 from stratavit.evaluation.tokens import block_dims, block_tokens
 
 __all__ = ["BlockFeatures", "extract_block_features", "raw_pixel_features"]
@@ -77,26 +76,6 @@ def _save_cache(cache_path: Path | None, feats: Tensor, labels: Tensor) -> None:
 # --------------------------------------------------------------------------- #
 # loading helpers
 # --------------------------------------------------------------------------- #
-def _progress(iterable: Iterable, desc: str, total: int) -> Iterator:
-    """tqdm wrapper that is quiet-ish (rare refreshes) when stderr is not a terminal."""
-    stream = sys.stderr
-    try:
-        is_tty = bool(stream.isatty())
-    except (AttributeError, ValueError):  # replaced / closed streams
-        is_tty = False
-    return iter(
-        tqdm(
-            iterable,
-            desc=desc,
-            total=total,
-            file=stream,
-            dynamic_ncols=is_tty,
-            mininterval=0.5 if is_tty else 30.0,
-            leave=True,
-        )
-    )
-
-
 def _loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
     return DataLoader(
         dataset,
@@ -148,15 +127,14 @@ class BlockFeatures:
         raise ValueError(f"pooling must be 'cls' or 'mean_patch', not {pooling!r}")
 
 
-_STORE_FILES = ("cls.f32", "patch.f32", "labels.i64", "meta.json")
+_FILES = ("cls.f32", "patch.f32")
 
 
 def _open_store(cache_dir: Path, expected_n: int) -> BlockFeatures | None:
-    """Memory-map a complete feature store written by :func:`_create_store`, if it matches."""
-    meta_path = cache_dir / "meta.json"
-    if not meta_path.is_file():
+    """Memory-map a complete feature store written by :func:`extract_block_features`, if it matches."""
+    meta = read_meta(cache_dir)
+    if meta is None:
         return None
-    meta = json.loads(meta_path.read_text())
     if int(meta["n"]) != expected_n:
         warnings.warn(
             f"feature cache {cache_dir} holds {meta['n']} samples but the dataset has {expected_n}; recomputing",
@@ -165,28 +143,12 @@ def _open_store(cache_dir: Path, expected_n: int) -> BlockFeatures | None:
         return None
     layers, n = int(meta["layers"]), int(meta["n"])
     dims = [int(d) for d in meta.get("dims") or [meta["dim"]] * layers]
-    labels = np.fromfile(cache_dir / "labels.i64", dtype=np.int64)
-    if len(set(dims)) == 1:
-        shape = (layers, n, dims[0])
-        arrays = [np.memmap(cache_dir / name, dtype=np.float32, mode="r", shape=shape) for name in _STORE_FILES[:2]]
-        with warnings.catch_warnings():  # read-only memmaps: torch warns about non-writable arrays
-            warnings.simplefilter("ignore", UserWarning)
-            cls, patch = (torch.from_numpy(a) for a in arrays)
-        return BlockFeatures(cls, patch, torch.from_numpy(labels.copy()))
-    flat = [np.memmap(cache_dir / f, dtype=np.float32, mode="r", shape=(n * sum(dims),)) for f in _STORE_FILES[:2]]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        cls_l, patch_l = ([torch.from_numpy(a) for a in _split_layers(f, n, dims)] for f in flat)
-    return BlockFeatures(cls_l, patch_l, torch.from_numpy(labels.copy()))
-
-
-def _split_layers(flat: np.ndarray, n: int, dims: list[int]) -> list[np.ndarray]:
-    """A flat array of ``L`` consecutive ``(n, C_l)`` blocks -> ``L`` views ``(n, C_l)``."""
-    out, start = [], 0
-    for d in dims:
-        out.append(flat[start : start + n * d].reshape(n, d))
-        start += n * d
-    return out
+    labels = torch.from_numpy(np.fromfile(cache_dir / "labels.i64", dtype=np.int64).copy())
+    if len(set(dims)) == 1:  # one (L, N, C) array per file
+        cls, patch = (to_tensors(open_arrays(cache_dir, f, np.float32, [(layers, n, dims[0])]))[0] for f in _FILES)
+        return BlockFeatures(cls, patch, labels)
+    cls_l, patch_l = (to_tensors(open_arrays(cache_dir, f, np.float32, [(n, d) for d in dims])) for f in _FILES)
+    return BlockFeatures(cls_l, patch_l, labels)
 
 
 def extract_block_features(
@@ -210,10 +172,11 @@ def extract_block_features(
         batch_size, num_workers: DataLoader settings.
         device: where the forward passes run.
         desc: label of the progress bar (stderr).
-        cache_dir: folder of a disk-backed feature store. If it holds a complete store for
-            ``len(dataset)`` samples it is memory-mapped instead of recomputed; otherwise the
-            features are streamed batch by batch into a new store (memory stays bounded by one
-            batch), which replaces the folder atomically when complete. ``None``: in memory.
+        cache_dir: folder of a disk-backed feature store (:mod:`stratavit.evaluation.store`). If it
+            holds a complete store for ``len(dataset)`` samples it is memory-mapped instead of
+            recomputed; otherwise the features are streamed batch by batch into a new store
+            (memory stays bounded by one batch), which replaces the folder atomically when
+            complete. ``None``: in memory.
 
     Returns:
         :class:`BlockFeatures` with ``cls`` / ``patch`` ``(L, N, C)`` float32 and ``labels`` ``(N,)``;
@@ -228,66 +191,55 @@ def extract_block_features(
         cached = _open_store(Path(cache_dir), n)
         if cached is not None:
             return cached
-
     dev = torch.device(device)
     was_training = model.training
     model.to(dev)
     model.eval()
     dims = block_dims(model)
-    depth, dim = len(dims), dims[0]
     uniform = len(set(dims)) == 1
-    shape = (depth, n, dim) if uniform else (n * sum(dims),)  # ragged: L consecutive (N, C_l) blocks
-    tmp_dir: Path | None = None
-    if cache_dir is None:
-        cls_flat, patch_flat = np.empty(shape, np.float32), np.empty(shape, np.float32)
-    else:
-        cache_dir = Path(cache_dir)
-        cache_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir = Path(tempfile.mkdtemp(prefix=cache_dir.name + ".", suffix=".tmp", dir=cache_dir.parent))
-        cls_flat = np.memmap(tmp_dir / "cls.f32", dtype=np.float32, mode="w+", shape=shape)
-        patch_flat = np.memmap(tmp_dir / "patch.f32", dtype=np.float32, mode="w+", shape=shape)
-    cls_out = cls_flat if uniform else _split_layers(cls_flat, n, dims)
-    patch_out = patch_flat if uniform else _split_layers(patch_flat, n, dims)
+    try:
+        with StoreWriter(cache_dir) as store:
+            if uniform:  # one (L, N, C) array per file
+                cls_out, patch_out = (store.array(f, np.float32, (len(dims), n, dims[0])) for f in _FILES)
+            else:  # ragged: L consecutive (N, C_l) arrays per file
+                cls_out, patch_out = (store.arrays(f, np.float32, [(n, d) for d in dims]) for f in _FILES)
+            labels = _fill(model, dataset, cls_out, patch_out, batch_size, num_workers, dev, desc)
+            if cache_dir is None:
+                as_tensor = torch.from_numpy if uniform else lambda a: [torch.from_numpy(x) for x in a]
+                return BlockFeatures(as_tensor(cls_out), as_tensor(patch_out), torch.from_numpy(labels))
+            labels.tofile(store.tmp / "labels.i64")  # type: ignore[operator]
+            del cls_out, patch_out
+            store.commit({"layers": len(dims), "n": n, "dim": dims[0]} if uniform
+                         else {"layers": len(dims), "n": n, "dims": dims})
+    finally:
+        model.train(was_training)
+    opened = _open_store(Path(cache_dir), n)
+    assert opened is not None
+    return opened
+
+
+def _fill(
+    model: nn.Module, dataset: Dataset, cls_out: Any, patch_out: Any, batch_size: int, num_workers: int,
+    dev: torch.device, desc: str,
+) -> np.ndarray:
+    """One forward pass over ``dataset``: pooled tokens of every block into ``cls_out`` / ``patch_out``."""
+    n = len(dataset)  # type: ignore[arg-type]
     labels = np.empty(n, dtype=np.int64)
     loader = _loader(dataset, batch_size, num_workers, dev)
     start = 0
-    try:
-        with torch.inference_mode():
-            for images, targets in _progress(loader, desc, total=len(loader)):
-                blocks = block_tokens(model, images.to(dev, non_blocking=True).float())
-                bsz = images.shape[0]
-                for i, b in enumerate(blocks):
-                    patch = b.mean_patch
-                    cls_out[i][start : start + bsz] = (b.cls if b.cls is not None else patch).cpu().numpy()
-                    patch_out[i][start : start + bsz] = patch.cpu().numpy()
-                labels[start : start + bsz] = _as_labels(targets).numpy()
-                start += bsz
-        if start != n:
-            raise RuntimeError(f"dataset yielded {start} samples but len(dataset) == {n}")
-        if tmp_dir is None:
-            if uniform:
-                return BlockFeatures(torch.from_numpy(cls_flat), torch.from_numpy(patch_flat), torch.from_numpy(labels))
-            return BlockFeatures(
-                [torch.from_numpy(a) for a in cls_out], [torch.from_numpy(a) for a in patch_out],
-                torch.from_numpy(labels),
-            )
-        cls_flat.flush()
-        patch_flat.flush()
-        del cls_out, patch_out, cls_flat, patch_flat
-        labels.tofile(tmp_dir / "labels.i64")
-        meta = {"layers": depth, "n": n, "dim": dim} if uniform else {"layers": depth, "n": n, "dims": dims}
-        (tmp_dir / "meta.json").write_text(json.dumps(meta))
-        if cache_dir.exists():
-            shutil.rmtree(cache_dir)
-        os.replace(tmp_dir, cache_dir)
-        tmp_dir = None
-    finally:
-        model.train(was_training)
-        if tmp_dir is not None:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-    opened = _open_store(cache_dir, n)
-    assert opened is not None
-    return opened
+    with torch.inference_mode():
+        for images, targets in progress(loader, desc, total=len(loader)):
+            blocks = block_tokens(model, images.to(dev, non_blocking=True).float())
+            bsz = images.shape[0]
+            for i, b in enumerate(blocks):
+                patch = b.mean_patch
+                cls_out[i][start : start + bsz] = (b.cls if b.cls is not None else patch).cpu().numpy()
+                patch_out[i][start : start + bsz] = patch.cpu().numpy()
+            labels[start : start + bsz] = _as_labels(targets).numpy()
+            start += bsz
+    if start != n:
+        raise RuntimeError(f"dataset yielded {start} samples but len(dataset) == {n}")
+    return labels
 
 
 def raw_pixel_features(
@@ -321,7 +273,7 @@ def raw_pixel_features(
     feats: Tensor | None = None
     labels = torch.empty(n, dtype=torch.int64)
     start = 0
-    for images, targets in _progress(loader, desc, total=len(loader)):
+    for images, targets in progress(loader, desc, total=len(loader)):
         flat = images.reshape(images.shape[0], -1).float()
         if feats is None:
             feats = torch.empty(n, flat.shape[1], dtype=torch.float32)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["knn_predict", "knn_top1", "knn_per_layer"]
+__all__ = ["knn_predict", "knn_top1", "knn_per_block"]
 
 
 def _num_classes(train_labels: Tensor, test_labels: Tensor | None, num_classes: int | None) -> int:
@@ -117,7 +117,7 @@ def knn_top1(
     return 100.0 * correct / test_labels.numel()
 
 
-def knn_per_layer(
+def knn_per_block(
     train_feats: Tensor | Sequence[Tensor],
     train_labels: Tensor,
     test_feats: Tensor | Sequence[Tensor],
@@ -128,7 +128,7 @@ def knn_per_layer(
     num_classes: int | None = None,
     chunk: int = 1024,
 ) -> list[float]:
-    """:func:`knn_top1` for every layer.
+    """:func:`knn_top1` for every block.
 
     Args:
         train_feats: ``(L, N, C)`` (or a sequence of ``L`` ``(N, C)`` tensors).

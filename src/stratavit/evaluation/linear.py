@@ -1,20 +1,20 @@
 """Linear probe on frozen features.
 
 A single ``nn.Linear`` trained with softmax cross-entropy on standardised
-features (train mean / std), optimised with mini-batch AdamW and a cosine
-learning-rate schedule, in float64. The problem is convex, so the weights
-start at zero; shuffling uses a private ``torch.Generator`` -- the result
-depends only on the inputs and ``seed`` (not on the global RNG state).
+features (train mean / std), in float64, by the shared trainer of
+:mod:`stratavit.evaluation.linear_head` (zero init, AdamW, cosine schedule,
+seeded shuffling: the result depends only on the inputs and ``seed``).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from stratavit.evaluation.linear_head import train_linear_head
 
 __all__ = ["linear_probe_top1"]
 
@@ -89,33 +89,13 @@ def linear_probe_top1(
     x_train, x_test = _standardise(train_feats, test_feats.to(device))
 
     layer = nn.Linear(c, num_classes, device=device, dtype=torch.float64)
-    nn.init.zeros_(layer.weight)
-    nn.init.zeros_(layer.bias)
-    opt = torch.optim.AdamW(
-        [
-            {"params": [layer.weight], "weight_decay": weight_decay},
-            {"params": [layer.bias], "weight_decay": 0.0},
-        ],
-        lr=lr,
-    )
-    steps_per_epoch = math.ceil(n / batch_size)
-    total_steps = max(1, epochs * steps_per_epoch)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
 
-    step = 0
-    with torch.enable_grad():
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=gen).to(device)
-            for i in range(0, n, batch_size):
-                idx = order[i : i + batch_size]
-                cur_lr = 0.5 * lr * (1.0 + math.cos(math.pi * step / total_steps))
-                for group in opt.param_groups:
-                    group["lr"] = cur_lr
-                loss = F.cross_entropy(layer(x_train[idx]), y_train[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
+    def batch_loss(idx: Tensor) -> Tensor:
+        idx = idx.to(device)
+        return F.cross_entropy(layer(x_train[idx]), y_train[idx])
+
+    train_linear_head(layer, n, batch_loss, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                      seed=seed)
 
     layer.eval()
     train_pred = _predict(layer, x_train, 4096)

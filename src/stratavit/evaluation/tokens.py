@@ -1,5 +1,13 @@
 """Frozen token access for evaluation: patch grids per block, CLS attention, other resolutions.
 
+Vocabulary: evaluation speaks of **blocks** everywhere -- block ``i`` (1-based, ``-1`` = last) is
+the token sequence after transformer block ``i``, what :mod:`stratavit.backbones.vit` calls *level*
+``i`` (its :class:`~stratavit.backbones.vit.LevelFeatures`); a CNN's blocks are its feature stages. The
+tokens of one block for a batch are a :class:`BlockTokens`, the pooled features of every block for
+a data set a :class:`~stratavit.evaluation.features.BlockFeatures`, and ``results.json`` lists
+per-block rows under ``layers`` (``{"block": i, ...}``). Evaluation reads plain timm models (what
+``export`` writes), not the training ``Backbone``, hence its own token type.
+
 Every dense evaluation (segmentation probe, correspondence score, PCA / attention pictures) reads
 the same things from a plain timm ``VisionTransformer``:
 

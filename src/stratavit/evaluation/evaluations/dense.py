@@ -1,0 +1,165 @@
+"""The dense probe as an evaluation: a linear segmentation head per block, scored by mIoU.
+
+Options ``dense.*`` (CLI: ``--dense-train``, ``--dense-val``, ``--dense-blocks``, ``--dense-size``);
+off unless ``train`` and ``val`` are given. ``results.json``: ``dense`` (see
+:func:`stratavit.evaluation.dense.dense_probe`), and the same under ``baselines.random_init``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from stratavit.config import Config
+from stratavit.data.datasets import segmentation_root
+from stratavit.evaluation.dense import dense_probe
+from stratavit.evaluation.errors import EvaluationError
+from stratavit.evaluation.options import Options
+from stratavit.evaluation.protocol import (
+    Column,
+    ComparePlot,
+    Context,
+    Evaluation,
+    HeadlineColumn,
+    Panel,
+    Result,
+    cache_name,
+)
+from stratavit.evaluation.segmentation_data import SegmentationFolder
+from stratavit.evaluation.tables import block_section, dig, fmt, number
+from stratavit.evaluation.tokens import depth_of, model_at_size, resolve_blocks
+
+__all__ = ["Dense", "DenseBlock", "DenseOptions", "DensePlan", "DenseResult", "default_dense_blocks"]
+
+
+@dataclass
+class DenseOptions:
+    """``dense.*``: the segmentation probe's data (``images/`` + ``masks/`` folders, or
+    ``horses-sample:train`` / ``horses-sample:val``), blocks (1-based, -1 = last; default up to 4
+    spread) and input size (default the evaluation's)."""
+
+    train: str | None = None
+    val: str | None = None
+    blocks: list[int] | None = None
+    size: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.train is None) != (self.val is None):
+            raise EvaluationError("the dense probe needs both --dense-train and --dense-val (images/ + masks/ folders)")
+
+
+@dataclass
+class DensePlan:
+    """What the pre-flight check resolved: the folders, the 1-based blocks and the input size."""
+
+    train_root: Path
+    val_root: Path
+    blocks: list[int]
+    size: int
+
+
+@dataclass
+class DenseBlock:
+    """Scores (%) of one block's head on the validation masks."""
+
+    block: int
+    miou: float
+    pixel_acc: float
+    per_class_iou: list[float | None]
+
+
+@dataclass
+class DenseResult(Result):
+    """The dense probe: the deepest block's scores, the settings, one :class:`DenseBlock` per block."""
+
+    miou: float
+    pixel_acc: float
+    num_classes: int
+    size: int
+    resize_policy: str
+    train_images: int
+    val_images: int
+    blocks: list[int]
+    epochs: int
+    lr: float
+    layers: list[DenseBlock]
+
+    def entries(self) -> dict[str, Any]:
+        return {"dense": asdict(self)}
+
+
+def default_dense_blocks(model: nn.Module, blocks: list[int] | None) -> list[int]:
+    """The dense probe's blocks: as given, else up to 4 evenly spaced blocks ending at the last."""
+    if blocks:
+        return list(blocks)
+    depth = depth_of(model)
+    count = min(4, depth)
+    return sorted({round(depth * (i + 1) / count) for i in range(count)})
+
+
+class Dense(Evaluation):
+    """Linear segmentation probe of the patch tokens of a few blocks (mIoU, pixel accuracy)."""
+
+    name = "dense"
+    sections = {"dense": DenseOptions}
+    panels = (Panel("dense mIoU", "mIoU (%)", (("mIoU", "dense", "miou"),), 40),)
+    compare_plots = (
+        ComparePlot("dense", "compare_dense_miou.png", "Dense mIoU per block", "dense mIoU per transformer block",
+                    "mIoU (%)", (("", ("dense", "layers"), "miou"),), 40),
+    )
+
+    def enabled(self, options: Options) -> bool:
+        return options.dense.train is not None
+
+    def check(self, model: nn.Module, size: int, cfg: Config, options: Options) -> DensePlan:
+        """Validate the folders (layout, image/mask pairing), blocks and size before any feature is extracted."""
+        o = options.dense
+        d_size = o.size or size
+        roots = (segmentation_root(str(o.train)), segmentation_root(str(o.val)))
+        try:
+            for root in roots:
+                SegmentationFolder(root, d_size, cfg.views.mean, cfg.views.std)
+            sized = model_at_size(model, d_size)
+            numbers = resolve_blocks(sized, default_dense_blocks(sized, o.blocks))
+        except ValueError as e:
+            raise EvaluationError(str(e)) from None
+        return DensePlan(roots[0], roots[1], numbers, d_size)
+
+    def run(self, model: nn.Module, ctx: Context, plan: DensePlan) -> DenseResult:
+        o = ctx.options
+        with ctx.timed("dense"):
+            try:
+                res = dense_probe(
+                    model_at_size(model, plan.size), plan.train_root, plan.val_root, blocks=plan.blocks,
+                    size=plan.size, mean=ctx.cfg.views.mean, std=ctx.cfg.views.std, num_workers=o.num_workers,
+                    cache_dir=ctx.out.cache / cache_name("dense", ctx.model_tag, o.dense.train, o.dense.val, plan.size),
+                )
+            except ValueError as e:
+                raise EvaluationError(str(e)) from None
+        return DenseResult(**{**res, "layers": [DenseBlock(**row) for row in res["layers"]]})
+
+    def headline(self) -> list[HeadlineColumn]:
+        return [HeadlineColumn("dense mIoU (%)", lambda r: dig(r, "dense", "miou"), lambda b: dig(b, "dense", "miou"))]
+
+    def report_section(self, results: Mapping[str, Any], out_dir: Path) -> str | None:
+        return block_section(
+            results, "dense", [("miou", "mIoU (%)"), ("pixel_acc", "pixel acc. (%)")],
+            "## Dense probe\n\nA linear segmentation head on frozen patch tokens (upsampled logits, "
+            f"cross-entropy), {fmt(dig(results, 'dense', 'num_classes'))} classes, "
+            f"input {fmt(dig(results, 'dense', 'size'))} px, evaluated at the masks' own resolution.",
+        )
+
+    def summary(self, results: Mapping[str, Any]) -> dict[str, float]:
+        return {"dense_miou": results["dense"]["miou"]} if "dense" in results else {}
+
+    def columns(self) -> list[Column]:
+        return [
+            Column("dense_miou", lambda r: number(dig(r, "dense", "miou")), header="dense mIoU (%)",
+                   best=("dense mIoU", True), bar="dense mIoU (%)"),
+            Column("dense_pixel_acc", lambda r: number(dig(r, "dense", "pixel_acc")), header="dense pixel acc (%)",
+                   best=("dense pixel accuracy", True)),
+        ]
