@@ -74,7 +74,8 @@ def _digest(t: Any) -> str:
     import torch
 
     t = t.detach().cpu().contiguous()
-    return f"{t.dtype}{tuple(t.shape)}:" + hashlib.sha1(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()
+    raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""  # 0-d too (AdamW's step)
+    return f"{t.dtype}{tuple(t.shape)}:" + hashlib.sha1(raw).hexdigest()
 
 
 def _fingerprint(obj: Any) -> Any:
@@ -143,6 +144,15 @@ def _run_folder(run: Path) -> dict[str, Any]:
     return out
 
 
+def fingerprint(out: Path) -> None:
+    """Fingerprint the run folders an earlier ``snapshot`` left in ``out`` into ``out/snapshot.json``."""
+    runs = {p.name: p for p in sorted((out / "runs").iterdir())}
+    runs["demo"] = out / "demo"
+    prints = {name: _run_folder(run) for name, run in runs.items()}
+    (out / "snapshot.json").write_text(json.dumps(prints, indent=1, sort_keys=True) + "\n")
+    print(f"snapshot: {out / 'snapshot.json'}")
+
+
 def snapshot(out: Path, quick: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     horses = _large_horses(out / "data")
@@ -162,10 +172,7 @@ def snapshot(out: Path, quick: bool) -> None:
     _stratavit("export", str(runs["mocov3"]), "--to", "timm", "--out", str(out / "runs" / "mocov3" / "exported.safetensors"))
     demo = out / "demo"
     _stratavit("demo", "--out", str(demo), *(["train.epochs=1", "train.max_steps=10"] if quick else []))
-    runs["demo"] = demo
-    prints = {name: _run_folder(run) for name, run in runs.items()}
-    (out / "snapshot.json").write_text(json.dumps(prints, indent=1, sort_keys=True) + "\n")
-    print(f"snapshot: {out / 'snapshot.json'}")
+    fingerprint(out)
 
 
 def _diff(a: Any, b: Any, path: str, found: list[str]) -> None:
@@ -198,12 +205,16 @@ def main() -> int:
     p.add_argument("--out", type=Path)
     p.add_argument("--quick", action="store_true", help="demo for 10 steps only")
     p.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"))
+    p.add_argument("--fingerprint-only", action="store_true", help="only fingerprint the runs already in --out")
     args = p.parse_args()
     if args.compare:
         return compare(*args.compare)
     if args.out is None:
         p.error("give --out DIR (or --compare BEFORE AFTER)")
-    snapshot(args.out, args.quick)
+    if args.fingerprint_only:
+        fingerprint(args.out)
+    else:
+        snapshot(args.out, args.quick)
     return 0
 
 
