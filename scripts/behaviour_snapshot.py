@@ -123,7 +123,8 @@ def _safetensors(path: Path) -> dict[str, Any]:
 
 def _metrics(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as fh:
-        return [dict(sorted(r.items())) for r in csv.DictReader(fh)]
+        # wall-clock columns (the E-step's ``estep/seconds``) differ between any two runs
+        return [{k: v for k, v in sorted(r.items()) if "seconds" not in k} for r in csv.DictReader(fh)]
 
 
 def _run_folder(run: Path) -> dict[str, Any]:
