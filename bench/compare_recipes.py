@@ -34,7 +34,7 @@ from typing import Any
 
 from stratavit.demo import DEMO_OVERRIDES
 from stratavit.evaluate import evaluate_run
-from stratavit.train import pretrain
+from stratavit.engine.train import pretrain
 
 
 def recipe_overrides(recipe: str, n_images: int) -> list[str]:

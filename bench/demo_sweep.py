@@ -17,7 +17,7 @@ from pathlib import Path
 from stratavit.datasets import SAMPLE_NAME
 from stratavit.demo import DEMO_OVERRIDES, DEMO_RECIPE
 from stratavit.evaluate import evaluate_run
-from stratavit.train import pretrain
+from stratavit.engine.train import pretrain
 
 
 def main() -> None:

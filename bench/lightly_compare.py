@@ -81,7 +81,7 @@ from torch import Tensor, nn
 
 from stratavit.config import resolve_config, to_dict
 from stratavit.datasets import SAMPLE_NAME, build_dataset
-from stratavit.module import PretrainModule
+from stratavit.engine.module import PretrainModule
 from stratavit.views import MultiCropTransform, MultiViewBatch, collate_views
 
 try:

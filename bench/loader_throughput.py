@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from stratavit.config import resolve_config
 from stratavit.datasets import ImageFolderDataset
 from stratavit.shards import ShardDataset, write_shards
-from stratavit.train import build_train_loader
+from stratavit.engine.train import build_train_loader
 
 DEFAULT_SRC = Path.home() / ".cache" / "stratavit-tests" / "cifar10" / "train"
 

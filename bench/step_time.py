@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from stratavit.config import resolve_config, to_dict
 from stratavit.datasets import SAMPLE_NAME, Indexed, build_dataset
 from stratavit.demo import DEMO_OVERRIDES
-from stratavit.module import PretrainModule
+from stratavit.engine.module import PretrainModule
 from stratavit.views import MultiCropTransform, collate_views
 
 from compare_recipes import recipe_overrides  # type: ignore[import-not-found]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stratavit.collapse import (
+from stratavit.engine.callbacks.collapse import (
     PATIENCE,
     RANK_FLOOR,
     RANK_FRACTION,
@@ -107,11 +107,11 @@ NAN = {"rankme": float("nan"), "rankme_frac": float("nan"), "std": float("nan"),
 
 
 def _warnings(caplog) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "stratavit.collapse" and r.levelno == logging.WARNING]
+    return [r for r in caplog.records if r.name == "stratavit.engine.callbacks.collapse" and r.levelno == logging.WARNING]
 
 
 def test_monitor_warns_once_after_patience(caplog):
-    caplog.set_level(logging.WARNING, logger="stratavit.collapse")
+    caplog.set_level(logging.WARNING, logger="stratavit.engine.callbacks.collapse")
     mon = CollapseMonitor(rank_fraction=0.02, std_threshold=0.05, patience=3)
     fired = [mon.update(s, m) for s, m in enumerate([HEALTHY, LOW_RANK, LOW_STD, HEALTHY, LOW_RANK, NAN, LOW_STD])]
     assert not any(fired) and not _warnings(caplog)  # dips of 2, healthy in between; NaN skipped
@@ -165,7 +165,7 @@ def test_config_keys_resolve_and_are_checked():
 
 
 def test_training_logs_collapse_metrics(tmp_path, cifar_train):
-    from stratavit.train import pretrain
+    from stratavit.engine.train import pretrain
 
     over = [*TINY, *DINO_SMALL, "train.max_steps=4", "train.log_every_n_steps=2", "data.limit=64"]
     run = pretrain("dino", str(cifar_train), tmp_path / "run", over)
@@ -184,11 +184,11 @@ def test_training_logs_collapse_metrics(tmp_path, cifar_train):
 @pytest.mark.slow
 def test_collapsing_run_warns_once(tmp_path, cifar_train, monkeypatch, caplog):
     """A constant teacher embedding (a complete collapse) is reported once, with the values logged."""
-    import stratavit.module
-    from stratavit.train import pretrain
+    import stratavit.engine.module
+    from stratavit.engine.train import pretrain
 
-    monkeypatch.setattr(stratavit.module, "gather_concat", lambda z: torch.ones_like(z))
-    caplog.set_level(logging.WARNING, logger="stratavit.collapse")
+    monkeypatch.setattr(stratavit.engine.module, "gather_concat", lambda z: torch.ones_like(z))
+    caplog.set_level(logging.WARNING, logger="stratavit.engine.callbacks.collapse")
     over = [*TINY, *MOCO_SMALL, "train.max_steps=4", "data.limit=64"]  # log every step, patience 3
     run = pretrain("mocov3", str(cifar_train), tmp_path / "run", over)
     (record,) = _warnings(caplog)
@@ -203,7 +203,7 @@ def test_collapsing_run_warns_once(tmp_path, cifar_train, monkeypatch, caplog):
 
 def test_monitor_can_be_turned_off():
     from stratavit.config import to_dict
-    from stratavit.module import PretrainModule
+    from stratavit.engine.module import PretrainModule
 
     over = [*TINY, *MOCO_SMALL, "train.collapse_patience=2", "train.collapse_std_threshold=0.2"]
     module = PretrainModule(to_dict(resolve_config("mocov3", over)))
@@ -284,7 +284,7 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
 
     from stratavit.backbone import LevelFeatures
     from stratavit.config import to_dict
-    from stratavit.module import PretrainModule
+    from stratavit.engine.module import PretrainModule
     from stratavit.objectives import ViewFeatures
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)

@@ -68,7 +68,7 @@ def _sized(path: Path, size: tuple[int, int]) -> None:
 def test_images_smaller_than_the_crop_fail_before_training_unless_allowed(tmp_path):
     from stratavit.config import resolve_config
     from stratavit.datasets import check_image_sizes, image_sizes
-    from stratavit.train import build_train_loader
+    from stratavit.engine.train import build_train_loader
 
     for i in range(6):
         _sized(tmp_path / "data" / "a" / f"{i}.png", (40, 30))
@@ -112,7 +112,7 @@ def _folder(tmp_path: Path, size: tuple[int, int], n: int = 3) -> Path:
 )
 def test_the_suggested_view_sizes_pass_the_next_checks(tmp_path, recipe, size, expect):
     from stratavit.config import resolve_config
-    from stratavit.train import build_train_loader
+    from stratavit.engine.train import build_train_loader
 
     data = _folder(tmp_path, size)
     base = [f"data.path={data}", "backbone.patch_size=16", "data.batch_size=2", "data.num_workers=0"]
@@ -128,7 +128,7 @@ def test_the_suggested_view_sizes_pass_the_next_checks(tmp_path, recipe, size, e
 
 def test_images_smaller_than_one_patch_say_so_and_suggest_upsampling(tmp_path):
     from stratavit.config import resolve_config
-    from stratavit.train import build_train_loader
+    from stratavit.engine.train import build_train_loader
 
     data = _folder(tmp_path, (12, 10))
     base = [f"data.path={data}", "backbone.patch_size=16", "data.batch_size=2", "data.num_workers=0"]

@@ -1,10 +1,10 @@
 """Every recipe under 2 gloo processes equals one process on the concatenated batch.
 
-For each recipe (a tiny ViT, small heads), :class:`~stratavit.module.PretrainModule` is built from
+For each recipe (a tiny ViT, small heads), :class:`~stratavit.engine.module.PretrainModule` is built from
 the same seed (a) in one process that trains on a fixed batch of ``2B`` samples and (b) in two
 gloo processes that each train on their ``B`` samples and average gradients exactly as DDP does
 (all-reduce, divide by the number of processes, before ``on_after_backward`` and the optimiser
-step). Batch norms are converted with :func:`~stratavit.sync_batchnorm.convert_sync_batchnorm_cpu`
+step). Batch norms are converted with :func:`~stratavit.engine.sync_batchnorm.convert_sync_batchnorm_cpu`
 in both (a plain batch norm in (a)). Each step runs ``compute_losses``, backward, the gradient
 averaging, ``on_after_backward``, an SGD step and the engine's EMA update
 (``on_train_batch_end``). Compared, per step: the total loss and every logged term (the mean over
@@ -56,9 +56,9 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from stratavit.config import resolve_config, to_dict
-from stratavit.module import PretrainModule, _param_groups
+from stratavit.engine.module import PretrainModule, _param_groups
 from stratavit.objectives.protonce import protonce_loss
-from stratavit.sync_batchnorm import convert_sync_batchnorm_cpu
+from stratavit.engine.sync_batchnorm import convert_sync_batchnorm_cpu
 from stratavit.views import MultiCropTransform, MultiViewBatch, collate_views, eval_transform
 
 WORLD = 2

@@ -270,7 +270,8 @@ CNN_TINY = [
 
 @pytest.mark.slow
 def test_evaluate_a_tiny_resnet_run(tmp_path, cifar_train, cifar_test):
-    from stratavit.train import last_checkpoint, pretrain
+    from stratavit.engine.train import pretrain
+    from stratavit.run_folder import last_checkpoint
 
     run = pretrain("mocov3", str(cifar_train), tmp_path / "run", overrides=CNN_TINY)
     dense_train = _two_colour_folder(tmp_path / "dense" / "train", 8, 0)

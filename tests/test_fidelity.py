@@ -19,7 +19,7 @@ from stratavit.objectives.dino import DINOConfig, teacher_temperature
 from stratavit.objectives.heads import ContrastiveHeadConfig, predictor_last_bn
 from stratavit.objectives.ibot_mim import IBOTConfig, teacher_patch_temperature
 from stratavit.objectives.patch_aggregate import PatchAggregate, PatchAggregateConfig
-from stratavit.schedules import cosine_schedule
+from stratavit.engine.schedules import cosine_schedule
 
 B, C = 8, 16
 
@@ -134,7 +134,7 @@ def _ref_clip_per_tensor(grads: list[torch.Tensor], clip: float) -> list[torch.T
 
 def _tiny_module(recipe: str, *extra: str):
     from stratavit.config import to_dict
-    from stratavit.module import PretrainModule
+    from stratavit.engine.module import PretrainModule
 
     overrides = [
         "backbone.img_size=32", "backbone.patch_size=8", "backbone.embed_dim=32", "backbone.depth=2",
@@ -165,9 +165,9 @@ def test_per_tensor_clipping_clips_every_tensor_on_its_own():
 @pytest.mark.slow
 def test_a_training_step_clips_through_clip_mode(monkeypatch, tmp_path, cifar_train):
     """In a real Lightning step of the dino recipe, clipping goes through optim.clip_mode."""
-    import stratavit.module as module_mod
+    import stratavit.engine.module as module_mod
     from conftest import TINY
-    from stratavit.train import pretrain
+    from stratavit.engine.train import pretrain
 
     calls: list[float] = []
     real = module_mod.clip_per_tensor

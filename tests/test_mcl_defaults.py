@@ -14,7 +14,7 @@ from stratavit.views import MultiCropTransform, MultiViewBatch, ViewBatch
 
 
 def _module(recipe: str, overrides: list[str]):
-    from stratavit.module import PretrainModule
+    from stratavit.engine.module import PretrainModule
 
     torch.manual_seed(0)
     cfg = resolve_config(recipe, overrides)

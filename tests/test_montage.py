@@ -219,7 +219,7 @@ MCL_TINY = [
 
 def _mcl_module(extra=()):
     from stratavit.config import resolve_config, to_dict
-    from stratavit.module import PretrainModule
+    from stratavit.engine.module import PretrainModule
 
     torch.manual_seed(0)
     cfg = resolve_config("mcl", [*MCL_TINY, *extra])

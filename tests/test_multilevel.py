@@ -122,7 +122,7 @@ def _mcvt_small(*extra: str) -> list[str]:
 
 def test_mcvt_on_one_block_names_a_fix_that_works():
     from stratavit.config import to_dict
-    from stratavit.module import PretrainModule
+    from stratavit.engine.module import PretrainModule
 
     with pytest.raises(ConfigError) as err:
         PretrainModule(to_dict(resolve_config("mcvt", _mcvt_small("backbone.depth=1"))))
@@ -198,7 +198,7 @@ def test_cross_term_adds_to_the_detail_loss():
 
 def test_combined_loss_is_the_weighted_sum(monkeypatch):
     """The engine's total = Σ weight · objective loss (CL-EDI: L_A + λ L_B)."""
-    from stratavit.module import PretrainModule
+    from stratavit.engine.module import PretrainModule
     from stratavit.objectives.base import ObjectiveOutput
     from stratavit.config import to_dict
 
@@ -286,7 +286,7 @@ def test_estep_resolves_null_granularities_without_check_data():
 def test_mcvt_with_too_many_clusters_fails_before_training(tmp_path, cifar_train):
     from conftest import TINY
 
-    from stratavit.train import pretrain
+    from stratavit.engine.train import pretrain
 
     out = tmp_path / "run"
     over = [*TINY, "data.limit=64", "objectives.protonce.num_clusters=[500,1000,2000]",
@@ -307,7 +307,7 @@ def test_mcvt_trains_end_to_end_on_a_small_shallow_setup(tmp_path, cifar_train, 
     import yaml
     from conftest import TINY
 
-    from stratavit.train import pretrain
+    from stratavit.engine.train import pretrain
 
     over = [*TINY, "data.limit=200", "train.epochs=2", "objectives.protonce.warmup_epochs=1", "backbone.depth=2",
             "objectives.infonce.proj_hidden_dim=32", "objectives.infonce.pred_hidden_dim=32",

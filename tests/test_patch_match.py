@@ -237,7 +237,7 @@ def test_engine_step_of_the_local_global_recipe():
     from PIL import Image
 
     from stratavit.config import resolve_config, to_dict
-    from stratavit.module import PretrainModule
+    from stratavit.engine.module import PretrainModule
 
     torch.manual_seed(0)
     cfg = resolve_config("local-global", TINY)

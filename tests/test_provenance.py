@@ -85,7 +85,7 @@ def test_record_appends_and_reads_back(tmp_path):
 
 def test_run_writes_environment_and_resume_appends(tmp_path, cifar_train):
     from stratavit.evaluation.report import write_report
-    from stratavit.train import pretrain
+    from stratavit.engine.train import pretrain
 
     over = [*TINY, *MOCO_SMALL, "data.limit=64", "train.seed=7"]
     run = pretrain("mocov3", str(cifar_train), tmp_path / "run", [*over, "train.max_steps=2"])

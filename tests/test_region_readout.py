@@ -90,7 +90,7 @@ def test_pyramid_backbone_refuses_vit_settings_and_unknown_archs():
 
 
 def test_lars_step_matches_hand_computation():
-    from stratavit.lars import LARS
+    from stratavit.engine.lars import LARS
 
     w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # ‖w‖ = 5
     b = torch.nn.Parameter(torch.tensor([1.0]))
@@ -128,7 +128,7 @@ VIT_TINY = [
 
 
 def _module(recipe, overrides):
-    from stratavit.module import PretrainModule
+    from stratavit.engine.module import PretrainModule
 
     torch.manual_seed(0)
     cfg = resolve_config(recipe, overrides)
@@ -220,7 +220,7 @@ def test_mcl_resnet_from_the_command_line_exports_a_plain_timm_resnet(tmp_path, 
     from safetensors.torch import load_file
 
     from stratavit.export import load_backbone, read_metadata
-    from stratavit.train import pretrain
+    from stratavit.engine.train import pretrain
 
     run = pretrain("mcl-resnet", str(cifar_train), tmp_path / "run", [
         *RESNET_TINY, "data.limit=128", "data.num_workers=0", "train.max_steps=2", "data.allow_upsampling=true", "train.progress_bar=false",

@@ -26,7 +26,7 @@ from stratavit.sampling import (
     seeded_rng,
     shard,
 )
-from stratavit.train import _truncate_metrics, pretrain
+from stratavit.engine.train import _truncate_metrics, pretrain
 from stratavit.views import MultiCropTransform, collate_views
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,7 +195,7 @@ def test_truncate_metrics_drops_rows_after_the_checkpoint_and_a_cut_line(tmp_pat
 _SLOW_WRITER = r"""
 import sys, time, torch
 from pathlib import Path
-from stratavit.checkpointing import save_atomically
+from stratavit.engine.callbacks.checkpoint import save_atomically
 
 class Strategy:
     def barrier(self, name): pass

@@ -459,7 +459,7 @@ def _batch(cfg, n: int = 4) -> MultiViewBatch:
 
 
 def test_engine_step_with_ibot(monkeypatch):
-    from stratavit.module import PretrainModule
+    from stratavit.engine.module import PretrainModule
 
     monkeypatch.setitem(OBJECTIVES, SelfRelation.name, SelfRelation)
     torch.manual_seed(0)

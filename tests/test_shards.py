@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from stratavit.config import resolve_config
 from stratavit.datasets import DataError, ImageFolderDataset, build_dataset
 from stratavit.shards import INDEX, ShardDataset, ShardMapDataset, is_shard_dir, read_index, write_shards
-from stratavit.train import build_train_loader
+from stratavit.engine.train import build_train_loader
 
 from conftest import TINY
 

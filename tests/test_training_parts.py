@@ -10,8 +10,8 @@ from torch import nn
 from stratavit.backbone import Backbone
 from stratavit.config import BackboneConfig
 from stratavit.objectives.heads import DINOHead, moco_mlp
-from stratavit.schedules import cosine_schedule, momentum_schedule
-from stratavit.teacher import Teacher
+from stratavit.engine.schedules import cosine_schedule, momentum_schedule
+from stratavit.engine.teacher import Teacher
 
 
 def test_cosine_schedule_endpoints_and_warmup():
@@ -59,7 +59,7 @@ def test_compiled_backbones_keep_their_state_dict_and_losses():
     from PIL import Image
 
     from stratavit.config import resolve_config, to_dict
-    from stratavit.module import PretrainModule
+    from stratavit.engine.module import PretrainModule
     from stratavit.views import MultiCropTransform, collate_views
 
     over = ["backbone.arch=vit_tiny_patch16_224", "backbone.img_size=32", "backbone.patch_size=4",

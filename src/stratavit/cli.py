@@ -20,7 +20,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from stratavit.datasets import DataError
     from stratavit.evaluation.errors import EvaluationError
     from stratavit.export import ExportError
-    from stratavit.module import NonFiniteLossError
+    from stratavit.engine.module import NonFiniteLossError
 
     return (ConfigError, DataError, EvaluationError, ExportError, NonFiniteLossError, FileNotFoundError)
 
@@ -53,7 +53,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from stratavit.train import pretrain
+    from stratavit.engine.train import pretrain
 
     run = pretrain(args.recipe, args.data, args.out, args.overrides, resume=args.resume)
     if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:

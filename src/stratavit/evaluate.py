@@ -49,7 +49,7 @@ from stratavit.evaluation.tokens import (
     resolve_blocks,
 )
 from stratavit.export import ExportError, backbone_from_checkpoint, load_backbone, plain_timm_model, random_backbone
-from stratavit.train import last_checkpoint
+from stratavit.run_folder import last_checkpoint
 from stratavit.views import describe_resize, eval_transform
 
 

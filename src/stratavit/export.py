@@ -114,7 +114,7 @@ def load_backbone(path: str | Path, **timm_overrides: Any) -> nn.Module:
 
 def export_run(run_dir: Path, out: Path, which: str = "teacher") -> Path:
     """Export a run's backbone from its last checkpoint (or its ``backbone.safetensors``)."""
-    from stratavit.train import last_checkpoint
+    from stratavit.run_folder import last_checkpoint
 
     run_dir = Path(run_dir)
     ckpt = last_checkpoint(run_dir)

@@ -263,7 +263,7 @@ def collapse_thresholds(run_dir: Path) -> tuple[float, float] | None:
     """
     import yaml
 
-    from stratavit.collapse import RANK_FRACTION, STD_THRESHOLD
+    from stratavit.engine.callbacks.collapse import RANK_FRACTION, STD_THRESHOLD
 
     try:
         train = (yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}).get("train") or {}
@@ -296,7 +296,7 @@ def plot_collapse_curve(
     fig = _new_figure((10.0, 3.8))
     ax_rank, ax_std = fig.subplots(1, 2)
     if thresholds is not None:
-        from stratavit.collapse import RANK_FLOOR
+        from stratavit.engine.callbacks.collapse import RANK_FLOOR
 
         rank_fraction, std_threshold = thresholds
         limits = [lambda m: max(rank_fraction * m, RANK_FLOOR), lambda m: std_threshold * m]

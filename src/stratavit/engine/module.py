@@ -3,7 +3,7 @@
 Step: student forward once per view group, teacher forward once over the global views (no
 grad), every objective computes its loss from the shared features, the weighted sum is
 optimised; after the optimiser step the teacher is updated by EMA. lr, weight decay and EMA
-momentum follow per-step arrays (:mod:`stratavit.schedules`).
+momentum follow per-step arrays (:mod:`stratavit.engine.schedules`).
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from stratavit.backbone import build_backbone
-from stratavit.collapse import CollapseMonitor, collapse_metrics
+from stratavit.engine.callbacks.collapse import CollapseMonitor, collapse_metrics
 from stratavit.config import Config, ConfigError, config_from_dict, to_dict
 from stratavit.distributed import gather_concat, rank, world_size
 from stratavit.objectives import OBJECTIVES, Objective, StepState, ViewFeatures
-from stratavit.schedules import cosine_schedule, momentum_schedule
-from stratavit.teacher import Teacher
+from stratavit.engine.schedules import cosine_schedule, momentum_schedule
+from stratavit.engine.teacher import Teacher
 from stratavit.views import MultiViewBatch
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def build_optimizer(o: Any, groups: list[dict[str, Any]], lr: float) -> torch.op
     of biases and norms.
     """
     if o.name == "lars":
-        from stratavit.lars import LARS
+        from stratavit.engine.lars import LARS
 
         for g in groups:
             g["lars_adapt"] = g["apply_wd"]
@@ -310,7 +310,7 @@ class PretrainModule(L.LightningModule):
         return n > 0 and (int(stepped) + 1) % n == 0
 
     def collapse_logs(self, teacher: ViewFeatures) -> dict[str, Tensor | float]:
-        """Collapse indicators (:mod:`stratavit.collapse`) of the teacher's CLS at its deepest level.
+        """Collapse indicators (:mod:`stratavit.engine.callbacks.collapse`) of the teacher's CLS at its deepest level.
 
         Read on the first global view only (one embedding per image, (B, C) per process), gathered
         over processes: a collective, so every process calls it at the same steps. The rank-0

@@ -80,7 +80,7 @@ def _sync_batchnorm(cfg: Config, on_cpu: bool = False) -> bool:
 
     ``on_cpu=False``: Lightning's ``sync_batchnorm`` flag, torch's SyncBatchNorm, for multi-process
     GPU runs. ``on_cpu=True``: multi-process CPU (gloo) runs, where torch's SyncBatchNorm cannot
-    run; there :func:`stratavit.sync_batchnorm.convert_sync_batchnorm_cpu` converts the module.
+    run; there :func:`stratavit.engine.sync_batchnorm.convert_sync_batchnorm_cpu` converts the module.
     """
     multi = cfg.train.devices * cfg.train.num_nodes > 1
     on_gpu = cfg.train.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
@@ -176,11 +176,11 @@ def pretrain(
     import lightning as L
     from lightning.pytorch.callbacks import TQDMProgressBar
 
-    from stratavit.checkpointing import BatchSeed, LastCheckpoint, data_position, save_atomically
+    from stratavit.engine.callbacks.checkpoint import BatchSeed, LastCheckpoint, data_position, save_atomically
 
     from stratavit.export import export_backbone
-    from stratavit.metrics_log import RunCSVLogger
-    from stratavit.module import PretrainModule
+    from stratavit.engine.metrics_log import RunCSVLogger
+    from stratavit.engine.module import PretrainModule
 
     run_dir = Path(out)
     overrides = list(overrides)
@@ -192,7 +192,7 @@ def pretrain(
 
     module = PretrainModule(to_dict(cfg))
     if _sync_batchnorm(cfg, on_cpu=True):
-        from stratavit.sync_batchnorm import convert_sync_batchnorm_cpu
+        from stratavit.engine.sync_batchnorm import convert_sync_batchnorm_cpu
 
         convert_sync_batchnorm_cpu(module)  # batch-norm statistics over all gloo processes
     if cfg.train.compile:
