@@ -26,7 +26,8 @@ from stratavit.sampling import (
     seeded_rng,
     shard,
 )
-from stratavit.engine.train import _truncate_metrics, pretrain
+from stratavit.engine.resume import truncate_metrics
+from stratavit.engine.train import pretrain
 from stratavit.views import MultiCropTransform, collate_views
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,10 +186,10 @@ def test_indexed_needs_a_seed_for_epoch_keys(cifar_train):
 def test_truncate_metrics_drops_rows_after_the_checkpoint_and_a_cut_line(tmp_path):
     path = tmp_path / "metrics.csv"
     path.write_text("epoch,loss,step\n0,5.0,0\n0,4.0,1\n0,3.5,2\n0,3.0,3\n0,2.")  # killed while appending "0,2.9,4"
-    _truncate_metrics(path, 3)
+    truncate_metrics(path, 3)
     assert path.read_text() == "epoch,loss,step\n0,5.0,0\n0,4.0,1\n0,3.5,2\n"
     path.write_text("epoch,loss,step\n0,5.0,0\n0,4.0,1\n1")  # a cut row that would parse as step 1
-    _truncate_metrics(path, 2)
+    truncate_metrics(path, 2)
     assert path.read_text() == "epoch,loss,step\n0,5.0,0\n0,4.0,1\n"
 
 
@@ -230,7 +231,7 @@ def test_a_kill_during_the_checkpoint_write_leaves_the_previous_checkpoint(tmp_p
 
 
 def test_an_error_during_the_checkpoint_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    from stratavit import checkpointing
+    from stratavit.engine.callbacks import checkpoint as checkpointing
 
     ckpt = tmp_path / "last.ckpt"
     torch.save({"global_step": 3}, ckpt)
