@@ -338,3 +338,23 @@ def test_the_same_seed_gives_the_same_metrics_and_another_seed_other_ones(tmp_pa
     # another seed: other initial weights, order and views, so another loss from the first step on
     other = _rows(pretrain("dino", str(cifar_train), tmp_path / "seed1", [*RUN, "train.seed=1", "train.max_steps=2"]) / "metrics.csv")
     assert all(float(a["loss"]) != pytest.approx(float(b["loss"]), rel=1e-3) for a, b in zip(other, full[:2]))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_loads_back_into_the_module_and_exports(uninterrupted):
+    """The checkpoint's hyper-parameters are the config as a dict: Lightning's load_from_checkpoint
+    rebuilds the module from them, and export reads the backbones."""
+    from stratavit.config import load_config_file
+    from stratavit.engine.module import PretrainModule
+    from stratavit.export import backbone_from_checkpoint
+    from stratavit.run_folder import RunFolder
+
+    run = RunFolder(uninterrupted)
+    state = torch.load(run.checkpoint, map_location="cpu", weights_only=True)
+    module = PretrainModule.load_from_checkpoint(run.checkpoint, map_location="cpu", weights_only=True)
+    assert module.cfg == load_config_file(run.config) and module.nonfinite_steps == 0
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, state["state_dict"][key]), key
+    teacher = backbone_from_checkpoint(run.checkpoint, "teacher").state_dict()
+    for key, value in module.teacher.backbone.state_dict().items():
+        assert torch.equal(teacher[key], value), key

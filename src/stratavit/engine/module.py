@@ -163,20 +163,22 @@ class PretrainModule(L.LightningModule):
         returned :data:`~stratavit.engine.callbacks.collapse.TEACHER_EMBEDDING` there.
         """
         state = self.state()
-        self.apply_schedules(state.step)
-        student, teacher = self.compute_features(batch)
-        total, logs = self.objective_losses(student, teacher, state)
-        if not self.nonfinite.step_ok(total, state.step):
-            return None
-        bs = batch.batch_size
-        self.log("loss", total.detach(), prog_bar=True, batch_size=bs)
-        self.log_dict(logs, batch_size=bs)
+        self.apply_schedules(state.step)  # lr and weight decay of this step
+        student, teacher = self.compute_features(batch)  # views -> student and teacher features
+        total, logs = self.objective_losses(student, teacher, state)  # objectives -> weighted total
+        if not self.nonfinite.step_ok(total, state.step):  # collective: every process decides alike
+            return None  # all skip: no backward, no optimiser step, no EMA
+        self._log_step(total, logs, batch.batch_size, state.step)
+        # Lightning now: backward -> on_after_backward -> configure_gradient_clipping -> optimiser step
+        # -> callbacks' on_train_batch_end (collapse monitor) -> on_train_batch_end (EMA)
+        return {"loss": total, TEACHER_EMBEDDING: teacher_embedding(teacher)}
+
+    def _log_step(self, total: Tensor, logs: dict[str, Tensor | float], batch_size: int, step: int) -> None:
+        """The step's loss, every objective term and metric, and the scheduled values."""
+        self.log("loss", total.detach(), prog_bar=True, batch_size=batch_size)
+        self.log_dict(logs, batch_size=batch_size)
         for name in ("lr", "wd", "momentum"):
-            self.log(name, self._schedule(name, state.step), batch_size=bs)
-        out = {"loss": total}
-        if teacher.global_:
-            out[TEACHER_EMBEDDING] = teacher_embedding(teacher)
-        return out
+            self.log(name, self._schedule(name, step), batch_size=batch_size)
 
     def apply_schedules(self, step: int) -> None:
         """Set the lr (every group) and weight decay (decayed groups) of optimiser step ``step``."""
