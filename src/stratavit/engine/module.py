@@ -38,6 +38,9 @@ __all__ = ["PretrainModule"]
 
 _param_groups = param_groups  # the name tests and benchmarks import from here
 
+SKIPPED = "skipped"
+"""Key of a skipped step's outputs under several processes (see :meth:`PretrainModule.skip_step`)."""
+
 class PretrainModule(L.LightningModule):
     """Backbone + objectives + teacher for one recipe.
 
@@ -152,8 +155,8 @@ class PretrainModule(L.LightningModule):
         go through the student and the teacher (:meth:`compute_features`); every objective's loss,
         weighted, makes the total (:meth:`objective_losses`); the processes agree whether every
         one's total is finite (:class:`~stratavit.engine.nonfinite.NonFiniteGuard`), and if one is
-        not, all skip the step (return None: no backward, no optimiser step, no EMA); else the
-        terms are logged and the total returned.
+        not, all skip the step (:meth:`skip_step`: no parameter gets a gradient, the optimiser
+        step changes nothing, no EMA); else the terms are logged and the total returned.
 
         Then Lightning, with the returned loss: backward (DDP averages the gradients) →
         :meth:`on_after_backward` (the objectives' gradient hooks) →
@@ -167,11 +170,26 @@ class PretrainModule(L.LightningModule):
         student, teacher = self.compute_features(batch)  # views -> student and teacher features
         total, logs = self.objective_losses(student, teacher, state)  # objectives -> weighted total
         if not self.nonfinite.step_ok(total, state.step):  # collective: every process decides alike
-            return None  # all skip: no backward, no optimiser step, no EMA
+            return self.skip_step(total)  # all skip: no gradient, no optimiser update, no EMA
         self._log_step(total, logs, batch.batch_size, state.step)
         # Lightning now: backward -> on_after_backward -> configure_gradient_clipping -> optimiser step
         # -> callbacks' on_train_batch_end (collapse monitor) -> on_train_batch_end (EMA)
         return {"loss": total, TEACHER_EMBEDDING: teacher_embedding(teacher)}
+
+    def skip_step(self, total: Tensor) -> dict[str, Tensor | bool] | None:
+        """What a skipped step returns.
+
+        One process: None; Lightning then runs no backward, and the optimiser step finds no
+        gradient (they were zeroed to None before the step), so it changes nothing. Several
+        processes, where Lightning refuses None: a zero loss that reaches no parameter, marked
+        :data:`SKIPPED`; its backward leaves every gradient None on every process alike (no
+        gradient all-reduce either), so again the optimiser step changes nothing, and
+        :meth:`on_train_batch_end` skips the EMA. (Under ``16-mixed`` precision the gradient
+        scaler refuses a step without gradients: there, several processes cannot skip a step.)
+        """
+        if self.trainer.world_size == 1:
+            return None
+        return {"loss": torch.zeros((), device=total.device, requires_grad=True), SKIPPED: True}
 
     def _log_step(self, total: Tensor, logs: dict[str, Tensor | float], batch_size: int, step: int) -> None:
         """The step's loss, every objective term and metric, and the scheduled values."""
@@ -271,7 +289,7 @@ class PretrainModule(L.LightningModule):
         clip_per_tensor([p for g in optimizer.param_groups for p in g["params"]], float(gradient_clip_val))
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if not outputs:  # a skipped step (training_step returned None): no optimiser step, no EMA
+        if not outputs or outputs.get(SKIPPED):  # a skipped step (see skip_step): no EMA
             return
         self.update_teacher(int(self.global_step) - 1)  # the optimiser step that just finished
 
