@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY
 
+from stratavit.config import ConfigError, resolve_config
 from stratavit.engine.callbacks.collapse import (
     PATIENCE,
     RANK_FLOOR,
@@ -23,9 +25,6 @@ from stratavit.engine.callbacks.collapse import (
     rankme,
     singular_value_entropy_rank,
 )
-from stratavit.config import ConfigError, resolve_config
-
-from conftest import TINY
 
 MOCO_SMALL = ["objectives.infonce.proj_hidden_dim=64", "objectives.infonce.pred_hidden_dim=64", "objectives.infonce.proj_dim=32"]
 DINO_SMALL = ["objectives.dino.out_dim=128", "objectives.dino.hidden_dim=64", "objectives.dino.bottleneck_dim=32",

@@ -58,8 +58,8 @@ from PIL import Image
 from stratavit.config import resolve_config, to_dict
 from stratavit.engine.module import PretrainModule
 from stratavit.engine.optim import param_groups
-from stratavit.objectives.protonce import protonce_loss
 from stratavit.engine.sync_batchnorm import convert_sync_batchnorm_cpu
+from stratavit.objectives.protonce import protonce_loss
 from stratavit.views import MultiCropTransform, MultiViewBatch, collate_views, eval_transform
 
 WORLD = 2

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY
 from torch.utils.data import DataLoader
 
-from conftest import TINY
 from stratavit.config import resolve_config
 from stratavit.datasets import Indexed, build_dataset
+from stratavit.engine.resume import truncate_metrics
+from stratavit.engine.train import pretrain
 from stratavit.sampling import (
     ResumableSampler,
     epoch_permutation,
@@ -26,8 +28,6 @@ from stratavit.sampling import (
     seeded_rng,
     shard,
 )
-from stratavit.engine.resume import truncate_metrics
-from stratavit.engine.train import pretrain
 from stratavit.views import MultiCropTransform, collate_views
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,9 +9,9 @@ from torch import nn
 
 from stratavit.backbone import Backbone
 from stratavit.config import BackboneConfig
-from stratavit.objectives.heads import DINOHead, moco_mlp
 from stratavit.engine.schedules import cosine_schedule, momentum_schedule
 from stratavit.engine.teacher import Teacher
+from stratavit.objectives.heads import DINOHead, moco_mlp
 
 
 def test_cosine_schedule_endpoints_and_warmup():

@@ -248,7 +248,7 @@ class CollapseCallback(L.Callback):
         self.monitor = monitor
 
     @classmethod
-    def from_config(cls, train: TrainConfig) -> "CollapseCallback | None":
+    def from_config(cls, train: TrainConfig) -> CollapseCallback | None:
         """The callback ``train.collapse_*`` ask for; None with ``train.collapse_monitor=false``."""
         if not train.collapse_monitor:
             return None
