@@ -346,7 +346,8 @@ def test_recipe_resolves(monkeypatch):
 
 
 def test_engine_step_masks_student_and_trains_the_token(monkeypatch):
-    from stratavit.engine.module import PretrainModule, _param_groups
+    from stratavit.engine.module import PretrainModule
+    from stratavit.engine.optim import param_groups as _param_groups
 
     monkeypatch.setitem(OBJECTIVES, IBOT.name, IBOT)
     cfg = resolve_config("ibot", TINY)

@@ -34,12 +34,11 @@ from stratavit.objectives.base import (
 )
 from stratavit.views import MultiViewBatch
 
-__all__ = ["PretrainModule"]
-
-_param_groups = param_groups  # the name tests and benchmarks import from here
+__all__ = ["SKIPPED", "PretrainModule"]
 
 SKIPPED = "skipped"
 """Key of a skipped step's outputs under several processes (see :meth:`PretrainModule.skip_step`)."""
+
 
 class PretrainModule(L.LightningModule):
     """Backbone + objectives + teacher for one recipe.
