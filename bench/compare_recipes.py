@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from stratavit.demo import DEMO_OVERRIDES
+from stratavit.engine.train import pretrain
 from stratavit.evaluation.run import evaluate_run
-from stratavit.train import pretrain
 
 
 def recipe_overrides(recipe: str, n_images: int) -> list[str]:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from stratavit.data.datasets import SAMPLE_NAME
 from stratavit.demo import DEMO_OVERRIDES, DEMO_RECIPE
+from stratavit.engine.train import pretrain
 from stratavit.evaluation.run import evaluate_run
-from stratavit.train import pretrain
 
 
 def main() -> None:

@@ -80,18 +80,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stratavit.config import to_dict
-
-from stratavit.recipe import resolve_config
 from stratavit.data.datasets import SAMPLE_NAME, build_dataset
-from stratavit.module import PretrainModule
 from stratavit.data.views import MultiCropTransform, MultiViewBatch, collate_views
+from stratavit.engine.module import PretrainModule
+from stratavit.recipe import resolve_config
 
 try:
     import lightly
     from lightly.loss import DINOLoss, NTXentLoss
     from lightly.models.modules import MaskedVisionTransformerTIMM
-    from lightly.models.modules.heads import DINOProjectionHead, MoCoProjectionHead, ProjectionHead
-    from lightly.models.utils import deactivate_requires_grad, get_weight_decay_parameters, update_momentum
+    from lightly.models.modules.heads import (
+        DINOProjectionHead,
+        MoCoProjectionHead,
+        ProjectionHead,
+    )
+    from lightly.models.utils import (
+        deactivate_requires_grad,
+        get_weight_decay_parameters,
+        update_momentum,
+    )
     from lightly.utils.scheduler import cosine_schedule
 except ImportError as e:  # pragma: no cover - environment message
     raise SystemExit(
@@ -239,13 +246,12 @@ def build_stratavit(method: str, args: argparse.Namespace, device: torch.device)
     def step(batch: MultiViewBatch) -> float:
         i = trainer.global_step
         with _rf("stratavit.schedules"):
-            module.on_train_batch_start(batch, i)
+            module.apply_schedules(i)
         with _rf("stratavit.forward+loss"):
             total, _logs = module.compute_losses(batch)
         with _rf("stratavit.finite_check"):
             if not torch.isfinite(total):
                 raise FloatingPointError("stratavit: non-finite loss")
-            module._stepped = True  # what training_step records for on_train_batch_end
         with _rf("stratavit.backward"):
             opt.zero_grad(set_to_none=True)
             total.backward()
@@ -256,7 +262,7 @@ def build_stratavit(method: str, args: argparse.Namespace, device: torch.device)
             opt.step()
         trainer.advance()
         with _rf("stratavit.ema"):
-            module.on_train_batch_end(None, batch, i)
+            module.update_teacher(i)
         return float(total.detach())
 
     @torch.no_grad()
@@ -541,7 +547,7 @@ def print_equivalence(method: str, a: Side, b: Side, batch: MultiViewBatch, modu
     crops = len(batch.global_views) + len(batch.local_views)
     print(f"| crops per image | {crops} ({len(batch.global_views)} global {batch.global_views[0].size[0]} px"
           + (f" + {len(batch.local_views)} local {batch.local_views[0].size[0]} px" if batch.local_views else "")
-          + f") | same tensors |")
+          + ") | same tensors |")
     return float(la["loss"])
 
 
@@ -707,7 +713,8 @@ def profile(
     method: str, sides: tuple[Side, ...], batches: list[MultiViewBatch], n: int, device: torch.device, row_limit: int
 ) -> None:
     """torch.profiler over ``n`` steps of each side: time inside each phase range, then the top ops."""
-    from torch.profiler import ProfilerActivity, profile as tprofile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"

@@ -32,11 +32,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from stratavit.recipe import resolve_config
 from stratavit.data.datasets import ImageFolderDataset
 from stratavit.data.shard_writer import write_shards
 from stratavit.data.shards import ShardDataset
-from stratavit.train import build_train_loader
+from stratavit.engine.train import build_train_loader
+from stratavit.recipe import resolve_config
 
 DEFAULT_SRC = Path.home() / ".cache" / "stratavit-tests" / "cifar10" / "train"
 
@@ -118,7 +118,7 @@ def main() -> None:
                         results.setdefault((row, workers, kind), []).append(rate)
                         print(f"  rep {rep} {row:<7} workers={workers} {kind:<6} {rate:9.1f} img/s", flush=True)
 
-        print(f"\n| row | workers | folder img/s | shards img/s | shards / folder |")
+        print("\n| row | workers | folder img/s | shards img/s | shards / folder |")
         print("|---|---:|---:|---:|---:|")
         for row in args.rows:
             for workers in args.workers:

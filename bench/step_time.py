@@ -17,17 +17,15 @@ import statistics
 import time
 
 import torch
+from compare_recipes import recipe_overrides  # type: ignore[import-not-found]
 from torch.utils.data import DataLoader
 
 from stratavit.config import to_dict
-
-from stratavit.recipe import resolve_config
 from stratavit.data.datasets import SAMPLE_NAME, Indexed, build_dataset
-from stratavit.demo import DEMO_OVERRIDES
-from stratavit.module import PretrainModule
 from stratavit.data.views import MultiCropTransform, collate_views
-
-from compare_recipes import recipe_overrides  # type: ignore[import-not-found]
+from stratavit.demo import DEMO_OVERRIDES
+from stratavit.engine.module import PretrainModule
+from stratavit.recipe import resolve_config
 
 
 class _FakeTrainer:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +12,9 @@ import lightning as L
 import pytest
 import timm
 import torch
+from conftest import TINY
 
 from stratavit import load_backbone, pretrain
-from stratavit.cli import main
-
-from conftest import TINY
 
 MOCO_SMALL = ["objectives.infonce.proj_hidden_dim=64", "objectives.infonce.pred_hidden_dim=64", "objectives.infonce.proj_dim=32"]
 DINO_SMALL = ["objectives.dino.out_dim=128", "objectives.dino.hidden_dim=64", "objectives.dino.bottleneck_dim=32",

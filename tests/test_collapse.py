@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY
 
-from stratavit.collapse import (
+from stratavit.config import ConfigError
+from stratavit.engine.callbacks.collapse import (
     PATIENCE,
     RANK_FLOOR,
     RANK_FRACTION,
@@ -23,10 +25,7 @@ from stratavit.collapse import (
     rankme,
     singular_value_entropy_rank,
 )
-from stratavit.config import ConfigError
 from stratavit.recipe import resolve_config
-
-from conftest import TINY
 
 MOCO_SMALL = ["objectives.infonce.proj_hidden_dim=64", "objectives.infonce.pred_hidden_dim=64", "objectives.infonce.proj_dim=32"]
 DINO_SMALL = ["objectives.dino.out_dim=128", "objectives.dino.hidden_dim=64", "objectives.dino.bottleneck_dim=32",
@@ -108,11 +107,11 @@ NAN = {"rankme": float("nan"), "rankme_frac": float("nan"), "std": float("nan"),
 
 
 def _warnings(caplog) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "stratavit.collapse" and r.levelno == logging.WARNING]
+    return [r for r in caplog.records if r.name == "stratavit.engine.callbacks.collapse" and r.levelno == logging.WARNING]
 
 
 def test_monitor_warns_once_after_patience(caplog):
-    caplog.set_level(logging.WARNING, logger="stratavit.collapse")
+    caplog.set_level(logging.WARNING, logger="stratavit.engine.callbacks.collapse")
     mon = CollapseMonitor(rank_fraction=0.02, std_threshold=0.05, patience=3)
     fired = [mon.update(s, m) for s, m in enumerate([HEALTHY, LOW_RANK, LOW_STD, HEALTHY, LOW_RANK, NAN, LOW_STD])]
     assert not any(fired) and not _warnings(caplog)  # dips of 2, healthy in between; NaN skipped
@@ -166,7 +165,7 @@ def test_config_keys_resolve_and_are_checked():
 
 
 def test_training_logs_collapse_metrics(tmp_path, cifar_train):
-    from stratavit.train import pretrain
+    from stratavit.engine.train import pretrain
 
     over = [*TINY, *DINO_SMALL, "train.max_steps=4", "train.log_every_n_steps=2", "data.limit=64"]
     run = pretrain("dino", str(cifar_train), tmp_path / "run", over)
@@ -185,11 +184,11 @@ def test_training_logs_collapse_metrics(tmp_path, cifar_train):
 @pytest.mark.slow
 def test_collapsing_run_warns_once(tmp_path, cifar_train, monkeypatch, caplog):
     """A constant teacher embedding (a complete collapse) is reported once, with the values logged."""
-    import stratavit.module
-    from stratavit.train import pretrain
+    import stratavit.engine.callbacks.collapse
+    from stratavit.engine.train import pretrain
 
-    monkeypatch.setattr(stratavit.module, "gather_concat", lambda z: torch.ones_like(z))
-    caplog.set_level(logging.WARNING, logger="stratavit.collapse")
+    monkeypatch.setattr(stratavit.engine.callbacks.collapse, "gather_concat", lambda z: torch.ones_like(z))
+    caplog.set_level(logging.WARNING, logger="stratavit.engine.callbacks.collapse")
     over = [*TINY, *MOCO_SMALL, "train.max_steps=4", "data.limit=64"]  # log every step, patience 3
     run = pretrain("mocov3", str(cifar_train), tmp_path / "run", over)
     (record,) = _warnings(caplog)
@@ -203,15 +202,24 @@ def test_collapsing_run_warns_once(tmp_path, cifar_train, monkeypatch, caplog):
 
 
 def test_monitor_can_be_turned_off():
-    from stratavit.config import to_dict
-    from stratavit.module import PretrainModule
+    from stratavit.engine.callbacks.collapse import CollapseCallback
 
     over = [*TINY, *MOCO_SMALL, "train.collapse_patience=2", "train.collapse_std_threshold=0.2"]
-    module = PretrainModule(to_dict(resolve_config("mocov3", over)))
-    assert module.collapse_monitor is not None
-    assert (module.collapse_monitor.patience, module.collapse_monitor.std_threshold) == (2, 0.2)
-    off = PretrainModule(to_dict(resolve_config("mocov3", [*over, "train.collapse_monitor=false"])))
-    assert off.collapse_monitor is None and not off._collapse_due()
+    callback = CollapseCallback.from_config(resolve_config("mocov3", over).train)
+    assert callback is not None
+    assert (callback.monitor.patience, callback.monitor.std_threshold) == (2, 0.2)
+    assert CollapseCallback.from_config(resolve_config("mocov3", [*over, "train.collapse_monitor=false"]).train) is None
+
+
+def test_monitor_runs_on_the_steps_lightning_logs():
+    """In on_train_batch_end, after optimiser step s (global_step = s + 1): due when (s + 1) % n == 0."""
+    from types import SimpleNamespace
+
+    from stratavit.engine.callbacks.collapse import CollapseCallback
+
+    due = [s for s in range(8) if CollapseCallback.is_due(SimpleNamespace(log_every_n_steps=3, global_step=s + 1))]
+    assert due == [2, 5]  # Lightning writes steps 2 and 5 (its `(batches_that_stepped + 1) % n == 0`)
+    assert not CollapseCallback.is_due(SimpleNamespace(log_every_n_steps=0, global_step=1))
 
 
 # ----------------------------------------------------------------------------------- report
@@ -284,16 +292,16 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
     from torch import nn
 
     from stratavit.backbones.features import LevelFeatures
-    from stratavit.config import to_dict
-    from stratavit.module import PretrainModule
+    from stratavit.engine.callbacks.collapse import CollapseCallback, teacher_embedding
     from stratavit.objectives import ViewFeatures
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        module = PretrainModule(to_dict(resolve_config("mocov3", [*TINY, *MOCO_SMALL])))
+        callback = CollapseCallback.from_config(resolve_config("mocov3", [*TINY, *MOCO_SMALL]).train)
         tokens = torch.load(os.path.join(out_dir, "tokens.pt"))[rank]  # (2 views · B, 1 + 4, C)
-        feats = {module.backbone.depth: LevelFeatures(tokens, (2, 2), nn.Identity())}
-        out = module.collapse_logs(ViewFeatures(feats, None, 2, 0, None))  # type: ignore[arg-type]
+        feats = {1: LevelFeatures(torch.zeros_like(tokens), (2, 2), nn.Identity()), 2: LevelFeatures(tokens, (2, 2), nn.Identity())}
+        z = teacher_embedding(ViewFeatures(feats, None, 2, 0, None))  # type: ignore[arg-type]  # deepest level, view 1
+        out = callback.check(z, step=0)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -3,9 +3,8 @@ from __future__ import annotations
 import pytest
 
 from stratavit.config import ConfigError, dump_yaml
-
-from stratavit.recipe import load_config_file, recipe_names, resolve_config
 from stratavit.objectives import DINOConfig, InfoNCEConfig
+from stratavit.recipe import load_config_file, recipe_names, resolve_config
 
 
 def test_recipes_exist():

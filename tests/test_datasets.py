@@ -5,7 +5,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from stratavit.data.datasets import DataError, ImageFolderDataset, bad_files, build_dataset, dataset_targets
+from stratavit.data.datasets import (
+    DataError,
+    ImageFolderDataset,
+    bad_files,
+    build_dataset,
+    dataset_targets,
+)
 
 
 def _img(path: Path, color=(10, 20, 30)) -> None:
@@ -66,9 +72,9 @@ def _sized(path: Path, size: tuple[int, int]) -> None:
 
 
 def test_images_smaller_than_the_crop_fail_before_training_unless_allowed(tmp_path):
-    from stratavit.recipe import resolve_config
     from stratavit.data.datasets import check_image_sizes, image_sizes
-    from stratavit.train import build_train_loader
+    from stratavit.engine.train import build_train_loader
+    from stratavit.recipe import resolve_config
 
     for i in range(6):
         _sized(tmp_path / "data" / "a" / f"{i}.png", (40, 30))
@@ -111,8 +117,8 @@ def _folder(tmp_path: Path, size: tuple[int, int], n: int = 3) -> Path:
     ],
 )
 def test_the_suggested_view_sizes_pass_the_next_checks(tmp_path, recipe, size, expect):
+    from stratavit.engine.train import build_train_loader
     from stratavit.recipe import resolve_config
-    from stratavit.train import build_train_loader
 
     data = _folder(tmp_path, size)
     base = [f"data.path={data}", "backbone.patch_size=16", "data.batch_size=2", "data.num_workers=0"]
@@ -127,8 +133,8 @@ def test_the_suggested_view_sizes_pass_the_next_checks(tmp_path, recipe, size, e
 
 
 def test_images_smaller_than_one_patch_say_so_and_suggest_upsampling(tmp_path):
+    from stratavit.engine.train import build_train_loader
     from stratavit.recipe import resolve_config
-    from stratavit.train import build_train_loader
 
     data = _folder(tmp_path, (12, 10))
     base = [f"data.path={data}", "backbone.patch_size=16", "data.batch_size=2", "data.num_workers=0"]

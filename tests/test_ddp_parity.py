@@ -1,13 +1,13 @@
 """Every recipe under 2 gloo processes equals one process on the concatenated batch.
 
-For each recipe (a tiny ViT, small heads), :class:`~stratavit.module.PretrainModule` is built from
+For each recipe (a tiny ViT, small heads), :class:`~stratavit.engine.module.PretrainModule` is built from
 the same seed (a) in one process that trains on a fixed batch of ``2B`` samples and (b) in two
 gloo processes that each train on their ``B`` samples and average gradients exactly as DDP does
 (all-reduce, divide by the number of processes, before ``on_after_backward`` and the optimiser
-step). Batch norms are converted with :func:`~stratavit.sync_batchnorm.convert_sync_batchnorm_cpu`
+step). Batch norms are converted with :func:`~stratavit.engine.sync_batchnorm.convert_sync_batchnorm_cpu`
 in both (a plain batch norm in (a)). Each step runs ``compute_losses``, backward, the gradient
 averaging, ``on_after_backward``, an SGD step and the engine's EMA update
-(``on_train_batch_end``). Compared, per step: the total loss and every logged term (the mean over
+(``update_teacher``). Compared, per step: the total loss and every logged term (the mean over
 processes of the per-process values, which is what equals the single-process value: every
 objective is a mean over equally many samples per process, with keys gathered and centres
 all-reduced over processes); after the steps, every parameter and buffer of student and teacher
@@ -56,12 +56,17 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from stratavit.config import to_dict
-
-from stratavit.recipe import resolve_config
-from stratavit.module import PretrainModule, _param_groups
+from stratavit.data.views import (
+    MultiCropTransform,
+    MultiViewBatch,
+    collate_views,
+    eval_transform,
+)
+from stratavit.engine.module import PretrainModule
+from stratavit.engine.optim import param_groups
+from stratavit.engine.sync_batchnorm import convert_sync_batchnorm_cpu
 from stratavit.objectives.protonce.objective import protonce_loss
-from stratavit.sync_batchnorm import convert_sync_batchnorm_cpu
-from stratavit.data.views import MultiCropTransform, MultiViewBatch, collate_views, eval_transform
+from stratavit.recipe import resolve_config
 
 WORLD = 2
 B = 8  # samples per process; the single process trains on WORLD * B. MoCo v3's heads normalise each view's
@@ -131,7 +136,7 @@ def _build(config: dict[str, Any]) -> tuple[PretrainModule, torch.optim.Optimize
     convert_sync_batchnorm_cpu(module)
     module.train()
     module._schedules = {"lr": np.full(8, LR), "wd": np.full(8, WD), "momentum": np.full(8, EMA)}
-    groups = _param_groups([module.backbone, module.objectives])
+    groups = param_groups([module.backbone, module.objectives])
     opt = torch.optim.SGD(groups, lr=LR, momentum=MOMENTUM, weight_decay=WD)
     return module, opt
 
@@ -148,15 +153,15 @@ def _step(module: PretrainModule, opt: torch.optim.Optimizer, batch: MultiViewBa
                 p.grad /= world
     module.on_after_backward()
     opt.step()
-    module._stepped = True
-    module.on_train_batch_end(None, batch, 0)  # the teacher's EMA update
+    module.update_teacher(0)  # the teacher's EMA update (the schedules are constant)
     out = {"loss": _mean(total, world)}
     out.update({k: _mean(v, world) for k, v in logs.items() if k not in NOT_SPLIT_INVARIANT})
     return out
 
 
 def _estep(module: PretrainModule, images: torch.Tensor, rank: int, world: int) -> dict[str, torch.Tensor]:
-    """mcvt's E-step as ``embed_dataset`` shards it (index ``i`` on process ``i mod world``)."""
+    """mcvt's E-step as :class:`~stratavit.engine.callbacks.dataset_pass.DatasetPass` shards it (index ``i``
+    on process ``i mod world``)."""
     obj = module.objectives["protonce"]
     shard = torch.arange(rank, images.shape[0], world)
     module.teacher.eval()

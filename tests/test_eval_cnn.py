@@ -15,16 +15,21 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from stratavit.backbones.export import (
+    backbone_from_checkpoint,
+    load_backbone,
+    plain_timm_model,
+)
 from stratavit.config import BackboneConfig
 from stratavit.data.datasets import build_dataset
-from stratavit.evaluation.evaluations.classification import classification_probes
-from stratavit.evaluation.run import evaluate_run, load_run_backbone
-from stratavit.backbones.export import plain_timm_model
+from stratavit.data.views import eval_transform
 from stratavit.evaluation.correspondence import correspondence_score
 from stratavit.evaluation.dense import dense_probe
 from stratavit.evaluation.errors import EvaluationError
+from stratavit.evaluation.evaluations.classification import classification_probes
 from stratavit.evaluation.features import BlockFeatures, extract_block_features
 from stratavit.evaluation.knn import knn_top1
+from stratavit.evaluation.run import evaluate_run, load_run_backbone
 from stratavit.evaluation.tokens import (
     block_dims,
     block_tokens,
@@ -38,8 +43,6 @@ from stratavit.evaluation.tokens import (
     native_size,
     resolve_blocks,
 )
-from stratavit.backbones.export import backbone_from_checkpoint, load_backbone
-from stratavit.data.views import eval_transform
 
 STRIDES = [4, 8, 16, 32]
 WIDTHS = [64, 128, 256, 512]  # resnet18's layer1..layer4
@@ -272,7 +275,8 @@ CNN_TINY = [
 
 @pytest.mark.slow
 def test_evaluate_a_tiny_resnet_run(tmp_path, cifar_train, cifar_test):
-    from stratavit.train import last_checkpoint, pretrain
+    from stratavit.engine.train import pretrain
+    from stratavit.run_folder import last_checkpoint
 
     run = pretrain("mocov3", str(cifar_train), tmp_path / "run", overrides=CNN_TINY)
     dense_train = _two_colour_folder(tmp_path / "dense" / "train", 8, 0)

@@ -10,13 +10,13 @@ import timm
 import torch
 from PIL import Image
 
+from stratavit.data.geometry import patch_centers_in_source
 from stratavit.evaluation.correspondence import (
     correspondence_score,
     make_view_pairs,
     match_scores,
     sample_crop,
 )
-from stratavit.data.geometry import patch_centers_in_source
 
 VIEW = (32, 32)
 GRID = (4, 4)  # patch 8

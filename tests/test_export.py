@@ -5,9 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from stratavit.backbones.export import (
+    ExportError,
+    backbone_from_checkpoint,
+    load_backbone,
+    save_backbone,
+)
 from stratavit.backbones.vit import Backbone
 from stratavit.config import BackboneConfig
-from stratavit.backbones.export import ExportError, backbone_from_checkpoint, load_backbone, save_backbone
 
 
 class _Evil:

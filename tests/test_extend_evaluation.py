@@ -13,16 +13,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import TINY
 from torch import nn
 
-from conftest import TINY
 from stratavit.cli import main
+from stratavit.engine.train import pretrain
 from stratavit.evaluation.compare import compare_runs
 from stratavit.evaluation.evaluations import EVALUATIONS, register
-from stratavit.evaluation.protocol import Column, Context, Evaluation, HeadlineColumn, Result
+from stratavit.evaluation.protocol import (
+    Column,
+    Context,
+    Evaluation,
+    HeadlineColumn,
+    Result,
+)
 from stratavit.evaluation.run import evaluate_run
 from stratavit.evaluation.tables import dig, md_table, number
-from stratavit.train import pretrain
 
 
 # 1. its options (a section of dotted overrides: mean_norm.decimals=2)

@@ -13,16 +13,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import TINY
 from torch import Tensor
 
 from stratavit.backbones.features import FeatureBackbone, LevelFeatures
 from stratavit.backbones.vit import Backbone
 from stratavit.cli import main
 from stratavit.config import BackboneConfig, ConfigError
-from stratavit.objectives import OBJECTIVES, Objective, ObjectiveConfig, ObjectiveOutput, StepState, ViewFeatures
+from stratavit.objectives import (
+    OBJECTIVES,
+    Objective,
+    ObjectiveConfig,
+    ObjectiveOutput,
+    StepState,
+    ViewFeatures,
+)
 from stratavit.recipe import resolve_config
-
-from conftest import TINY
 
 # ------------------------------------------------------------------------------------------------
 # Step 1: the objective's file (src/stratavit/objectives/cls_cosine.py in a real change)

@@ -13,16 +13,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from stratavit.backbones.features import LevelFeatures
-
 from stratavit.backbones.vit import Backbone
 from stratavit.config import BackboneConfig
-from stratavit.recipe import resolve_config
+from stratavit.engine.schedules import cosine_schedule
 from stratavit.objectives import InfoNCE, InfoNCEConfig, StepState, ViewFeatures
 from stratavit.objectives.dino import DINOConfig, teacher_temperature
 from stratavit.objectives.heads import ContrastiveHeadConfig, predictor_last_bn
-from stratavit.objectives.ibot_mim.objective import IBOTConfig, teacher_patch_temperature
+from stratavit.objectives.ibot_mim.objective import (
+    IBOTConfig,
+    teacher_patch_temperature,
+)
 from stratavit.objectives.patch_aggregate import PatchAggregate, PatchAggregateConfig
-from stratavit.schedules import cosine_schedule
+from stratavit.recipe import resolve_config
 
 B, C = 8, 16
 
@@ -137,7 +139,7 @@ def _ref_clip_per_tensor(grads: list[torch.Tensor], clip: float) -> list[torch.T
 
 def _tiny_module(recipe: str, *extra: str):
     from stratavit.config import to_dict
-    from stratavit.module import PretrainModule
+    from stratavit.engine.module import PretrainModule
 
     overrides = [
         "backbone.img_size=32", "backbone.patch_size=8", "backbone.embed_dim=32", "backbone.depth=2",
@@ -168,9 +170,10 @@ def test_per_tensor_clipping_clips_every_tensor_on_its_own():
 @pytest.mark.slow
 def test_a_training_step_clips_through_clip_mode(monkeypatch, tmp_path, cifar_train):
     """In a real Lightning step of the dino recipe, clipping goes through optim.clip_mode."""
-    import stratavit.module as module_mod
     from conftest import TINY
-    from stratavit.train import pretrain
+
+    import stratavit.engine.module as module_mod
+    from stratavit.engine.train import pretrain
 
     calls: list[float] = []
     real = module_mod.clip_per_tensor

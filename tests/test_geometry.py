@@ -8,7 +8,13 @@ import torch
 from PIL import Image
 
 from stratavit.config import ViewsConfig
-from stratavit.data.geometry import intersect, patch_centers, patch_centers_in_source, source_to_view, view_to_source
+from stratavit.data.geometry import (
+    intersect,
+    patch_centers,
+    patch_centers_in_source,
+    source_to_view,
+    view_to_source,
+)
 from stratavit.data.views import ViewMaker
 
 

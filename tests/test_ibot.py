@@ -10,14 +10,23 @@ import torch
 from PIL import Image
 
 from stratavit.backbones.features import LevelFeatures
-
 from stratavit.backbones.vit import Backbone
 from stratavit.config import BackboneConfig, ConfigError, to_dict
-from stratavit.recipe import resolve_config
-from stratavit.objectives.ibot_mim.masking import block_mask, block_masks, ibot_min_num_patches
-from stratavit.objectives import OBJECTIVES, StepState, ViewFeatures
-from stratavit.objectives.ibot_mim.objective import IBOT, IBOTConfig, IBOTHead, mim_loss, teacher_patch_temperature
 from stratavit.data.views import MultiCropTransform, MultiViewBatch, collate_views
+from stratavit.objectives import OBJECTIVES, StepState, ViewFeatures
+from stratavit.objectives.ibot_mim.masking import (
+    block_mask,
+    block_masks,
+    ibot_min_num_patches,
+)
+from stratavit.objectives.ibot_mim.objective import (
+    IBOT,
+    IBOTConfig,
+    IBOTHead,
+    mim_loss,
+    teacher_patch_temperature,
+)
+from stratavit.recipe import resolve_config
 
 C = 16
 
@@ -349,7 +358,8 @@ def test_recipe_resolves(monkeypatch):
 
 
 def test_engine_step_masks_student_and_trains_the_token(monkeypatch):
-    from stratavit.module import PretrainModule, _param_groups
+    from stratavit.engine.module import PretrainModule
+    from stratavit.engine.optim import param_groups as _param_groups
 
     monkeypatch.setitem(OBJECTIVES, IBOT.name, IBOT)
     cfg = resolve_config("ibot", TINY)

@@ -16,7 +16,12 @@ import torch
 
 lightly_loss = pytest.importorskip("lightly.loss")
 
-from stratavit.objectives.dino import DINOConfig, dino_loss, teacher_temperature, updated_center  # noqa: E402
+from stratavit.objectives.dino import (  # noqa: E402
+    DINOConfig,
+    dino_loss,
+    teacher_temperature,
+    updated_center,
+)
 from stratavit.objectives.ibot_mim.objective import mim_loss  # noqa: E402
 
 K, B = 64, 6

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from stratavit.objectives.dino import DINOConfig, dino_loss, teacher_temperature, updated_center
+from stratavit.objectives.dino import (
+    DINOConfig,
+    dino_loss,
+    teacher_temperature,
+    updated_center,
+)
 from stratavit.objectives.infonce import infonce_loss
 
 

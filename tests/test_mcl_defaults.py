@@ -10,13 +10,12 @@ import pytest
 import torch
 
 from stratavit.config import ConfigError, to_dict
-
-from stratavit.recipe import resolve_config
 from stratavit.data.views import MultiCropTransform, MultiViewBatch, ViewBatch
+from stratavit.recipe import resolve_config
 
 
 def _module(recipe: str, overrides: list[str]):
-    from stratavit.module import PretrainModule
+    from stratavit.engine.module import PretrainModule
 
     torch.manual_seed(0)
     cfg = resolve_config(recipe, overrides)
@@ -87,9 +86,10 @@ def test_one_step_of_the_mcl_recipe_at_its_defaults_on_224_px_views():
     for i in range(4):  # 2T * CE over 32 targets, both sides: near 4 ln 32 at initialisation
         assert 4 * math.log(b) * 0.7 < float(logs[f"montage/level{i}"]) < 4 * math.log(b) * 1.3
     # B/4, B/16, B/32 canvases of 224 px per side; every image once, twice at level 3
-    assert [(lv, m.canvases.shape) for _, lv, m in obj._pending] == [
+    layout = obj.student_views(batch, module.state())["montage"].layout  # what the step ran (seeded by the step)
+    assert [(lv, m.canvases.shape) for _, lv, m in layout] == [
         (lv, (n, 3, 224, 224)) for _ in range(2) for lv, n in ((1, 8), (2, 2), (3, 1))]
-    for _, level, m in obj._pending:
+    for _, level, m in layout:
         assert torch.bincount(m.sources.flatten(), minlength=b).tolist() == [[1, 1, 1, 2][level]] * b
     total.backward()
     assert module.backbone.vit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0

@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from stratavit.config import ConfigError
-from stratavit.objectives.montage.layout import check_montage_geometry, make_montage, tile_tokens
+from stratavit.objectives.montage.layout import (
+    check_montage_geometry,
+    make_montage,
+    tile_tokens,
+)
 
 
 def _batch(b: int = 64, s: int = 32) -> torch.Tensor:
@@ -184,8 +188,8 @@ def test_tile_tokens_pool_exactly_the_patches_inside_each_tile():
 # --------------------------------------------------------------------------- the objective
 
 import functools  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
 import math  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -219,8 +223,8 @@ MCL_TINY = [
 
 def _mcl_module(extra=()):
     from stratavit.config import to_dict
+    from stratavit.engine.module import PretrainModule
     from stratavit.recipe import resolve_config
-    from stratavit.module import PretrainModule
 
     torch.manual_seed(0)
     cfg = resolve_config("mcl", [*MCL_TINY, *extra])
@@ -232,8 +236,8 @@ def _batch_of(n: int):
     """A batch of ``n`` random 36-px images in the views of MCL_TINY (all tests here share those views)."""
     from PIL import Image
 
-    from stratavit.recipe import resolve_config
     from stratavit.data.views import MultiCropTransform, collate_views
+    from stratavit.recipe import resolve_config
 
     tf = MultiCropTransform(resolve_config("mcl", MCL_TINY).views, patch_size=4)
     rng = np.random.default_rng(0)
@@ -258,9 +262,10 @@ def _check_step(module, cfg, batch_n=32):
     assert float(total.detach()) == pytest.approx(
         sum(w * float(logs[f"montage/level{i}"]) for i, w in enumerate(weights)), rel=1e-5)
     # the montage canvases went through the student: 2 sides x (B/4 + B/16 + 2B/64) canvases
-    assert [(side, level, m.ratio, m.copies, m.canvases.shape[0]) for side, level, m in obj._pending] == [
+    layout = obj.student_views(batch, module.state())["montage"].layout  # what the step ran (seeded by the step)
+    assert [(side, level, m.ratio, m.copies, m.canvases.shape[0]) for side, level, m in layout] == [
         (s, lv, 2**lv, c, c * batch_n // 4**lv) for s in (0, 1) for lv, c in ((1, 1), (2, 1), (3, 2))]
-    for _, level, m in obj._pending:  # every image exactly tile_copies[level] times
+    for _, level, m in layout:  # every image exactly tile_copies[level] times
         assert torch.bincount(m.sources.flatten(), minlength=batch_n).tolist() == [obj.cfg.tile_copies[level]] * batch_n
     return obj, batch, total
 
@@ -295,8 +300,8 @@ def test_former_b64_layout_is_a_switch():
                                "data.batch_size=64"])
     obj = module.objectives["montage"]
     crops = [SimpleNamespace(images=torch.randn(64, 3, 32, 32)) for _ in range(6)]
-    obj.student_views(SimpleNamespace(batch_size=64, local_views=crops), StepState(0, 0, 1, 1))  # montages only
-    assert [m.canvases.shape[0] for _, _, m in obj._pending] == [16, 4, 1] * 2
+    views = obj.student_views(SimpleNamespace(batch_size=64, local_views=crops), StepState(0, 0, 1, 1))  # montages only
+    assert [m.canvases.shape[0] for _, _, m in views["montage"].layout] == [16, 4, 1] * 2
     with pytest.raises(ConfigError, match="multiple of 64: use data.batch_size=64"):
         _mcl_module(["objectives.montage.readout=pool", "objectives.montage.tile_copies=[1,1,1,1]"])
 

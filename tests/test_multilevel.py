@@ -9,17 +9,24 @@ import torch
 import torch.nn.functional as F
 
 from stratavit.backbones.features import LevelFeatures
-
 from stratavit.backbones.vit import Backbone
-from stratavit.objectives.protonce.clustering import Prototypes
 from stratavit.config import BackboneConfig, ConfigError
-from stratavit.recipe import resolve_config
-from stratavit.objectives import OBJECTIVES, PatchAggregate, PatchAggregateConfig, ProtoNCE, ProtoNCEConfig, StepState, ViewFeatures
+from stratavit.data.views import MultiViewBatch
+from stratavit.objectives import (
+    OBJECTIVES,
+    PatchAggregate,
+    PatchAggregateConfig,
+    ProtoNCE,
+    ProtoNCEConfig,
+    StepState,
+    ViewFeatures,
+)
 from stratavit.objectives.base import resolve_levels
 from stratavit.objectives.infonce import InfoNCEConfig
 from stratavit.objectives.patch_aggregate import cls_attention_weights
+from stratavit.objectives.protonce.clustering import Prototypes
 from stratavit.objectives.protonce.objective import protonce_loss
-from stratavit.data.views import MultiViewBatch
+from stratavit.recipe import resolve_config
 
 C = 16
 
@@ -125,7 +132,7 @@ def _mcvt_small(*extra: str) -> list[str]:
 
 def test_mcvt_on_one_block_names_a_fix_that_works():
     from stratavit.config import to_dict
-    from stratavit.module import PretrainModule
+    from stratavit.engine.module import PretrainModule
 
     with pytest.raises(ConfigError) as err:
         PretrainModule(to_dict(resolve_config("mcvt", _mcvt_small("backbone.depth=1"))))
@@ -201,9 +208,9 @@ def test_cross_term_adds_to_the_detail_loss():
 
 def test_combined_loss_is_the_weighted_sum(monkeypatch):
     """The engine's total = Σ weight · objective loss (CL-EDI: L_A + λ L_B)."""
-    from stratavit.module import PretrainModule
-    from stratavit.objectives.base import ObjectiveOutput
     from stratavit.config import to_dict
+    from stratavit.engine.module import PretrainModule
+    from stratavit.objectives.base import ObjectiveOutput
 
     cfg = resolve_config("cl-edi", [
         "backbone.arch=vit_tiny_patch16_224", "backbone.img_size=16", "backbone.patch_size=4", "backbone.embed_dim=16",
@@ -289,7 +296,7 @@ def test_estep_resolves_null_granularities_without_check_data():
 def test_mcvt_with_too_many_clusters_fails_before_training(tmp_path, cifar_train):
     from conftest import TINY
 
-    from stratavit.train import pretrain
+    from stratavit.engine.train import pretrain
 
     out = tmp_path / "run"
     over = [*TINY, "data.limit=64", "objectives.protonce.num_clusters=[500,1000,2000]",
@@ -310,7 +317,7 @@ def test_mcvt_trains_end_to_end_on_a_small_shallow_setup(tmp_path, cifar_train, 
     import yaml
     from conftest import TINY
 
-    from stratavit.train import pretrain
+    from stratavit.engine.train import pretrain
 
     over = [*TINY, "data.limit=200", "train.epochs=2", "objectives.protonce.warmup_epochs=1", "backbone.depth=2",
             "objectives.infonce.proj_hidden_dim=32", "objectives.infonce.pred_hidden_dim=32",

@@ -5,10 +5,16 @@ from __future__ import annotations
 import torch
 
 from stratavit.backbones.features import LevelFeatures
-
 from stratavit.backbones.vit import Backbone
 from stratavit.config import BackboneConfig
-from stratavit.objectives import DINO, DINOConfig, InfoNCE, InfoNCEConfig, StepState, ViewFeatures
+from stratavit.objectives import (
+    DINO,
+    DINOConfig,
+    InfoNCE,
+    InfoNCEConfig,
+    StepState,
+    ViewFeatures,
+)
 from stratavit.objectives.infonce import infonce_loss
 
 B, C = 4, 16

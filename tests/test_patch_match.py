@@ -11,11 +11,19 @@ import torch.nn.functional as F
 
 from stratavit.backbones.vit import Backbone
 from stratavit.config import BackboneConfig, ViewsConfig
-from stratavit.data.geometry import patch_centers_in_source
-from stratavit.objectives import OBJECTIVES, PatchMatch, PatchMatchConfig, StepState, ViewFeatures
-from stratavit.objectives.patch_match.objective import matched_cross_entropy, patchwise_jitter
-from stratavit.objectives.patch_match.matching import match_patches
 from stratavit.data.views import MultiCropTransform, collate_views
+from stratavit.objectives import (
+    OBJECTIVES,
+    PatchMatch,
+    PatchMatchConfig,
+    StepState,
+    ViewFeatures,
+)
+from stratavit.objectives.patch_match.matching import match_patches
+from stratavit.objectives.patch_match.objective import (
+    matched_cross_entropy,
+    patchwise_jitter,
+)
 
 NO, YES = torch.tensor([False]), torch.tensor([True])
 FULL = torch.tensor([[0.0, 0.0, 32.0, 32.0]])
@@ -237,9 +245,8 @@ def test_engine_step_of_the_local_global_recipe():
     from PIL import Image
 
     from stratavit.config import to_dict
-
+    from stratavit.engine.module import PretrainModule
     from stratavit.recipe import resolve_config
-    from stratavit.module import PretrainModule
 
     torch.manual_seed(0)
     cfg = resolve_config("local-global", TINY)

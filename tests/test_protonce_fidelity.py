@@ -27,12 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from stratavit.backbones.features import LevelFeatures
-
 from stratavit.backbones.vit import Backbone
-from stratavit.objectives.protonce.clustering import Prototypes
 from stratavit.config import BackboneConfig
-from stratavit.objectives import ProtoNCE, ProtoNCEConfig, StepState, ViewFeatures
 from stratavit.data.views import MultiViewBatch
+from stratavit.objectives import ProtoNCE, ProtoNCEConfig, StepState, ViewFeatures
+from stratavit.objectives.protonce.clustering import Prototypes
 
 C = 16          # embedding width
 B = 6           # batch

@@ -16,11 +16,16 @@ import pytest
 import timm
 import torch
 import torchvision
+from conftest import TINY
 
 import stratavit
-from stratavit.provenance import ENVIRONMENT_FILE, environment, git_info, read_environment, record_environment
-
-from conftest import TINY
+from stratavit.provenance import (
+    ENVIRONMENT_FILE,
+    environment,
+    git_info,
+    read_environment,
+    record_environment,
+)
 
 MOCO_SMALL = ["objectives.infonce.proj_hidden_dim=64", "objectives.infonce.pred_hidden_dim=64", "objectives.infonce.proj_dim=32"]
 SOURCE = Path(stratavit.__file__).resolve().parent
@@ -84,8 +89,8 @@ def test_record_appends_and_reads_back(tmp_path):
 
 
 def test_run_writes_environment_and_resume_appends(tmp_path, cifar_train):
+    from stratavit.engine.train import pretrain
     from stratavit.evaluation.report import write_report
-    from stratavit.train import pretrain
 
     over = [*TINY, *MOCO_SMALL, "data.limit=64", "train.seed=7"]
     run = pretrain("mocov3", str(cifar_train), tmp_path / "run", [*over, "train.max_steps=2"])

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from stratavit.engine.train import pretrain
 from stratavit.recipe import load_config_file, recipe_names, resolve_config
-from stratavit.train import pretrain
 
 # the smallest batch each recipe accepts at its defaults (MCL: level 3 puts 64 tiles on B/32 canvases)
 BATCH = {"mcl": 32, "mcl-resnet": 32}

@@ -12,9 +12,9 @@ import torch
 
 from stratavit.backbones.build import build_backbone
 from stratavit.config import BackboneConfig, ConfigError, to_dict
-from stratavit.recipe import resolve_config
 from stratavit.objectives.montage.layout import make_montage
 from stratavit.objectives.montage.readout import SimplePyramid, roi_features
+from stratavit.recipe import resolve_config
 
 
 def test_roi_align_on_grid_aligned_boxes_returns_the_exact_window():
@@ -91,7 +91,7 @@ def test_pyramid_backbone_refuses_vit_settings_and_unknown_archs():
 
 
 def test_lars_step_matches_hand_computation():
-    from stratavit.lars import LARS
+    from stratavit.engine.lars import LARS
 
     w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # ‖w‖ = 5
     b = torch.nn.Parameter(torch.tensor([1.0]))
@@ -129,7 +129,7 @@ VIT_TINY = [
 
 
 def _module(recipe, overrides):
-    from stratavit.module import PretrainModule
+    from stratavit.engine.module import PretrainModule
 
     torch.manual_seed(0)
     cfg = resolve_config(recipe, overrides)
@@ -178,8 +178,9 @@ def test_mcl_resnet_engine_step_trains_body_fpn_neck_and_predictors():
     for i in range(4):  # 2T * CE over 32 targets starts near 2 * ln 32 per side, two sides
         assert 4 * math.log(32) * 0.8 < float(logs[f"montage/level{i}"]) < 4 * math.log(32) * 1.2
     # B, B/4, B/16, B/32 canvases; every image once per level, twice at level 3
-    assert [m.canvases.shape[0] for _, _, m in obj._pending] == [8, 2, 1] * 2
-    for _, level, m in obj._pending:
+    layout = obj.student_views(batch, module.state())["montage"].layout  # what the step ran (seeded by the step)
+    assert [m.canvases.shape[0] for _, _, m in layout] == [8, 2, 1] * 2
+    for _, level, m in layout:
         assert torch.bincount(m.sources.flatten(), minlength=32).tolist() == [[1, 1, 1, 2][level]] * 32
     total.backward()
     assert module.backbone.body.conv1.weight.grad.abs().sum() > 0
@@ -192,9 +193,11 @@ def test_vit_with_roi_align_readout_builds_a_simple_pyramid():
     cfg, module = _module("mcl", VIT_TINY)
     obj = module.objectives["montage"]
     assert obj.readout.strides == [1, 2, 4, 8] and obj.readout.window(32) == 4
-    total, logs = module.compute_losses(_batch(cfg, patch=4, side=36))
+    batch = _batch(cfg, patch=4, side=36)
+    total, logs = module.compute_losses(batch)
     assert torch.isfinite(total)
-    assert [(m.copies, m.canvases.shape[0]) for _, _, m in obj._pending] == [(1, 8), (1, 2), (2, 1)] * 2
+    layout = obj.student_views(batch, module.state())["montage"].layout  # what the step ran (seeded by the step)
+    assert [(m.copies, m.canvases.shape[0]) for _, _, m in layout] == [(1, 8), (1, 2), (2, 1)] * 2
     total.backward()
     assert all(p.grad is not None for p in obj.readout.pyramid.parameters())
     assert module.backbone.vit.blocks[-1].mlp.fc2.weight.grad.abs().sum() > 0
@@ -221,7 +224,7 @@ def test_mcl_resnet_from_the_command_line_exports_a_plain_timm_resnet(tmp_path, 
     from safetensors.torch import load_file
 
     from stratavit.backbones.export import load_backbone, read_metadata
-    from stratavit.train import pretrain
+    from stratavit.engine.train import pretrain
 
     run = pretrain("mcl-resnet", str(cifar_train), tmp_path / "run", [
         *RESNET_TINY, "data.limit=128", "data.num_workers=0", "train.max_steps=2", "data.allow_upsampling=true", "train.progress_bar=false",

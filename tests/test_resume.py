@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY
 from torch.utils.data import DataLoader
 
-from conftest import TINY
-from stratavit.recipe import resolve_config
 from stratavit.data.datasets import Indexed, build_dataset
 from stratavit.data.sampling import (
     ResumableSampler,
@@ -26,8 +25,10 @@ from stratavit.data.sampling import (
     seeded_rng,
     shard,
 )
-from stratavit.train import _truncate_metrics, pretrain
 from stratavit.data.views import MultiCropTransform, collate_views
+from stratavit.engine.resume import truncate_metrics
+from stratavit.engine.train import pretrain
+from stratavit.recipe import resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 DINO_SMALL = ["objectives.dino.out_dim=128", "objectives.dino.hidden_dim=64", "objectives.dino.bottleneck_dim=32",
@@ -185,17 +186,17 @@ def test_indexed_needs_a_seed_for_epoch_keys(cifar_train):
 def test_truncate_metrics_drops_rows_after_the_checkpoint_and_a_cut_line(tmp_path):
     path = tmp_path / "metrics.csv"
     path.write_text("epoch,loss,step\n0,5.0,0\n0,4.0,1\n0,3.5,2\n0,3.0,3\n0,2.")  # killed while appending "0,2.9,4"
-    _truncate_metrics(path, 3)
+    truncate_metrics(path, 3)
     assert path.read_text() == "epoch,loss,step\n0,5.0,0\n0,4.0,1\n0,3.5,2\n"
     path.write_text("epoch,loss,step\n0,5.0,0\n0,4.0,1\n1")  # a cut row that would parse as step 1
-    _truncate_metrics(path, 2)
+    truncate_metrics(path, 2)
     assert path.read_text() == "epoch,loss,step\n0,5.0,0\n0,4.0,1\n"
 
 
 _SLOW_WRITER = r"""
 import sys, time, torch
 from pathlib import Path
-from stratavit.checkpointing import save_atomically
+from stratavit.engine.callbacks.checkpoint import save_atomically
 
 class Strategy:
     def barrier(self, name): pass
@@ -230,7 +231,7 @@ def test_a_kill_during_the_checkpoint_write_leaves_the_previous_checkpoint(tmp_p
 
 
 def test_an_error_during_the_checkpoint_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    from stratavit import checkpointing
+    from stratavit.engine.callbacks import checkpoint as checkpointing
 
     ckpt = tmp_path / "last.ckpt"
     torch.save({"global_step": 3}, ckpt)
@@ -337,3 +338,23 @@ def test_the_same_seed_gives_the_same_metrics_and_another_seed_other_ones(tmp_pa
     # another seed: other initial weights, order and views, so another loss from the first step on
     other = _rows(pretrain("dino", str(cifar_train), tmp_path / "seed1", [*RUN, "train.seed=1", "train.max_steps=2"]) / "metrics.csv")
     assert all(float(a["loss"]) != pytest.approx(float(b["loss"]), rel=1e-3) for a, b in zip(other, full[:2]))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_loads_back_into_the_module_and_exports(uninterrupted):
+    """The checkpoint's hyper-parameters are the config as a dict: Lightning's load_from_checkpoint
+    rebuilds the module from them, and export reads the backbones."""
+    from stratavit.backbones.export import backbone_from_checkpoint
+    from stratavit.engine.module import PretrainModule
+    from stratavit.recipe import load_config_file
+    from stratavit.run_folder import RunFolder
+
+    run = RunFolder(uninterrupted)
+    state = torch.load(run.checkpoint, map_location="cpu", weights_only=True)
+    module = PretrainModule.load_from_checkpoint(run.checkpoint, map_location="cpu", weights_only=True)
+    assert module.cfg == load_config_file(run.config) and module.nonfinite_steps == 0
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, state["state_dict"][key]), key
+    teacher = backbone_from_checkpoint(run.checkpoint, "teacher").state_dict()
+    for key, value in module.teacher.backbone.state_dict().items():
+        assert torch.equal(teacher[key], value), key

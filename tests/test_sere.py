@@ -13,11 +13,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from stratavit.backbones.features import LevelFeatures
-
 from stratavit.backbones.vit import Backbone
 from stratavit.config import BackboneConfig, ConfigError, to_dict
-from stratavit.recipe import resolve_config
 from stratavit.data.geometry import patch_centers_in_source
+from stratavit.data.views import (
+    MultiCropTransform,
+    MultiViewBatch,
+    ViewBatch,
+    collate_views,
+)
 from stratavit.objectives import OBJECTIVES, StepState, ViewFeatures
 from stratavit.objectives.self_relation import (
     SelfRelation,
@@ -34,7 +38,7 @@ from stratavit.objectives.self_relation import (
     spatial_relation,
     tokens_to_map,
 )
-from stratavit.data.views import MultiCropTransform, MultiViewBatch, ViewBatch, collate_views
+from stratavit.recipe import resolve_config
 
 C, HEADS = 16, 4
 
@@ -462,7 +466,7 @@ def _batch(cfg, n: int = 4) -> MultiViewBatch:
 
 
 def test_engine_step_with_ibot(monkeypatch):
-    from stratavit.module import PretrainModule
+    from stratavit.engine.module import PretrainModule
 
     monkeypatch.setitem(OBJECTIVES, SelfRelation.name, SelfRelation)
     torch.manual_seed(0)

@@ -15,17 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from stratavit.recipe import resolve_config
 from stratavit.data.datasets import DataError, ImageFolderDataset, build_dataset
 from stratavit.data.shard_format import INDEX, is_shard_dir, read_index
 from stratavit.data.shard_writer import write_shards
 from stratavit.data.shards import ShardDataset, ShardMapDataset
-from stratavit.train import build_train_loader
-
-from conftest import TINY
+from stratavit.engine.train import build_train_loader
+from stratavit.recipe import resolve_config
 
 PER_CLASS = 10  # 10 classes -> 100 images
 

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from stratavit.sync_batchnorm import CPUSyncBatchNorm, convert_sync_batchnorm_cpu
+from stratavit.engine.sync_batchnorm import CPUSyncBatchNorm, convert_sync_batchnorm_cpu
 
 WORLD = 2
 
@@ -73,8 +73,10 @@ def test_without_distributed_it_is_a_plain_batch_norm():
 
 
 def test_train_uses_it_for_multi_process_cpu_runs_only():
+    from stratavit.engine.train import (
+        _sync_batchnorm,  # imported here: the spawned workers need not load Lightning
+    )
     from stratavit.recipe import resolve_config
-    from stratavit.train import _sync_batchnorm  # imported here: the spawned workers need not load Lightning
 
     def cfg(*over: str):
         return resolve_config("mocov3", ["train.accelerator=cpu", *over])

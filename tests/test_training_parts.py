@@ -9,9 +9,9 @@ from torch import nn
 
 from stratavit.backbones.vit import Backbone
 from stratavit.config import BackboneConfig
+from stratavit.engine.schedules import cosine_schedule, momentum_schedule
+from stratavit.engine.teacher import Teacher
 from stratavit.objectives.heads import DINOHead, moco_mlp
-from stratavit.schedules import cosine_schedule, momentum_schedule
-from stratavit.teacher import Teacher
 
 
 def test_cosine_schedule_endpoints_and_warmup():
@@ -59,10 +59,9 @@ def test_compiled_backbones_keep_their_state_dict_and_losses():
     from PIL import Image
 
     from stratavit.config import to_dict
-
-    from stratavit.recipe import resolve_config
-    from stratavit.module import PretrainModule
     from stratavit.data.views import MultiCropTransform, collate_views
+    from stratavit.engine.module import PretrainModule
+    from stratavit.recipe import resolve_config
 
     over = ["backbone.arch=vit_tiny_patch16_224", "backbone.img_size=32", "backbone.patch_size=4",
             "backbone.embed_dim=32", "backbone.depth=2", "backbone.num_heads=2", "views.global_size=32",
@@ -85,3 +84,43 @@ def test_compiled_backbones_keep_their_state_dict_and_losses():
     torch.manual_seed(1)
     b, _ = compiled.compute_losses(batch)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_objective_capabilities_are_declared_by_protocols():
+    """The engine finds what an objective does beyond its loss with isinstance on small protocols."""
+    from stratavit.objectives import OBJECTIVES
+    from stratavit.objectives.base import (
+        AddsStudentViews,
+        AdjustsGradients,
+        AugmentsStudent,
+        MasksStudent,
+        NeedsDatasetPass,
+        Objective,
+    )
+
+    found = {P.__name__: sorted(n for n, c in OBJECTIVES.items() if issubclass(c, P))
+             for P in (MasksStudent, AugmentsStudent, AddsStudentViews, AdjustsGradients, NeedsDatasetPass)}
+    assert found == {
+        "MasksStudent": ["ibot_mim"],
+        "AugmentsStudent": ["patch_match"],
+        "AddsStudentViews": ["montage"],
+        "AdjustsGradients": ["dino", "ibot_mim", "patch_match"],
+        "NeedsDatasetPass": ["protonce"],
+    }
+    assert not any(hasattr(Objective, m) for m in ("student_masks", "augment_student", "student_views",
+                                                   "on_after_backward", "needs_dataset_pass"))
+
+
+def test_module_takes_a_typed_config_and_saves_it_as_a_dict():
+    from stratavit.config import to_dict
+    from stratavit.engine.module import PretrainModule
+    from stratavit.recipe import resolve_config
+
+    over = ["backbone.arch=vit_tiny_patch16_224", "backbone.img_size=32", "backbone.patch_size=4",
+            "backbone.embed_dim=32", "backbone.depth=1", "backbone.num_heads=2", "views.global_size=32",
+            "objectives.infonce.proj_hidden_dim=32", "objectives.infonce.pred_hidden_dim=32"]
+    cfg = resolve_config("mocov3", over)
+    typed = PretrainModule(cfg)
+    assert typed.hparams["config"] == to_dict(cfg) and typed.cfg is cfg
+    from_dict = PretrainModule(to_dict(cfg))  # what load_from_checkpoint passes
+    assert from_dict.cfg == cfg and from_dict.hparams["config"] == to_dict(cfg)

@@ -8,8 +8,8 @@ from typing import Any
 
 
 def pretrain(*args: Any, **kwargs: Any) -> Any:
-    """See :func:`stratavit.train.pretrain`."""
-    from stratavit.train import pretrain as _pretrain
+    """See :func:`stratavit.engine.train.pretrain`."""
+    from stratavit.engine.train import pretrain as _pretrain
 
     return _pretrain(*args, **kwargs)
 

@@ -12,15 +12,15 @@ from pathlib import Path
 from typing import Sequence
 
 from stratavit import __version__
-
+from stratavit.run_folder import RunFolder
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from stratavit.backbones.export import ExportError
     from stratavit.config import ConfigError
     from stratavit.data.datasets import DataError
+    from stratavit.engine.nonfinite import NonFiniteLossError
     from stratavit.evaluation.errors import EvaluationError
-    from stratavit.backbones.export import ExportError
-    from stratavit.module import NonFiniteLossError
 
     return (ConfigError, DataError, EvaluationError, ExportError, NonFiniteLossError, FileNotFoundError)
 
@@ -54,13 +54,15 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from stratavit.train import pretrain
+    from stratavit.engine.train import (
+        pretrain,  # Lightning and torch: loaded only for this command
+    )
 
-    run = pretrain(args.recipe, args.data, args.out, args.overrides, resume=args.resume)
+    run = RunFolder(pretrain(args.recipe, args.data, args.out, args.overrides, resume=args.resume))
     if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
         return 0  # the other processes of a multi-process run stay quiet
-    print(f"run folder: {run}")
-    print(f"backbone:   {run / 'backbone.safetensors'}")
+    print(f"run folder: {run.root}")
+    print(f"backbone:   {run.backbone}")
     return 0
 
 

@@ -158,7 +158,7 @@ class TrainConfig:
     """``torch.compile`` the student and teacher backbones (GPU runs; the first steps pay the compile)."""
     collapse_monitor: bool = True
     """Log collapse indicators of the teacher's CLS embeddings (``collapse/rankme``, ``collapse/std``,
-    ...) every ``log_every_n_steps`` steps and warn once when they fall (:mod:`stratavit.collapse`)."""
+    ...) every ``log_every_n_steps`` steps and warn once when they fall (:mod:`stratavit.engine.callbacks.collapse`)."""
     collapse_rank_fraction: float = 0.02
     """Warn when RankMe < this fraction of min(global batch, embed_dim), or < 1.5 (RankMe 1 = complete collapse)."""
     collapse_std_threshold: float = 0.05

@@ -44,8 +44,9 @@ DEMO_OVERRIDES: list[str] = [
 
 def run_demo(out: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Pre-train into ``out`` and evaluate into ``out/eval``; returns the evaluation results."""
+    from stratavit.engine.train import pretrain
     from stratavit.evaluation.run import evaluate_run
-    from stratavit.train import last_checkpoint, pretrain
+    from stratavit.run_folder import last_checkpoint
 
     out = Path(out)
     if last_checkpoint(out).exists() and (out / "backbone.safetensors").exists() and not overrides:

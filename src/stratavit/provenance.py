@@ -1,7 +1,7 @@
 """What a run ran on: versions, machine, command line and source commit, kept in ``environment.json``.
 
 ``RUN_DIR/environment.json`` is ``{"sessions": [entry, ...]}``: one entry per start of
-:func:`stratavit.train.pretrain` in that folder, the first run first, then one per resume (so the
+:func:`stratavit.engine.train.pretrain` in that folder, the first run first, then one per resume (so the
 versions a run was started with are never overwritten by those of a later resume). The resolved
 config is beside it in ``config.yaml``.
 """

@@ -80,7 +80,7 @@ def save_backbone(backbone: nn.Module, path: Path, extra: dict[str, Any] | None 
 
 
 def export_backbone(module: Any, path: Path, which: str = "teacher") -> Path:
-    """Export the teacher (default) or student backbone of a :class:`~stratavit.module.PretrainModule`."""
+    """Export the teacher (default) or student backbone of a :class:`~stratavit.engine.module.PretrainModule`."""
     backbone = module.teacher.backbone if which == "teacher" else module.backbone
     return save_backbone(backbone, path, {"recipe": module.cfg.recipe, "weights": which})
 

@@ -11,9 +11,9 @@ in it depends on history that a checkpoint does not hold:
   sample inside :func:`seeded_rng` ``(sample_seed(seed, epoch, index))``. The views of a sample
   are thus the same with any number of workers, on any rank, before or after a restart.
 * **Training step** (drop path, anything drawn from the global RNG):
-  :class:`~stratavit.checkpointing.BatchSeed` seeds the global RNG before every batch from
+  :class:`~stratavit.engine.callbacks.checkpoint.BatchSeed` seeds the global RNG before every batch from
   ``(seed, epoch, batch, rank)``.
-* **State**: :class:`~stratavit.checkpointing.LastCheckpoint` writes a step checkpoint once the
+* **State**: :class:`~stratavit.engine.callbacks.checkpoint.LastCheckpoint` writes a step checkpoint once the
   step is completely done (teacher EMA update and logged metrics included) and records the data
   position that :meth:`ResumableSampler.resume` continues from.
 

@@ -3,7 +3,7 @@
 Each run folder is read, never written:
 
 * ``RUN/config.yaml``: the resolved config (its top-level ``recipe`` names the run),
-* ``RUN/run.json``: training summary written by :func:`stratavit.train.pretrain` (optional),
+* ``RUN/run.json``: training summary written by :func:`stratavit.engine.train.pretrain` (optional),
 * ``RUN/metrics.csv``: training metrics, for the overlaid loss curves (optional),
 * ``RUN/<eval_subdir>/results.json``: evaluation written by :func:`stratavit.evaluation.run.evaluate_run`
   (required). Any part of it may be missing (older runs); missing values stay empty in the CSV

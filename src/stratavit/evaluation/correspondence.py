@@ -27,13 +27,13 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import Tensor, nn
 
-from stratavit.evaluation.progress import progress
-from stratavit.evaluation.tokens import block_tokens, grid_of, resolve_blocks
 from stratavit.data.geometry import (
     crop_box_from_params,
     patch_centers_in_source,
     source_to_view,
 )
+from stratavit.evaluation.progress import progress
+from stratavit.evaluation.tokens import block_tokens, grid_of, resolve_blocks
 
 __all__ = ["ViewPairs", "sample_crop", "make_view_pairs", "match_scores", "correspondence_score"]
 

@@ -31,10 +31,16 @@ from typing import Any
 
 from torch import nn
 
+from stratavit.backbones.export import (
+    ExportError,
+    backbone_from_checkpoint,
+    load_backbone,
+    plain_timm_model,
+    random_backbone,
+)
 from stratavit.config import Config
-
-from stratavit.recipe import load_config_file
 from stratavit.data.datasets import bad_files, build_dataset, set_skip_log
+from stratavit.data.views import describe_resize, eval_transform
 from stratavit.evaluation.errors import EvaluationError
 from stratavit.evaluation.evaluations import EVALUATIONS, option_sections
 from stratavit.evaluation.evaluations.classification import num_classes
@@ -49,15 +55,8 @@ from stratavit.evaluation.tokens import (
     model_at_size,
     native_size,
 )
-from stratavit.backbones.export import (
-    ExportError,
-    backbone_from_checkpoint,
-    load_backbone,
-    plain_timm_model,
-    random_backbone,
-)
+from stratavit.recipe import load_config_file
 from stratavit.run_folder import EvalFolder, RunFolder, read_json, write_json
-from stratavit.data.views import describe_resize, eval_transform
 
 __all__ = ["evaluate", "evaluate_run", "load_run_backbone"]
 

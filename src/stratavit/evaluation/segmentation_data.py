@@ -25,9 +25,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from stratavit.data.views import describe_resize, eval_transform
 from stratavit.evaluation.errors import EvaluationError
 from stratavit.evaluation.progress import progress
-from stratavit.data.views import describe_resize, eval_transform
 
 __all__ = [
     "IGNORE_INDEX",

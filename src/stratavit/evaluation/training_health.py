@@ -1,7 +1,7 @@
 """Training health, read from a run folder: the loss curve, the collapse indicators, the environment.
 
 What the evaluation report shows about how the backbone was trained: ``metrics.csv`` (loss,
-learning rate, the collapse monitor's values, see :mod:`stratavit.collapse`), ``config.yaml``
+learning rate, the collapse monitor's values, see :mod:`stratavit.engine.callbacks.collapse`), ``config.yaml``
 (the monitor's thresholds) and ``environment.json`` (see :mod:`stratavit.provenance`).
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from stratavit.collapse import RANK_FLOOR, RANK_FRACTION, STD_THRESHOLD
+from stratavit.engine.callbacks.collapse import RANK_FLOOR, RANK_FRACTION, STD_THRESHOLD
 from stratavit.evaluation.metrics_csv import read_metrics
 from stratavit.evaluation.plotting import new_figure, save_figure
 from stratavit.provenance import read_environment
@@ -79,7 +79,7 @@ def plot_loss_curve(metrics_csv: Path, out_png: Path) -> Path | None:
 
 
 def collapse_summary(metrics_csv: Path) -> dict[str, Any] | None:
-    """The collapse monitor's values in a run's ``metrics.csv`` (see :mod:`stratavit.collapse`).
+    """The collapse monitor's values in a run's ``metrics.csv`` (see :mod:`stratavit.engine.callbacks.collapse`).
 
     Returns ``None`` when the CSV is missing or has no ``collapse/rankme`` value (runs trained
     before the monitor existed, or with ``train.collapse_monitor=false``); otherwise ``checks``
@@ -112,7 +112,7 @@ def collapse_summary(metrics_csv: Path) -> dict[str, Any] | None:
 def collapse_thresholds(run_dir: Path) -> tuple[float, float] | None:
     """``(train.collapse_rank_fraction, train.collapse_std_threshold)`` from ``run_dir/config.yaml``.
 
-    The defaults of :mod:`stratavit.collapse` when the config has no such keys; ``None`` when there
+    The defaults of :mod:`stratavit.engine.callbacks.collapse` when the config has no such keys; ``None`` when there
     is no readable config.
     """
     try:
@@ -131,7 +131,7 @@ def plot_collapse_curve(
     Left: RankMe with its maximum min(N, D) dotted; right: the per-dim std of the L2-normalised
     embeddings with the isotropic value 1/√D dotted. Checks the monitor flagged (``collapse/alert``)
     are marked with red crosses; with ``thresholds`` = ``(rank fraction, std × √D threshold)`` (see
-    :class:`~stratavit.collapse.CollapseMonitor`) the monitor's thresholds are drawn dashed.
+    :class:`~stratavit.engine.callbacks.collapse.CollapseMonitor`) the monitor's thresholds are drawn dashed.
 
     Returns:
         ``out_png``, or ``None`` when the CSV is missing or holds no ``collapse/rankme`` value.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -74,7 +74,10 @@ class ViewFeatures:
     backbone: FeatureBackbone | None = None
     masks: Tensor | None = None
     extra: dict[str, Features] = field(default_factory=dict)
-    """Features of the extra image batches objectives asked for (:meth:`Objective.student_views`)."""
+    """Features of the extra image batches objectives asked for (:meth:`AddsStudentViews.student_views`)."""
+    layouts: dict[str, Any] = field(default_factory=dict)
+    """What came with each extra image batch (:attr:`StudentViews.layout`, e.g. a montage's tiles),
+    by the same name: the step's own record of how to read ``extra`` back."""
 
 
 @dataclass
@@ -169,7 +172,13 @@ def resolve_levels(cfg: ObjectiveConfig, backbone: FeatureBackbone, name: str = 
 
 
 class Objective(nn.Module):
-    """Base class: a loss with its heads. Subclasses set ``name`` and ``config_class``."""
+    """Base class: a loss with its heads. Subclasses set ``name`` and ``config_class``.
+
+    What an objective can do beyond its loss is declared by the methods it defines, each a small
+    protocol below that the engine checks with ``isinstance`` when it is built: :class:`MasksStudent`,
+    :class:`AugmentsStudent`, :class:`AddsStudentViews`, :class:`AdjustsGradients`,
+    :class:`NeedsDatasetPass`. The base class defines none of them.
+    """
 
     name: ClassVar[str]
     config_class: ClassVar[type[ObjectiveConfig]]
@@ -205,16 +214,6 @@ class Objective(nn.Module):
     ) -> ObjectiveOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def student_masks(
-        self, n_views: int, batch_size: int, grid: tuple[int, int], state: StepState, device: torch.device
-    ) -> tuple[Tensor, Tensor] | None:
-        """Masks for the student's global views: ``((n_views · B, N) bool, mask token (C,))`` or None.
-
-        At most one objective of a recipe masks; the engine runs the student's global views with
-        these masks and hands them to every objective in ``ViewFeatures.masks``.
-        """
-        return None
-
     def check_setup(self, views: ViewsConfig, batch_size: int) -> None:
         """Raise ``ConfigError`` before training when the views or batch cannot work for this objective."""
 
@@ -223,29 +222,80 @@ class Objective(nn.Module):
         is known (not for streamed shards): raise ``ConfigError`` if this objective cannot work on
         that many images, or resolve settings that depend on it (e.g. k-means granularities)."""
 
-    def student_views(self, batch: MultiViewBatch, state: StepState) -> dict[str, Tensor]:
-        """Extra image batches ``name -> (n, 3, H, W)`` for the student backbone (e.g. montages).
 
-        The engine runs each through the student at this objective's student levels and hands the
-        features to :meth:`forward` in ``student.extra[name]``.
+# ------------------------------------------------------------------------------ capabilities
+# An objective has a capability when it defines the protocol's methods; the engine finds them with
+# ``isinstance(objective, Protocol)`` once, when it is built, and calls them at fixed points of the
+# step (engine/module.py) or of the epoch (engine/callbacks/dataset_pass.py).
+
+
+@dataclass
+class StudentViews:
+    """An extra image batch for the student (:meth:`AddsStudentViews.student_views`).
+
+    ``images``: (n, 3, H, W). ``layout``: whatever the objective needs to read the features of
+    these images back (e.g. which tile of which canvas came from which sample); the engine hands it
+    to :meth:`Objective.forward` in ``student.layouts[name]``, so nothing is kept between the calls.
+    """
+
+    images: Tensor
+    layout: Any = None
+
+
+@runtime_checkable
+class MasksStudent(Protocol):
+    """Masks the student's global views (masked image modelling). At most one per recipe."""
+
+    def student_masks(
+        self, n_views: int, batch_size: int, grid: tuple[int, int], state: StepState, device: torch.device
+    ) -> tuple[Tensor, Tensor] | None:
+        """``((n_views · B, N) bool, mask token (C,))`` or None (nothing masked this step).
+
+        The engine runs the student's global views with these masks and hands them to every
+        objective in ``ViewFeatures.masks``.
         """
-        return {}
+        ...
+
+
+@runtime_checkable
+class AugmentsStudent(Protocol):
+    """Augments the student's input only (the teacher sees the plain views)."""
 
     def augment_student(self, images: Tensor, group: str, state: StepState) -> Tensor:
         """Student-only augmentation of a view group (``"global"`` or ``"local"``), (V·B, 3, H, W)."""
-        return images
+        ...
 
-    def on_after_backward(self, state: StepState) -> None:
-        """Hook after gradients exist, before the optimiser step (e.g. freeze a layer)."""
+
+@runtime_checkable
+class AddsStudentViews(Protocol):
+    """Has extra image batches run through the student (e.g. MCL's montages)."""
+
+    def student_views(self, batch: MultiViewBatch, state: StepState) -> dict[str, StudentViews]:
+        """Extra image batches by name. The engine runs each through the student at this
+        objective's student levels; :meth:`Objective.forward` finds the features in
+        ``student.extra[name]`` and the layout in ``student.layouts[name]``."""
+        ...
+
+
+@runtime_checkable
+class AdjustsGradients(Protocol):
+    """Changes gradients after backward, before clipping and the optimiser step (e.g. freezes a layer)."""
+
+    def on_after_backward(self, state: StepState) -> None: ...
+
+
+@runtime_checkable
+class NeedsDatasetPass(Protocol):
+    """Needs teacher embeddings of the whole training set before some epochs (e.g. ProtoNCE's k-means)."""
 
     def needs_dataset_pass(self, epoch: int, epochs: int) -> bool:
         """True if, before ``epoch``, this objective needs embeddings of the whole training set."""
-        return False
+        ...
 
     def embed(self, teacher: Features, teacher_head: nn.Module | None) -> Tensor:
-        """(B, D) embeddings of eval-transformed images from teacher features (for a dataset pass)."""
-        raise NotImplementedError
+        """(B, D) embeddings of eval-transformed images from teacher features."""
+        ...
 
     def on_dataset_embeddings(self, local_emb: Tensor, local_idx: Tensor, n_total: int, epoch: int) -> dict[str, float]:
         """Receive this process's share of the dataset embeddings (E-step); returns metrics to log."""
-        raise NotImplementedError
+        ...

@@ -49,6 +49,7 @@ from stratavit.objectives.base import (
     Objective,
     ObjectiveOutput,
     StepState,
+    StudentViews,
     ViewFeatures,
 )
 from stratavit.objectives.heads import ContrastiveHeadConfig, moco_mlp
@@ -159,8 +160,6 @@ class MontageObjective(Objective):
             moco_mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, cfg.pred_layers, last_bn=bool(cfg.pred_last_bn))
             for _ in range(cfg.montage_levels)
         )
-        # (side, level, montage) of the current step: made in student_views(), read in forward()
-        self._pending: list[tuple[int, int, Montage]] = []
 
     def teacher_head(self) -> nn.Module:
         return self.readout if self.readout is not None else self.neck
@@ -191,9 +190,10 @@ class MontageObjective(Objective):
         """One :class:`ConfigError` listing every problem of the views and batch, each with its fix."""
         raise_problems(self.setup_problems(views, batch_size))
 
-    def student_views(self, batch: MultiViewBatch, state: StepState) -> dict[str, Tensor]:
+    def student_views(self, batch: MultiViewBatch, state: StepState) -> dict[str, StudentViews]:
+        """The canvases of every side and montage level >= 1, in one batch; its layout is the list of
+        ``(side, level, montage)`` in the order of the canvases (read back in :meth:`forward`)."""
         levels = self.cfg.montage_levels
-        self._pending = []
         if levels == 1:
             return {}
         size = batch.local_views[0].images.shape[-1]
@@ -203,14 +203,14 @@ class MontageObjective(Objective):
             what=f"objectives.montage (a batch of {batch.batch_size} images of {size} px)",
         )
         gen = torch.Generator().manual_seed(state.step * 7919 + rank())
-        canvases = []
+        canvases, layout = [], []
         for side in range(2):
             for level in range(1, levels):
                 crops = batch.local_views[side * (levels - 1) + level - 1].images
                 m = make_montage(crops, level, gen, copies=self.cfg.tile_copies[level])
-                self._pending.append((side, level, m))
+                layout.append((side, level, m))
                 canvases.append(m.canvases)
-        return {"montage": torch.cat(canvases)}
+        return {"montage": StudentViews(torch.cat(canvases), layout)}
 
     def _maps(self, feats: dict, rows: slice | None = None) -> Tensor | list[Tensor]:
         """What the region readout reads: the ViT level's map, or every pyramid level (finest first)."""
@@ -253,10 +253,11 @@ class MontageObjective(Objective):
         for side in range(2):
             pred = self.predictors[0](s_emb[side])
             terms[0] = terms[0] + region_contrast(pred, targets[side], own, self.cfg.temperature)
-        if self._pending:
+        layout: list[tuple[int, int, Montage]] = student.layouts.get("montage", [])
+        if layout:
             feats = student.extra["montage"]
             offset = 0
-            for side, level, m in self._pending:
+            for side, level, m in layout:
                 n = m.canvases.shape[0]
                 pred = self.predictors[level](self._tiles(feats, slice(offset, offset + n), m, level))
                 offset += n

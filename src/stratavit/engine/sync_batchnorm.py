@@ -22,7 +22,6 @@ same keys.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stratavit.distributed import all_reduce_sum_differentiable, is_distributed

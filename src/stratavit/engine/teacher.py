@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 
-
 class Teacher(nn.Module):
     """EMA teacher. A ViT backbone always runs in eval mode (no drop-path); a CNN backbone with
     ``teacher_batch_stats`` (batch norm) and the heads stay in training mode like MoCo's momentum
@@ -26,7 +25,7 @@ class Teacher(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "Teacher":
+    def train(self, mode: bool = True) -> Teacher:
         super().train(mode)
         if not getattr(self.backbone, "teacher_batch_stats", False):
             self.backbone.eval()

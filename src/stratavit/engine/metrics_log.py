@@ -1,7 +1,7 @@
 """CSV metrics logger that appends to the run's ``metrics.csv`` when a run continues.
 
 Lightning's CSVLogger deletes an existing ``metrics.csv`` when it starts; a resumed run must keep
-the rows written before the checkpoint (rows after it are dropped by ``train._truncate_metrics``).
+the rows written before the checkpoint (rows after it are dropped by :func:`stratavit.engine.resume.truncate_metrics`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Collapse indicators of an embedding batch, and a monitor that warns once when they fall.
+"""The collapse monitor: indicators of an embedding batch, a monitor that warns once when they
+fall, and the Lightning callback that runs them during training (:class:`CollapseCallback`).
 
 Two cheap statistics of embeddings ``z`` (N, D), computed during training on the teacher's CLS
 embeddings of the batch (no extra forward):
@@ -12,6 +13,10 @@ embeddings of the batch (no extra forward):
 
 :class:`CollapseMonitor` keeps the last few values and logs one actionable warning per run when
 both the current and the previous ``patience - 1`` checks fell below a threshold.
+
+:class:`CollapseCallback` computes them on the steps Lightning writes to the loggers (every
+``train.log_every_n_steps``), from the teacher embedding the training step returns
+(:data:`TEACHER_EMBEDDING`), and logs them as ``collapse/*``.
 """
 
 from __future__ import annotations
@@ -20,10 +25,18 @@ import logging
 import math
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from stratavit.config import ConfigError, TrainConfig
+from stratavit.distributed import gather_concat, rank
+
+if TYPE_CHECKING:
+    from stratavit.objectives.base import ViewFeatures
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +171,6 @@ class CollapseMonitor:
         patience: int = PATIENCE,
         history: int = 20,
     ) -> None:
-        from stratavit.config import ConfigError
-
         if not 0.0 <= rank_fraction <= 1.0:
             raise ConfigError(f"train.collapse_rank_fraction must be in [0, 1], got {rank_fraction}")
         if not 0.0 <= std_threshold <= 1.0:
@@ -211,16 +222,82 @@ class CollapseMonitor:
         )
 
 
+TEACHER_EMBEDDING = "teacher_embedding"
+"""Key of the training step's outputs that :class:`CollapseCallback` reads (see :func:`teacher_embedding`)."""
+
+
+@torch.no_grad()
+def teacher_embedding(teacher: ViewFeatures) -> Tensor:
+    """What the monitor reads of a step: the teacher's CLS at its deepest level, on the first
+    global view only (one embedding per image), (B, C) on this process."""
+    cls = teacher.global_[max(teacher.global_)].cls
+    return cls[: cls.shape[0] // teacher.n_global]
+
+
+class CollapseCallback(L.Callback):
+    """Runs a :class:`CollapseMonitor` on the teacher embeddings of training steps.
+
+    On every step that Lightning writes to the loggers (every ``trainer.log_every_n_steps``; steps
+    skipped for a non-finite loss are not checked), in ``on_train_batch_end``: the step's
+    :data:`TEACHER_EMBEDDING` is gathered over processes (a collective, so every process checks the
+    same steps), its indicators are logged as ``collapse/*`` with ``collapse/alert`` (1 when a
+    threshold is crossed), and the rank-0 process feeds the monitor, which warns once.
+    """
+
+    def __init__(self, monitor: CollapseMonitor) -> None:
+        self.monitor = monitor
+
+    @classmethod
+    def from_config(cls, train: TrainConfig) -> CollapseCallback | None:
+        """The callback ``train.collapse_*`` ask for; None with ``train.collapse_monitor=false``."""
+        if not train.collapse_monitor:
+            return None
+        return cls(CollapseMonitor(train.collapse_rank_fraction, train.collapse_std_threshold, train.collapse_patience))
+
+    @staticmethod
+    def is_due(trainer: L.Trainer) -> bool:
+        """True after the optimiser steps whose metrics Lightning writes (its ``log_every_n_steps``).
+
+        In ``on_train_batch_end`` the step that just ran is ``global_step - 1``; Lightning writes
+        the metrics of step ``s`` when ``(s + 1) % log_every_n_steps == 0``.
+        """
+        n = trainer.log_every_n_steps
+        return n > 0 and trainer.global_step % n == 0
+
+    def check(self, z: Tensor, step: int) -> dict[str, float]:
+        """The logged values of this process's embeddings ``z`` (B, C) gathered over processes
+        (a collective), after feeding the monitor (rank 0) with them."""
+        with torch.no_grad():
+            z_all = gather_concat(z.float())
+            with torch.autocast(z_all.device.type, enabled=False):  # SVD in fp32 under bf16 training
+                metrics = collapse_metrics(z_all)
+        below = self.monitor.is_below(metrics)
+        if rank() == 0:
+            self.monitor.update(step, metrics)
+        return {**{f"collapse/{k}": v for k, v in metrics.items()}, "collapse/alert": float(below)}
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not outputs or TEACHER_EMBEDDING not in outputs or not self.is_due(trainer):
+            return
+        logs = self.check(outputs[TEACHER_EMBEDDING], int(trainer.global_step) - 1)
+        pl_module.log_dict(logs, batch_size=batch.batch_size)
+
+
 __all__ = [
     "PATIENCE",
     "RANKME_EPS",
     "RANK_FLOOR",
     "RANK_FRACTION",
     "STD_THRESHOLD",
+    "TEACHER_EMBEDDING",
+    "CollapseCallback",
     "CollapseCheck",
     "CollapseMonitor",
     "collapse_metrics",
     "per_dim_std",
     "rankme",
     "singular_value_entropy_rank",
+    "teacher_embedding",
 ]
