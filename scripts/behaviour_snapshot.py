@@ -150,7 +150,10 @@ def fingerprint(out: Path) -> None:
     runs = {p.name: p for p in sorted((out / "runs").iterdir())}
     runs["demo"] = out / "demo"
     prints = {name: _run_folder(run) for name, run in runs.items()}
-    (out / "snapshot.json").write_text(json.dumps(prints, indent=1, sort_keys=True) + "\n")
+    text = json.dumps(prints, indent=1, sort_keys=True)
+    for root in {str(out.resolve()), str(out)}:  # the snapshot's own folder (data paths in configs)
+        text = text.replace(root, "<OUT>")
+    (out / "snapshot.json").write_text(text + "\n")
     print(f"snapshot: {out / 'snapshot.json'}")
 
 
