@@ -73,3 +73,16 @@ def test_unknown_key_in_recipe_file(tmp_path):
     path.write_text("objectives:\n  infonce: {}\ntrain:\n  epocs: 3\n")
     with pytest.raises(ConfigError, match="train.epocs"):
         resolve_config(str(path), [])
+
+
+def test_missing_recipe_file_and_bad_yaml_are_one_line_errors(tmp_path, capsys):
+    from stratavit.cli import main
+
+    assert main(["config", "--recipe", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no such recipe file" in err and "unknown recipe" not in err and "\n" not in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("objectives:\n  dino: {out_dim: 8\nviews: [\n")
+    assert main(["config", "--recipe", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not valid YAML at line" in err and "Traceback" not in err and "\n" not in err

@@ -42,6 +42,7 @@ def test_evaluate_with_every_part(tiny_run, cifar_train, cifar_test, horses_dir)
     )
     assert res.returncode == 0, res.stderr[-3000:]
     out = tiny_run / "eval"
+    assert str(out / "report.md") in res.stdout and str(out / "report.html") in res.stdout  # both are named
     results = json.loads((out / "results.json").read_text())
     for layer in results["layers"]:
         assert {"block", "knn_top1", "linear_top1", "knn_top1_patch", "linear_top1_patch"} <= set(layer)

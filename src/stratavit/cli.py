@@ -89,6 +89,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(json.dumps({k: round(v, 2) for k, v in summary.items()}))
     print(f"results: {out.results}")
     print(f"report:  {out.report_md}")
+    if out.report_html.exists():
+        print(f"         {out.report_html} (self-contained, pictures embedded)")
     return 0
 
 

@@ -39,14 +39,23 @@ def recipe_names() -> list[str]:
 def load_recipe_dict(recipe: str) -> dict[str, Any]:
     """Read a recipe by name, or a YAML file path, into a plain dict."""
     path = Path(recipe)
-    if recipe.endswith((".yaml", ".yml")) and path.exists():
+    if recipe.endswith((".yaml", ".yml")) or "/" in recipe:
+        if not path.is_file():
+            raise ConfigError(f"no such recipe file: {recipe}; give an existing YAML file or a recipe name "
+                              f"(`stratavit recipes` lists them)")
         text = path.read_text()
     else:
         names = recipe_names()
         if recipe not in names:
             raise _unknown_recipe(recipe, names)
         text = (resources.files("stratavit") / "recipes" / f"{recipe}.yaml").read_text()
-    data = yaml.safe_load(text) or {}
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(f"recipe {recipe} is not valid YAML{at} ({problem}); fix the file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {recipe!r} is not a YAML mapping")
     data.setdefault("recipe", path.stem if path.exists() else recipe)
