@@ -60,10 +60,36 @@ def plain_timm_model(backbone: nn.Module) -> nn.Module:
     return plain.eval()
 
 
+def _writable_target(path: Path) -> Path:
+    """``path`` if an export can be written there (its folder is made), else :class:`ExportError`."""
+    path = Path(path)
+    if path.is_dir():
+        raise ExportError(f"{path} is a folder; give a file name, e.g. --out {path / BACKBONE}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create the folder {path.parent} ({e.strerror}); choose another --out") from None
+    return path
+
+
+def _replace_atomically(write: Any, path: Path) -> None:
+    """``write(tmp)`` then rename onto ``path``; the file gets the user's usual permissions (umask),
+    and a failed write leaves no temporary file behind (:class:`ExportError` says why)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"cannot write {path} ({e.strerror or e}); choose a writable --out") from None
+
+
 def save_backbone(backbone: nn.Module, path: Path, extra: dict[str, Any] | None = None) -> Path:
     """Write the backbone's timm model to ``path`` (safetensors, atomically) with arch metadata."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _writable_target(path)
     model, kwargs = timm_model(backbone)
     meta = {
         "format": "timm",
@@ -73,9 +99,8 @@ def save_backbone(backbone: nn.Module, path: Path, extra: dict[str, Any] | None 
         "stratavit_version": __version__,
     }
     meta.update({k: str(v) for k, v in (extra or {}).items()})
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(_vit_state(model), str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    state = _vit_state(model)
+    _replace_atomically(lambda tmp: save_file(state, str(tmp), metadata=meta), path)
     return path
 
 
@@ -122,9 +147,10 @@ def export_run(run_dir: Path, out: Path, which: str = "teacher") -> Path:
         return save_backbone(backbone, out, {"weights": which})
     final = RunFolder(run_dir).backbone
     if final.exists() and which == "teacher":
-        if final.resolve() != Path(out).resolve():
-            shutil.copyfile(final, out)
-        return Path(out)
+        out = _writable_target(Path(out))
+        if final.resolve() != out.resolve():
+            _replace_atomically(lambda tmp: shutil.copyfile(final, tmp), out)
+        return out
     raise ExportError(f"{run_dir} has neither {ckpt} nor {final}; is it a stratavit run folder?")
 
 
