@@ -28,4 +28,11 @@ def load_backbone(*args: Any, **kwargs: Any) -> Any:
     return _load(*args, **kwargs)
 
 
-__all__ = ["__version__", "evaluate", "load_backbone", "pretrain"]
+def load_weights(*args: Any, **kwargs: Any) -> Any:
+    """See :func:`stratavit.backbones.export.load_weights`."""
+    from stratavit.backbones.export import load_weights as _load
+
+    return _load(*args, **kwargs)
+
+
+__all__ = ["__version__", "evaluate", "load_backbone", "load_weights", "pretrain"]

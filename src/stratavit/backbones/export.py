@@ -3,9 +3,9 @@
 The file holds the timm state dict (no classifier head) of the teacher (EMA) backbone: the
 ``VisionTransformer`` of a ViT backbone, or the CNN body of a ``resnet_fpn`` backbone (the FPN is
 a pre-training neck and stays in the checkpoint). Metadata ``arch`` + ``timm_kwargs`` (JSON) let
-:func:`load_backbone` rebuild it::
-
-    timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=FILE), **timm_kwargs)
+:func:`load_backbone` rebuild it (``timm.create_model(arch, **timm_kwargs)`` then a strict load);
+:func:`load_weights` loads the file into a model the user built and refuses a mismatch (timm's own
+``pretrained_cfg_overlay`` loading is non-strict whenever ``num_classes`` differs).
 """
 
 from __future__ import annotations
@@ -24,15 +24,13 @@ from torch import nn
 
 from stratavit import __version__
 from stratavit.backbones.build import build_backbone
+from stratavit.backbones.errors import ExportError
 from stratavit.backbones.pyramid import PyramidBackbone, pyramid_timm_kwargs
 from stratavit.backbones.vit import Backbone, timm_kwargs
+from stratavit.backbones.weights_fit import load_weights_into
 from stratavit.config import BackboneConfig
 from stratavit.recipe import config_from_dict
 from stratavit.run_folder import BACKBONE, RunFolder, last_checkpoint
-
-
-class ExportError(ValueError):
-    """A run or file cannot be exported or loaded; the message says why."""
 
 
 def _vit_state(vit: nn.Module) -> dict[str, torch.Tensor]:
@@ -121,9 +119,12 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 
 def load_backbone(path: str | Path, **timm_overrides: Any) -> nn.Module:
-    """Rebuild the timm ViT stored by :func:`save_backbone` and load its weights (strict).
+    """Rebuild the timm model stored by :func:`save_backbone` and load its weights, refusing any mismatch.
 
-    Also accepts a run folder (loads ``RUN_DIR/backbone.safetensors``).
+    Also accepts a run folder (loads ``RUN_DIR/backbone.safetensors``). ``num_classes=N`` adds a
+    fresh N-way classifier head after loading (to fine-tune); ``img_size=S`` resamples the position
+    embedding; an override that changes the architecture (``depth``, ``embed_dim``, ...) raises
+    :class:`~stratavit.backbones.weights_fit.WeightsMismatchError` naming the difference.
     """
     path = Path(path)
     if path.is_dir():
@@ -132,10 +133,26 @@ def load_backbone(path: str | Path, **timm_overrides: Any) -> nn.Module:
     if "arch" not in meta:
         raise ExportError(f"{path} has no 'arch' metadata; it was not written by stratavit export")
     kwargs = json.loads(meta.get("timm_kwargs", "{}"))
+    num_classes = int(timm_overrides.pop("num_classes", 0) or 0)
     kwargs.update(timm_overrides)
     model = timm.create_model(meta["arch"], pretrained=False, **kwargs)
-    model.load_state_dict(load_file(str(path)), strict=True)
+    load_weights_into(model, load_file(str(path)), path)
+    if num_classes:
+        model.reset_classifier(num_classes)
     return model.eval()
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load an exported backbone file (or run folder) into a timm ``model`` you built yourself.
+
+    Strict: every tensor must fit (the model's classifier head excepted); otherwise
+    :class:`~stratavit.backbones.weights_fit.WeightsMismatchError` says how they differ.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / BACKBONE
+    read_metadata(path)  # one-line error for a missing or unreadable file
+    return load_weights_into(model, load_file(str(path)), path)
 
 
 def export_run(run_dir: Path, out: Path, which: str = "teacher") -> Path:
