@@ -18,7 +18,7 @@ from typing import Any
 
 import timm
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -80,9 +80,10 @@ def _replace_atomically(write: Any, path: Path) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors reports I/O failures as its own error
         tmp.unlink(missing_ok=True)
-        raise ExportError(f"cannot write {path} ({e.strerror or e}); choose a writable --out") from None
+        why = getattr(e, "strerror", None) or str(e).split(" at path ")[0]
+        raise ExportError(f"cannot write {path} ({why}); choose a writable --out") from None
 
 
 def save_backbone(backbone: nn.Module, path: Path, extra: dict[str, Any] | None = None) -> Path:

@@ -87,6 +87,11 @@ class Backbone(nn.Module):
         self.cfg = cfg
         try:
             self.vit = timm.create_model(cfg.arch, pretrained=False, drop_path_rate=cfg.drop_path_rate, **timm_kwargs(cfg))
+        except AssertionError as e:  # timm asserts its shapes, e.g. embed_dim % num_heads == 0
+            raise ConfigError(
+                f"backbone settings do not fit together ({e}): with backbone.embed_dim set, make it a multiple "
+                "of backbone.num_heads (e.g. embed_dim=384 num_heads=6)"
+            ) from None
         except (RuntimeError, TypeError) as e:
             raise ConfigError(
                 f"backbone.arch={cfg.arch!r} cannot be built as a ViT with these settings ({e}); "
