@@ -7,16 +7,15 @@ training step and on the training device, what the loader path applies per image
 1. colour jitter with probability ``color_jitter_p``: brightness, contrast, saturation and hue,
    each factor uniform in its range, in a random order per sample (torchvision's ``ColorJitter``);
 2. grayscale with probability ``grayscale_p`` (three equal channels);
-3. Gaussian blur with the view's blur probability, σ ~ U(0.1, 2.0) pixels (the σ PIL's
-   ``GaussianBlur(radius=σ)`` takes in the loader path);
+3. Gaussian blur with the view's blur probability, σ ~ U(0.1, 2.0) pixels, computed as PIL's
+   ``GaussianBlur(radius=σ)`` in the loader path computes it (:func:`gaussian_blur`);
 4. solarize with the view's solarize probability (values ≥ 128/255 become ``1 - value``);
 5. normalisation by ``views.mean`` / ``views.std``.
 
 The ops work on float ``(N, 3, H, W)`` images in ``[0, 1]`` with one parameter per sample
 (``(N,)``), so a whole view group is one call. Pixel values differ from the PIL path by
-rounding: PIL rounds to uint8 after every op, the device path keeps float32 throughout, and
-PIL's blur is three box blurs approximating the Gaussian that :func:`gaussian_blur` computes
-exactly (truncated at 3σ of the largest σ).
+rounding: PIL rounds to uint8 after every op (and inside its blur), the device path keeps
+float32 throughout.
 
 The random parameters are drawn on the CPU from a ``torch.Generator`` seeded with
 :func:`photometric_seed` ``(seed, epoch, batch, rank)``: a step's draws depend only on its
@@ -46,17 +45,23 @@ __all__ = [
     "adjust_hue",
     "adjust_saturation",
     "augment",
+    "box_kernel",
     "draw",
     "gaussian_blur",
     "grayscale",
     "photometric_seed",
+    "separable_blur",
     "solarize",
 ]
 
 _PHOTOMETRIC = 0xC0  # domain tag of photometric_seed (sampling.py uses 0x0D, 0x5A, 0xBA)
 
-BLUR_RADIUS = math.ceil(3 * BLUR_SIGMA[1])
-"""Half-width of the blur kernel (6 px): 3σ of the largest σ; every blur uses the same kernel size."""
+BLUR_PASSES = 3
+"""Box blurs per Gaussian blur (PIL's ``GaussianBlur`` uses 3)."""
+
+_BOX_RADIUS = math.floor((math.sqrt(12 * BLUR_SIGMA[1] ** 2 / BLUR_PASSES + 1) - 1) / 2) + 1
+BLUR_RADIUS = BLUR_PASSES * _BOX_RADIUS
+"""Reach of the blur: 6 px for σ ≤ 2 (three boxes of half-width ≤ 2; also 3σ)."""
 
 
 def photometric_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
@@ -117,20 +122,46 @@ def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     return torch.stack(out, dim=1)
 
 
-def gaussian_blur(x: Tensor, sigma: Tensor, radius: int = BLUR_RADIUS) -> Tensor:
-    """Blur each of ``(N, C, H, W)`` images with a Gaussian of standard deviation ``sigma[i]`` pixels.
+def box_kernel(sigma: Tensor) -> Tensor:
+    """The extended box filters ``(N, 2·_BOX_RADIUS + 1)`` (float64) whose :data:`BLUR_PASSES`-fold
+    repetition is PIL's ``GaussianBlur(radius=σ)`` for ``sigma`` ``(N,)``.
 
-    Separable: a ``(2·radius + 1)``-tap kernel per sample, normalised to sum 1, applied along the
-    rows then the columns as one grouped convolution over all ``N·C`` channels (each channel its
-    own sample's kernel). Edges are extended with the border pixel, as PIL's blur does.
+    PIL approximates a Gaussian of standard deviation σ by three *extended box* filters
+    (Gwosdek et al., "Theoretical foundations of Gaussian convolution by extended box
+    filtering", SSVM 2011): ``2l + 1`` taps of weight 1 and one tap of weight ``α`` at each end,
+    normalised, with the integer ``l`` and ``α ∈ [0, 1)`` chosen so that the box's variance is
+    σ²/3; three passes have variance σ² exactly. For σ ≳ 1 that is within 1 % (of the centre
+    weight) of a sampled Gaussian; for small σ it blurs as PIL does where a sampled Gaussian
+    does nothing (σ = 0.2: 2 % of each pixel goes to each neighbour; a sampled Gaussian: 4e-6).
+    """
+    s2 = sigma.double().reshape(-1, 1) ** 2 / BLUR_PASSES  # each box's variance
+    l = torch.floor((torch.sqrt(12 * s2 + 1) - 1) / 2)  # noqa: E741 (the paper's name)
+    alpha = (2 * l + 1) * (s2 - l * (l + 1) / 3) / (2 * ((l + 1) ** 2 - s2))
+    x = torch.arange(-_BOX_RADIUS, _BOX_RADIUS + 1, dtype=torch.float64).abs()
+    box = torch.where(x <= l, 1.0, torch.where(x == l + 1, alpha, 0.0))
+    return box / box.sum(dim=1, keepdim=True)
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
+    """Blur each of ``(N, C, H, W)`` images as PIL's ``GaussianBlur(radius=sigma[i])`` does:
+    :data:`BLUR_PASSES` passes of :func:`box_kernel` along the rows, then along the columns."""
+    return separable_blur(x, box_kernel(sigma), passes=BLUR_PASSES)
+
+
+def separable_blur(x: Tensor, kernel: Tensor, passes: int = 1) -> Tensor:
+    """Convolve each of ``(N, C, H, W)`` images ``passes`` times along the rows, then ``passes``
+    times along the columns, with its own symmetric 1-D kernel ``(N, K)`` (odd ``K``).
+
+    Each pass is one grouped convolution over all ``N·C`` channels (each channel its sample's
+    kernel). Every pass extends the edges with the border pixel, as PIL's box blur does.
     """
     n, ch, h, w = x.shape
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t / sigma.to(x.dtype).reshape(-1, 1)) ** 2)
-    k = (k / k.sum(dim=1, keepdim=True)).repeat_interleave(ch, dim=0)  # (N·C, K)
+    r = kernel.shape[1] // 2
+    k = kernel.to(x.device, x.dtype).repeat_interleave(ch, dim=0)  # (N·C, K)
     y = x.reshape(1, n * ch, h, w)
-    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="replicate"), k[:, None, None, :], groups=n * ch)
-    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="replicate"), k[:, None, :, None], groups=n * ch)
+    for pad, weight in (((r, r, 0, 0), k[:, None, None, :]), ((0, 0, r, r), k[:, None, :, None])):
+        for _ in range(passes):
+            y = F.conv2d(F.pad(y, pad, mode="replicate"), weight, groups=n * ch)
     return y.reshape(n, ch, h, w)
 
 
