@@ -311,6 +311,29 @@ def test_geometry_is_the_same_in_both_paths(photo):
 # ----------------------------------------------------------------------------------------- runs
 
 
+def test_the_module_finishes_device_views_before_the_forward(photo):
+    """``PretrainModule.finish_views``: uint8 crops in, normalised float32 views out (the same for
+    the same batch position, other draws at another), geometry untouched; ``compute_losses`` takes
+    such a batch as the loader sends it."""
+    from stratavit.engine.module import PretrainModule
+    from stratavit.recipe import resolve_config
+
+    cfg = resolve_config("dino", [*TINY, *DINO_SMALL, "views.photometric=device"])
+    module = PretrainModule(cfg)
+    batch = _batch(dataclasses.replace(cfg.views, photometric="loader"), photo, 4)  # only to compare shapes
+    raw = collate_views([(MultiCropTransform(cfg.views, 4)(photo), 0, i) for i in range(4)])
+    a, b, c = module.finish_views(raw, 3), module.finish_views(raw, 3), module.finish_views(raw, 4)
+    for va, vb, vc, vr, vl in zip(a.global_views + a.local_views, b.global_views + b.local_views,
+                                  c.global_views + c.local_views, raw.global_views + raw.local_views,
+                                  batch.global_views + batch.local_views):
+        assert vr.images.dtype == torch.uint8 and va.images.dtype == torch.float32
+        assert va.images.shape == vl.images.shape and torch.equal(va.images, vb.images)
+        assert torch.equal(va.boxes, vr.boxes) and torch.equal(va.flips, vr.flips)
+    assert not torch.equal(a.global_views[0].images, c.global_views[0].images)
+    total, _ = module.compute_losses(raw)
+    assert torch.isfinite(total)
+
+
 DINO_SMALL = ["objectives.dino.out_dim=128", "objectives.dino.hidden_dim=64", "objectives.dino.bottleneck_dim=32",
               "views.local_crops=2"]
 # 48 images: 3 steps per epoch, 6 in all; a step checkpoint every 2 steps
