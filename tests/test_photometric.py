@@ -155,6 +155,10 @@ def test_draws_are_a_function_of_the_seed_and_the_position():
     assert len({P.photometric_seed(0, 0, 0, 0), P.photometric_seed(0, 0, 0, 1), P.photometric_seed(0, 1, 0, 0),
                 P.photometric_seed(1, 0, 0, 0), P.photometric_seed(0, 0, 1, 0)}) == 5
     assert sorted(a.order[0].tolist()) == [0, 1, 2, 3]
+    many = P.draw(cfg, torch.zeros(4000), torch.zeros(4000), torch.Generator().manual_seed(0))
+    first = torch.bincount(many.order[:, 0], minlength=4) / 4000  # each op comes first a quarter of the time
+    assert (first - 0.25).abs().max() < 5 * (0.25 * 0.75 / 4000) ** 0.5
+    assert (many.order.sort(dim=1).values == torch.arange(4)).all()  # every row a permutation
     lo, hi = a.factors.min(0).values, a.factors.max(0).values
     assert (lo >= torch.tensor([0.6, 0.6, 0.8, -0.1])).all() and (hi <= torch.tensor([1.4, 1.4, 1.2, 0.1])).all()
     assert (a.sigma >= BLUR_SIGMA[0]).all() and (a.sigma <= BLUR_SIGMA[1]).all()
@@ -320,7 +324,7 @@ def test_the_module_finishes_device_views_before_the_forward(photo):
 
     cfg = resolve_config("dino", [*TINY, *DINO_SMALL, "views.photometric=device"])
     module = PretrainModule(cfg)
-    batch = _batch(dataclasses.replace(cfg.views, photometric="loader"), photo, 4)  # only to compare shapes
+    batch = _batch(dataclasses.replace(cfg.views, photometric="loader"), photo, 4)  # as the loader path sends it
     raw = collate_views([(MultiCropTransform(cfg.views, 4)(photo), 0, i) for i in range(4)])
     a, b, c = module.finish_views(raw, 3), module.finish_views(raw, 3), module.finish_views(raw, 4)
     for va, vb, vc, vr, vl in zip(a.global_views + a.local_views, b.global_views + b.local_views,
@@ -330,6 +334,8 @@ def test_the_module_finishes_device_views_before_the_forward(photo):
         assert va.images.shape == vl.images.shape and torch.equal(va.images, vb.images)
         assert torch.equal(va.boxes, vr.boxes) and torch.equal(va.flips, vr.flips)
     assert not torch.equal(a.global_views[0].images, c.global_views[0].images)
+    with pytest.raises(ValueError, match="uint8 crops, but this batch holds torch.float32 images"):
+        module.finish_views(batch, 0)  # a loader-path batch is never augmented twice
     total, _ = module.compute_losses(raw)
     assert torch.isfinite(total)
 

@@ -287,6 +287,11 @@ class DevicePhotometric:
     ) -> list[ViewBatch]:
         if not views:
             return []
+        if views[0].images.dtype != torch.uint8:  # normalised twice otherwise
+            raise ValueError(
+                f"views.photometric=device finishes the loader's uint8 crops, but this batch holds "
+                f"{views[0].images.dtype} images (already augmented?): build the loader from the same config"
+            )
         b = views[0].images.shape[0]
         blur_p = torch.tensor([p for p, _ in probs]).repeat_interleave(b)
         solarize_p = torch.tensor([p for _, p in probs]).repeat_interleave(b)
