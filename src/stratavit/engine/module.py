@@ -155,8 +155,8 @@ class PretrainModule(L.LightningModule):
 
         Here, in order: the step's lr and weight decay are set (:meth:`apply_schedules`); with
         ``views.photometric = "device"`` the views get their colour, blur and solarize here
-        (:meth:`finish_views`); the views go through the student and the teacher (:meth:`compute_features`); every objective's loss,
-        weighted, makes the total (:meth:`objective_losses`); the processes agree whether every
+        (:meth:`finish_views`); the views go through the student and the teacher
+        (:meth:`compute_features`); every objective's loss, weighted, makes the total (:meth:`objective_losses`); the processes agree whether every
         one's total is finite (:class:`~stratavit.engine.nonfinite.NonFiniteGuard`), and if one is
         not, all skip the step (:meth:`skip_step`: no parameter gets a gradient, the optimiser
         step changes nothing, no EMA); else the terms are logged and the total returned.
