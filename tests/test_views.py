@@ -118,3 +118,39 @@ def test_every_shipped_recipe_resolves_and_local_global_resizes_to_256():
         assert v.local_crops == 0 or v.local_size <= v.global_size, name
     assert resolve_config("local-global").views.resize == 256
     assert resolve_config("dino").views.resize is None
+
+
+def test_the_default_blur_is_pils_gaussian_blur_with_sigma_in_0_1_to_2():
+    """DINO's / iBOT's / LightlySSL's blur: PIL ``GaussianBlur(radius=σ)``, σ ~ U(0.1, 2.0); the old
+    torchvision blur (kernel 0.1 · size) stays reachable as ``blur=torchvision_blur``."""
+    from PIL import ImageFilter
+    from torchvision import transforms as T
+
+    from stratavit.data.views import PILGaussianBlur, ViewMaker, torchvision_blur
+
+    img = _pattern(64, 48)
+    blur = ViewMaker(ViewsConfig(), 32, (0.5, 1.0), blur_p=1.0, solarize_p=0.0).photometric.transforms[2].transforms[0]
+    assert isinstance(blur, PILGaussianBlur) and blur.sigma == (0.1, 2.0)
+    torch.manual_seed(4)
+    out = blur(img)
+    torch.manual_seed(4)
+    sigma = float(torch.empty(1).uniform_(0.1, 2.0))
+    assert 0.1 <= sigma <= 2.0
+    assert np.array_equal(np.asarray(out), np.asarray(img.filter(ImageFilter.GaussianBlur(radius=sigma))))
+    old = torchvision_blur(224)
+    assert isinstance(old, T.GaussianBlur) and list(old.kernel_size) == [23, 23] and list(old.sigma) == [0.1, 2.0]
+    tf = MultiCropTransform(ViewsConfig(global_size=32, local_crops=0), patch_size=4, blur=torchvision_blur)
+    assert isinstance(tf.global_makers[0].photometric.transforms[2].transforms[0], T.GaussianBlur)
+
+
+def test_device_photometric_views_are_the_plain_uint8_crops():
+    """``views.photometric=device``: the loader sends each crop as (3, S, S) uint8, un-normalised,
+    with the same geometry draws as the loader path."""
+    cfg = ViewsConfig(global_size=32, local_crops=2, local_size=16, photometric="device")
+    torch.manual_seed(0)
+    g, loc = MultiCropTransform(cfg, patch_size=4)(_pattern())
+    assert [v.image.dtype for v in g + loc] == [torch.uint8] * 4
+    assert g[0].image.shape == (3, 32, 32) and loc[0].image.shape == (3, 16, 16)
+    for view in g + loc:
+        size = view.image.shape[-1]
+        assert torch.allclose(view.image.float() / 255, _recrop(_pattern(), view.box, size, view.flip), atol=1e-6)

@@ -76,6 +76,13 @@ class ViewsConfig:
     local_solarize_p: float = 0.0
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    photometric: Literal["loader", "device"] = "loader"
+    """Where colour jitter, grayscale, Gaussian blur, solarize and normalisation run. ``loader``: in
+    the loader workers, on PIL images (blur: PIL's ``GaussianBlur(radius=σ)``, σ ~ U(0.1, 2.0), as
+    the authors' code). ``device``: the workers only decode, crop, resize and flip and send uint8
+    crops; the training step applies the same augmentations, with the same per-view probabilities
+    and parameter ranges, batched on the device (:mod:`stratavit.data.photometric`): many more
+    images per loader core. Crops and flips are the same in both for the same seed."""
 
 
 @dataclass

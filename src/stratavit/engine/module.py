@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from stratavit.backbones.build import build_backbone
 from stratavit.config import Config, ConfigError, to_dict
+from stratavit.data.photometric import DevicePhotometric, photometric_seed
 from stratavit.data.views import MultiViewBatch
 from stratavit.engine.callbacks.collapse import TEACHER_EMBEDDING, teacher_embedding
 from stratavit.engine.nonfinite import NonFiniteGuard
@@ -75,6 +76,7 @@ class PretrainModule(L.LightningModule):
         for obj in objs:
             obj.check_setup(self.cfg.views, self.cfg.data.batch_size)
         self.nonfinite = NonFiniteGuard(self.cfg.train.max_nonfinite_steps)
+        self.device_photometric = DevicePhotometric(self.cfg.views) if self.cfg.views.photometric == "device" else None
         self._schedules: dict[str, np.ndarray] = {}
         self.steps_per_epoch = 1
 
@@ -151,9 +153,10 @@ class PretrainModule(L.LightningModule):
     def training_step(self, batch: MultiViewBatch, batch_idx: int) -> dict[str, Tensor] | None:
         """One training step. Lightning calls it inside the optimiser's closure, gradients zeroed.
 
-        Here, in order: the step's lr and weight decay are set (:meth:`apply_schedules`); the views
-        go through the student and the teacher (:meth:`compute_features`); every objective's loss,
-        weighted, makes the total (:meth:`objective_losses`); the processes agree whether every
+        Here, in order: the step's lr and weight decay are set (:meth:`apply_schedules`); with
+        ``views.photometric = "device"`` the views get their colour, blur and solarize here
+        (:meth:`finish_views`); the views go through the student and the teacher
+        (:meth:`compute_features`); every objective's loss, weighted, makes the total (:meth:`objective_losses`); the processes agree whether every
         one's total is finite (:class:`~stratavit.engine.nonfinite.NonFiniteGuard`), and if one is
         not, all skip the step (:meth:`skip_step`: no parameter gets a gradient, the optimiser
         step changes nothing, no EMA); else the terms are logged and the total returned.
@@ -167,6 +170,7 @@ class PretrainModule(L.LightningModule):
         """
         state = self.state()
         self.apply_schedules(state.step)  # lr and weight decay of this step
+        batch = self.finish_views(batch, batch_idx)  # views.photometric=device: photometric ops + normalise here
         student, teacher = self.compute_features(batch)  # views -> student and teacher features
         total, logs = self.objective_losses(student, teacher, state)  # objectives -> weighted total
         if not self.nonfinite.step_ok(total, state.step):  # collective: every process decides alike
@@ -175,6 +179,17 @@ class PretrainModule(L.LightningModule):
         # Lightning now: backward -> on_after_backward -> configure_gradient_clipping -> optimiser step
         # -> callbacks' on_train_batch_end (collapse monitor) -> on_train_batch_end (EMA)
         return {"loss": total, TEACHER_EMBEDDING: teacher_embedding(teacher)}
+
+    def finish_views(self, batch: MultiViewBatch, batch_idx: int) -> MultiViewBatch:
+        """``views.photometric = "device"``: the loader's uint8 crops get colour jitter, grayscale,
+        blur, solarize and normalisation here, batched on the device
+        (:class:`~stratavit.data.photometric.DevicePhotometric`), drawn from ``(train.seed, epoch,
+        batch_idx, rank)`` so a resumed run draws the same; in the backbone's dtype. Otherwise the
+        batch unchanged (the loader did all that)."""
+        if self.device_photometric is None:
+            return batch
+        seed = photometric_seed(self.cfg.train.seed, self.current_epoch, batch_idx, self.global_rank)
+        return self.device_photometric(batch, seed, dtype=next(self.backbone.parameters()).dtype)
 
     def skip_step(self, total: Tensor) -> dict[str, Tensor | bool] | None:
         """What a skipped step returns.
@@ -269,7 +284,7 @@ class PretrainModule(L.LightningModule):
 
     def compute_losses(self, batch: MultiViewBatch) -> tuple[Tensor, dict[str, Tensor | float]]:
         """Features and losses of one batch, outside a Lightning step (tests, benchmarks)."""
-        student, teacher = self.compute_features(batch)
+        student, teacher = self.compute_features(self.finish_views(batch, 0))
         return self.objective_losses(student, teacher, self.state())
 
     def on_after_backward(self) -> None:
