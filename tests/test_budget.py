@@ -1,0 +1,90 @@
+"""train.budget: durations, the plan, re-plans and the compressed recipe, on hand-worked numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+from stratavit.config import ConfigError
+from stratavit.engine.budget import (
+    BudgetPlan,
+    Costs,
+    compressed_overrides,
+    parse_duration,
+    plan_budget,
+    predicted_seconds,
+    replan,
+)
+from stratavit.recipe import resolve_config
+
+
+@pytest.mark.parametrize("text,seconds", [("15m", 900), ("2h", 7200), ("1h30m", 5400), ("90s", 90), ("0.5h", 1800),
+                                          ("45", 45), (120, 120), ("1d", 86400), (" 10 m ", 600)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["fast", "15 minutes", "m", "0m", "-5m", ""])
+def test_bad_durations_say_how_to_write_one(text):
+    with pytest.raises(ConfigError, match="train.budget"):
+        parse_duration(text)
+
+
+def test_predicted_seconds_counts_an_epoch_cost_per_epoch_started():
+    c = Costs(step_s=2.0, epoch_s=10.0, fixed_s=5.0)
+    # 25 steps of 10 per epoch: 3 epochs started -> 25*2 + 3*10 + 5
+    assert predicted_seconds(25, 10, c) == 50 + 30 + 5
+    # from step 20 (epoch 2 already started, its cost paid? no: the epoch of step 20 starts at 20)
+    assert predicted_seconds(25, 10, c, from_step=20) == 5 * 2 + 1 * 10 + 5
+    assert predicted_seconds(20, 10, c, from_step=20) == 5
+
+
+def test_plan_fills_the_budget_and_no_more():
+    c = Costs(step_s=2.0, epoch_s=10.0, fixed_s=5.0)
+    plan = plan_budget(budget_s=300, spent_s=20, costs=c, steps_per_epoch=10, recipe_steps=1000)
+    # 280 s available: N steps cost 2N + 10*ceil(N/10) + 5 -> N=110: 220+110+5=335 no; N=90: 180+90+5=275 yes;
+    # N=91: 182+100+5=287 no -> 90
+    assert plan.max_steps == 90 and plan.epochs == 9
+    assert plan.scale == pytest.approx(90 / 1000)
+    assert plan.planned_s == pytest.approx(20 + 275)
+    assert plan.planned_s <= 300
+
+
+def test_a_budget_longer_than_the_recipe_changes_nothing():
+    plan = plan_budget(budget_s=10_000, spent_s=0, costs=Costs(step_s=1.0), steps_per_epoch=10, recipe_steps=50)
+    assert plan.max_steps == 50 and plan.scale == 1.0
+
+
+def test_a_budget_too_short_for_one_step_is_one_line():
+    with pytest.raises(ConfigError, match="leaves no time for a single step.*give a longer budget"):
+        plan_budget(budget_s=30, spent_s=29, costs=Costs(step_s=2.0), steps_per_epoch=10, recipe_steps=100)
+
+
+def test_replan_only_when_the_pace_drifts_beyond_the_tolerance():
+    c = Costs(step_s=1.0)
+    plan = plan_budget(budget_s=100, spent_s=0, costs=c, steps_per_epoch=1000, recipe_steps=10_000)
+    assert plan.max_steps == 100
+    # at step 50 after 52 s, 1.04 s/step: projected 52 + 52 = 104 s: within 10 % -> keep
+    assert replan(plan, 50, 52.0, 1.04, tolerance=0.1) is None
+    # at step 50 after 75 s, 1.5 s/step: projected 75 + 75 = 150 s: re-plan to 50 + floor(25 / 1.5) = 66
+    new = replan(plan, 50, 75.0, 1.5, tolerance=0.1)
+    assert new is not None and new.max_steps == 66
+    assert new.replans == [{"at_step": 50, "elapsed_s": 75.0, "step_s": 1.5, "max_steps": 66}]
+    # faster than planned: more steps, capped by the recipe
+    faster = replan(plan, 50, 25.0, 0.5, tolerance=0.1)
+    assert faster is not None and faster.max_steps == 50 + 150
+    # a plan survives the checkpoint round trip
+    assert BudgetPlan.from_dict(new.to_dict()) == new
+
+
+def test_the_recipe_is_compressed_epoch_schedules_included():
+    cfg = resolve_config("dino", ["objectives.dino.warmup_teacher_temp_epochs=30"])  # 100 epochs, last layer frozen 1
+    plan = BudgetPlan(budget_s=900, costs=Costs(1.0), steps_per_epoch=100, recipe_steps=10_000, max_steps=500,
+                      epochs=5, scale=0.05)
+    got = dict(o.split("=", 1) for o in compressed_overrides(cfg, plan))
+    assert got["train.max_steps"] == "500" and got["train.epochs"] == "5"
+    assert float(got["optim.warmup_epochs"]) == pytest.approx(cfg.optim.warmup_epochs * 0.05)
+    dino = cfg.objectives["dino"]
+    assert dino.warmup_teacher_temp_epochs == 30 and got["objectives.dino.warmup_teacher_temp_epochs"] == "2"  # 1.5 -> 2
+    assert got["objectives.dino.freeze_last_layer_epochs"] == "1"  # at least 1 where the plan has more epochs
+    # the overrides make a valid config
+    resolve_config("dino", list(compressed_overrides(cfg, plan)))
