@@ -118,14 +118,19 @@ class PretrainModule(L.LightningModule):
         batches = self.trainer.num_training_batches
         accumulate = self.trainer.accumulate_grad_batches
         self.steps_per_epoch = max(1, int(batches) // accumulate) if math.isfinite(batches) else max(1, total)
-        lr = self.effective_lr()
+        self.set_total_steps(total)
+        return build_optimizer(o, param_groups([self.backbone, self.objectives]), self.effective_lr())
+
+    def set_total_steps(self, total: int) -> None:
+        """Lay the per-step schedules (lr with its warm-up, weight decay, EMA momentum) over ``total``
+        optimiser steps (``train.budget`` re-plans call it again with a new total)."""
+        o = self.cfg.optim
         warmup = int(round(o.warmup_epochs * self.steps_per_epoch))
         self._schedules = {
-            "lr": cosine_schedule(lr, o.min_lr, total, warmup, warmup_includes_end=o.warmup_includes_end),
+            "lr": cosine_schedule(self.effective_lr(), o.min_lr, total, warmup, warmup_includes_end=o.warmup_includes_end),
             "wd": cosine_schedule(o.weight_decay, o.weight_decay if o.weight_decay_end is None else o.weight_decay_end, total),
             "momentum": momentum_schedule(self.cfg.teacher.momentum, self.cfg.teacher.momentum_end, total),
         }
-        return build_optimizer(o, param_groups([self.backbone, self.objectives]), lr)
 
     def _schedule(self, name: str, step: int) -> float:
         arr = self._schedules[name]

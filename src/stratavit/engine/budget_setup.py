@@ -1,0 +1,101 @@
+"""Set a ``train.budget`` run up before training: calibrate, plan, compress the recipe, or keep a resumed plan.
+
+A fresh run: the first process measures the run's costs (:func:`~stratavit.engine.calibrate.measure_costs`),
+plans (:func:`~stratavit.engine.budget.plan_budget`), rebuilds the config with the compressed
+schedules (:func:`~stratavit.engine.budget.compressed_overrides`) and writes the plan to
+``RUN_DIR/budget.json``; other processes of a multi-process run wait for that file and take the
+same plan, so every process trains the same steps. ``config.yaml`` then holds the compressed
+config (what really ran). A continued run keeps the plan it was started with (from the checkpoint,
+or ``budget.json``) and the time already spent counts against the budget.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from stratavit.config import Config, ConfigError, to_dict
+from stratavit.engine.budget import BudgetPlan, compressed_overrides, parse_duration, plan_budget
+from stratavit.engine.calibrate import measure_costs
+from stratavit.engine.callbacks.budget import BudgetWatch
+from stratavit.recipe import resolve_config
+from stratavit.run_folder import RunFolder, read_json, write_json
+
+BUDGET_FILE = "budget.json"
+_WAIT_S = 1800.0
+
+
+@dataclass
+class Budgeted:
+    """A budget run's config (compressed), module (built from it) and the callback that watches the plan."""
+
+    cfg: Config
+    module: Any
+    watch: BudgetWatch
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
+def _recipe_steps(cfg: Config, steps_per_epoch: int) -> int:
+    steps = cfg.train.epochs * steps_per_epoch
+    return min(steps, cfg.train.max_steps) if cfg.train.max_steps is not None else steps
+
+
+def _device(cfg: Config) -> torch.device:
+    gpu = cfg.train.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if gpu else torch.device("cpu")
+
+
+def _wait_for_plan(path: Path, since: float) -> BudgetPlan:
+    """The plan the first process writes (a process other than the first, at a fresh start)."""
+    deadline = time.monotonic() + _WAIT_S
+    while time.monotonic() < deadline:
+        if path.exists() and path.stat().st_mtime >= since - 5:
+            return BudgetPlan.from_dict(read_json(path))
+        time.sleep(1.0)
+    raise ConfigError(f"train.budget: the first process wrote no plan to {path} in {_WAIT_S:.0f} s; start the run again")
+
+
+def setup_budget(
+    cfg: Config, run: RunFolder, module: Any, loader: DataLoader, resuming: bool, started: float,
+    spent_before_s: float, build: Callable[[Config], Any], precision: str,
+) -> Budgeted | None:
+    """The budget run's pieces, or None without ``train.budget``.
+
+    Args:
+        cfg, module, loader: as built for the run (the module is rebuilt from the compressed config).
+        resuming: the run continues from a checkpoint (its plan is kept, nothing is measured).
+        started: ``time.time()`` when this process started (start-up counts against the budget).
+        spent_before_s: wall seconds of earlier sessions of a continued run.
+        build: makes the module of a config (seeded here, as the run seeds).
+        precision: the run's precision (the calibration trains in it).
+    """
+    if cfg.train.budget is None:
+        return None
+    budget_s = parse_duration(cfg.train.budget)
+    path = run.root / BUDGET_FILE
+    if resuming:
+        if not path.exists():
+            raise ConfigError(f"{run.root} has train.budget set but no {BUDGET_FILE}; it was not started with a budget: "
+                              "continue it without train.budget, or start a new run")
+        plan = BudgetPlan.from_dict(read_json(path))  # the checkpoint's own copy replaces it on load
+        return Budgeted(cfg, module, BudgetWatch(plan, path, cfg.train.budget_tolerance, spent_before_s, started))
+    if _rank() == 0:
+        steps_per_epoch = max(1, len(loader))
+        costs = measure_costs(module, loader, _device(cfg), precision, run.root)
+        plan = plan_budget(budget_s, time.time() - started, costs, steps_per_epoch, _recipe_steps(cfg, steps_per_epoch))
+        write_json(path, plan.to_dict())
+    else:
+        plan = _wait_for_plan(path, started)
+    compressed = resolve_config(to_dict(cfg), compressed_overrides(cfg, plan))
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    return Budgeted(compressed, build(compressed), BudgetWatch(plan, path, cfg.train.budget_tolerance, 0.0, started))
