@@ -1,9 +1,8 @@
 """``stratavit ablate``: every recipe × seed trained under the same budget, evaluated the same way, reported.
 
-:func:`ablate` checks the whole plan before anything runs (every recipe's config with the plan's
-overrides, the evaluation options), records it in ``ABL/ablation_plan.json`` (see
-:mod:`stratavit.ablation.folder`), then works through the runs in order, one line per run started
-and finished with the elapsed time and an ETA:
+:func:`ablate` checks the whole plan before anything runs (:mod:`stratavit.ablation.preflight`),
+records it in ``ABL/ablation_plan.json`` (:mod:`stratavit.ablation.folder`), then works through the
+runs in order, one line per run started and finished with the elapsed time and an ETA:
 
 * a run is **trained** when its folder holds ``run.json`` and ``backbone.safetensors``; otherwise
   :func:`~stratavit.engine.train.pretrain` runs into it, continuing from ``checkpoints/last.ckpt``
@@ -28,26 +27,17 @@ from stratavit.ablation.collect import collect, is_evaluated, is_trained
 from stratavit.ablation.errors import AblationError
 from stratavit.ablation.folder import State, open_state
 from stratavit.ablation.plan import Plan, run_label
+from stratavit.ablation.preflight import preflight
 from stratavit.ablation.report import Report, write_report
-from stratavit.engine.train import pretrain
-from stratavit.evaluation.evaluations import option_sections
-from stratavit.evaluation.options import Options, build_options
-from stratavit.evaluation.run import evaluate
 from stratavit.config import ConfigError
-from stratavit.recipe import resolve_config
+from stratavit.engine.train import pretrain
+from stratavit.evaluation.options import Options
+from stratavit.evaluation.run import evaluate
 from stratavit.run_folder import RunFolder
 
-__all__ = ["ERROR_FILE", "ablate", "preflight"]
+__all__ = ["ERROR_FILE", "ablate"]
 
 ERROR_FILE = "ablate_error.txt"
-
-
-def preflight(plan: Plan) -> Options:
-    """Every recipe's config with the plan's overrides and the evaluation options, checked before any
-    run starts (an unknown key or a wrong value fails here, in one line); returns the options."""
-    for recipe in plan.recipes:
-        resolve_config(recipe, plan.train_overrides(plan.seeds[0]))
-    return build_options(option_sections(), plan.eval_options)
 
 
 def _clock(seconds: float) -> str:
