@@ -103,15 +103,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from stratavit.ablation.plan import build_plan
+    from stratavit.ablation.plan import build_plan, route_overrides
     from stratavit.ablation.run import ablate
     from stratavit.evaluation.evaluations import option_sections
     from stratavit.evaluation.options import build_options, parse_overrides
 
+    overrides, eval_overrides = route_overrides(args.eval, args.overrides)
     flags = {"visuals": False, "dense": {"train": args.dense_train, "val": args.dense_val}}
-    options = build_options(option_sections(), parse_overrides(args.eval, flags))
+    options = build_options(option_sections(), parse_overrides(eval_overrides, flags))
     plan = build_plan(
-        args.recipes, args.seeds, args.data, budget=args.budget, steps=args.steps, overrides=args.overrides,
+        args.recipes, args.seeds, args.data, budget=args.budget, steps=args.steps, overrides=overrides,
         eval_train=args.eval_train, eval_test=args.eval_test, eval_options=options.to_dict(),
     )
     report = ablate(plan, Path(args.out), base=args.base, overwrite=args.overwrite)
@@ -250,7 +251,7 @@ def _add_ablate(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--dense-val", help="images/ + masks/ folder the dense probe is scored on (or horses-sample:val)")
     s.add_argument("--eval", nargs="+", action="extend", default=[], metavar="key=value",
                    help="evaluation options for every run, e.g. --eval knn.k=20 linear.epochs=50 train_limit=5000 "
-                        "(takes the key=value after it up to the next option)")
+                        "(training keys after it, backbone.* data.* train.* ..., still go to training)")
     s.add_argument("--overwrite", action="store_true", help="start the ablation in --out over (deletes its runs)")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run, e.g. data.batch_size=128")
     s.__class__ = _TrailingOverrides  # key=value also after the options

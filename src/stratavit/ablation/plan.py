@@ -13,15 +13,15 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from stratavit.ablation.errors import AblationError
-from stratavit.config import parse_override
+from stratavit.config import Config, parse_override
 from stratavit.data.datasets import NAMED_DATASETS, SAMPLE_NAME
 
-__all__ = ["Plan", "budget_words", "default_eval_sets", "plan_differences", "run_label"]
+__all__ = ["Plan", "budget_words", "build_plan", "default_eval_sets", "plan_differences", "route_overrides", "run_label"]
 
 # keys ablate sets itself, per run or from --steps / --budget
 _OWN_KEYS = {
@@ -102,6 +102,15 @@ class Plan:
             key = ".".join(parse_override(text)[0])
             if key in _OWN_KEYS:
                 raise AblationError(f"override {text!r}: {_OWN_KEYS[key]}; drop it")
+
+
+def route_overrides(eval_tokens: Sequence[str], overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``(training overrides, evaluation options)``: the ``key=value`` given after ``--eval`` whose key
+    is a training config section (``backbone.``, ``data.``, ``train.``, ...) join the training
+    overrides (``--eval`` takes every ``key=value`` after it; the two namespaces do not overlap)."""
+    sections = {f.name for f in fields(Config)}
+    to_train = [t for t in eval_tokens if t.partition("=")[0].split(".")[0].strip() in sections]
+    return [*overrides, *to_train], [t for t in eval_tokens if t not in to_train]
 
 
 def run_label(recipe: str) -> str:
