@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -309,3 +310,45 @@ def test_metrics_of_a_real_results_structure():
     assert metric("knn_top1_patch.block1").label == "kNN top-1 mean patch (%), block 1"
     assert metric("train.images_per_s").group == "training" and metric("train.images_per_s").block is None
     assert run_metrics(None, None) == {}
+
+
+@pytest.mark.slow
+def test_end_to_end_on_tiny_settings_then_resume(cifar_train, cifar_test, tmp_path, capsys):
+    """2 recipes × 2 seeds really trained (2 steps) and evaluated on CIFAR-10 JPEGs; then one evaluation
+    deleted and one run cut short before it finished: the same command redoes only those."""
+    out = tmp_path / "abl"
+    args = ["ablate", "--recipes", "dino", "mocov3", "--data", str(cifar_train), "--steps", "2", "--seeds", "2",
+            "--out", str(out), "--eval-train", str(cifar_train), "--eval-test", str(cifar_test), *TINY,
+            "--eval", "train_limit=100", "test_limit=50", "linear.epochs=2", "correspondence.images=0"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "dino vs mocov3 at 2 steps × 2 seeds: better on " in printed
+    runs = {(r, s): out / "runs" / r / f"seed{s}" for r in ("dino", "mocov3") for s in (0, 1)}
+    for (recipe, seed), run in runs.items():
+        assert json.loads((run / "run.json").read_text())["global_step"] == 2
+        results = json.loads((run / "eval" / "results.json").read_text())
+        assert results["meta"]["ablation"]["seed"] == seed and results["meta"]["train_images"] == 100
+        assert "correspondence" not in results and not (run / "eval" / "report.html").exists()  # as asked
+    rows = list(csv.DictReader((out / "ablation.csv").open()))
+    metrics = {r["metric"] for r in rows}
+    assert {"knn_top1.block1", "knn_top1.block2", "linear_top1_patch.block2", "train.images_per_s", "train.steps"} <= metrics
+    assert len(rows) == 4 * len(metrics)  # every run has every number
+    assert (out / "ablation.png").read_bytes()[:8] == PNG_MAGIC
+    assert "| metric | dino | mocov3 (base) |" in (out / "ablation.md").read_text()
+
+    before = {k: (run / "eval" / "results.json").stat().st_mtime_ns for k, run in runs.items()}
+    numbers = json.loads((runs[("dino", 0)] / "eval" / "results.json").read_text())["layers"]
+    shutil.rmtree(runs[("mocov3", 1)] / "eval")
+    cut = runs[("dino", 0)]  # cut short after its last checkpoint, before the backbone and run.json
+    (cut / "run.json").unlink()
+    (cut / "backbone.safetensors").unlink()
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "2 of 4 runs to do" in printed and "[1/4] dino seed 0: continuing (2 steps)" in printed
+    assert printed.count("trained and evaluated earlier, skipped") == 2
+    sessions = json.loads((cut / "environment.json").read_text())["sessions"]
+    assert len(sessions) == 2 and sessions[1]["resumed"] is True  # continued from last.ckpt, not retrained
+    assert json.loads((cut / "eval" / "results.json").read_text())["layers"] == numbers  # the same weights
+    for untouched in (("dino", 1), ("mocov3", 0)):
+        assert (runs[untouched] / "eval" / "results.json").stat().st_mtime_ns == before[untouched]
+    assert (runs[("mocov3", 1)] / "eval" / "results.json").exists()
