@@ -29,8 +29,12 @@ from stratavit.ablation.folder import State, open_state
 from stratavit.ablation.plan import Plan, run_label
 from stratavit.ablation.preflight import preflight
 from stratavit.ablation.report import Report, write_report
+from stratavit.backbones.errors import ExportError
 from stratavit.config import ConfigError
+from stratavit.data.errors import DataError
+from stratavit.engine.nonfinite import NonFiniteLossError
 from stratavit.engine.train import pretrain
+from stratavit.evaluation.errors import EvaluationError
 from stratavit.evaluation.options import Options
 from stratavit.evaluation.run import evaluate
 from stratavit.run_folder import RunFolder
@@ -62,9 +66,13 @@ class _Progress:
         self.echo(f"[{index}/{self.total}] {run_label(recipe)} seed {seed}: {text}  (elapsed {_clock(elapsed)}, ETA {eta})")
 
 
+_USER_ERRORS = (ConfigError, DataError, EvaluationError, ExportError, NonFiniteLossError, FileNotFoundError)
+
+
 def _one_line(error: BaseException) -> str:
+    """The error's first line; prefixed by its type unless it is one of stratavit's own messages."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return text if isinstance(error, (ConfigError, FileNotFoundError)) and text else f"{type(error).__name__}: {text}"
+    return text if isinstance(error, _USER_ERRORS) and text else f"{type(error).__name__}: {text}".rstrip(": ")
 
 
 def _train(plan: Plan, recipe: str, seed: int, run_dir: Path) -> float:
