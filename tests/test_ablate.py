@@ -252,6 +252,7 @@ BAD_INPUT = [
     ("no seeds", {"--seeds": "0"}, [], None, "--seeds must be at least 1"),
     ("no steps", {"--steps": "0"}, [], None, "--steps 0: give a positive number of optimiser steps"),
     ("out not an ablation", {"--out": "{tmp}"}, [], None, "is not empty and holds no ablation; choose a new or empty --out"),
+    ("out is a file", {"--out": "{tmp}/notes.txt"}, [], None, "--out {tmp}/notes.txt is a file; give a folder"),
 ]
 
 

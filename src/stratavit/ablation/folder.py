@@ -95,6 +95,8 @@ def open_state(root: Path, plan: Plan, overwrite: bool = False) -> State:
             that are not an ablation's.
     """
     folder = AblationFolder(Path(root))
+    if folder.root.exists() and not folder.root.is_dir():
+        raise AblationError(f"--out {root} is a file; give a folder for the ablation")
     if folder.state.exists():
         if overwrite:
             folder.clear()

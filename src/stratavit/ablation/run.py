@@ -140,8 +140,11 @@ def ablate(
     for index, ((recipe, seed), todo) in enumerate(zip(grid, pending), start=1):
         if todo:
             _run_one(state, options, recipe, seed, index, progress)
-        else:
-            progress.line(index, recipe, seed, "trained and evaluated earlier, skipped")
+            continue
+        progress.line(index, recipe, seed, "trained and evaluated earlier, skipped")
+        key = f"{run_label(recipe)}/seed{seed}"
+        if state.runs.get(key, {}).get("status") != "evaluated":  # e.g. finished by a run of an older version
+            state.record(key, status="evaluated", error=None, stage=None)
     values = collect(state.folder, plan)
     return write_report(state.folder, plan, base, values, state.runs)
 
