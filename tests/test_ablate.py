@@ -150,6 +150,7 @@ def test_grid_trained_evaluated_and_reported(fakes, images, tmp_path, capsys):
 def test_rerun_redoes_only_what_is_missing(fakes, images, tmp_path, capsys):
     out = tmp_path / "abl"
     assert main(_args(images, out, seeds=2)) == 0
+    assert "*With 2 seeds the t factor is 12.7, so only large differences are decisive" in (out / "ablation.md").read_text()
     results = {(r, s): out / "runs" / r / f"seed{s}" / "eval" / "results.json" for r in ("mcvt", "mocov3") for s in (0, 1)}
     before = {k: p.stat().st_mtime_ns for k, p in results.items()}
     killed = out / "runs" / "mcvt" / "seed1"  # a run killed before it finished: no run.json, a checkpoint
@@ -269,6 +270,16 @@ def test_bad_input_is_one_line_before_anything_runs(fakes, images, tmp_path, cap
     assert expected.format(tmp=tmp_path, images=images) in line, line
     assert fakes.trained == [] and not (tmp_path / "abl" / "runs").exists()
     assert (tmp_path / "notes.txt").read_text() == "mine"  # nothing of the user's lost
+
+
+def test_damaged_state_file_is_one_line(fakes, images, tmp_path, capsys):
+    out = tmp_path / "abl"
+    out.mkdir()
+    (out / "ablation_plan.json").write_text('{"plan": ')  # cut short
+    assert main(_args(images, out)) == 2
+    assert _error_line(capsys) == (f"stratavit ablate: error: {out / 'ablation_plan.json'} is damaged; pass --overwrite "
+                                   "to start the ablation over (its finished runs are deleted)")
+    assert main(_args(images, out, "--overwrite")) == 0 and len(fakes.trained) == 6
 
 
 def test_budget_and_steps_are_exclusive(images, tmp_path, capsys):
