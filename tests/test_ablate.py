@@ -19,7 +19,7 @@ from PIL import Image
 
 import stratavit.ablation.run as ablation_run
 from stratavit.ablation.metrics import metric, run_metrics
-from stratavit.ablation.plan import Plan, build_plan
+from stratavit.ablation.plan import Plan, budget_words, build_plan
 from stratavit.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -294,6 +294,7 @@ def test_budget_is_passed_as_train_budget_and_named_sets_default_their_test_spli
     assert plan.budget_label == "10 min" and (plan.eval_train, plan.eval_test) == ("cifar10", "cifar10:test")
     assert Plan.from_dict(plan.to_dict()) == plan and Plan.from_dict(plan.to_dict()).fingerprint() == plan.fingerprint()
     assert build_plan(["dino"], 1, "x", budget="2h", steps=None, eval_train="a", eval_test="b").budget_label == "2 h"
+    assert [budget_words(b) for b in ("1h30m", "90s", "0.5h", "900", "soon")] == ["1 h 30 min", "90 s", "0.5 h", "900 s", "soon"]
 
 
 def test_metrics_of_a_real_results_structure():

@@ -31,7 +31,7 @@ _OWN_KEYS = {
     "train.budget": "the equal budget is set by --budget",
 }
 _SPEED_ONLY = {"num_workers"}  # evaluation options that change the speed, never a number: may differ on a re-run
-_UNITS = {"s": "s", "sec": "s", "m": "min", "min": "min", "h": "h"}
+_UNITS = {"s": "s", "m": "min", "h": "h", "d": "d"}  # the duration units of train.budget
 
 
 @dataclass
@@ -119,10 +119,12 @@ def run_label(recipe: str) -> str:
 
 
 def budget_words(budget: str) -> str:
-    """``"10m"`` -> ``"10 min"``, ``"2h"`` -> ``"2 h"``; anything else as given."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]+)\s*", str(budget).lower())
-    if m and m.group(2) in _UNITS:
-        return f"{m.group(1)} {_UNITS[m.group(2)]}"
+    """``"10m"`` -> ``"10 min"``, ``"1h30m"`` -> ``"1 h 30 min"``, ``"900"`` -> ``"900 s"``; anything else as given."""
+    text = str(budget).strip().lower().replace(" ", "")
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        return f"{text} s"
+    if text and re.fullmatch(r"(?:\d+(?:\.\d+)?[smhd])+", text):
+        return " ".join(f"{n} {_UNITS[u]}" for n, u in re.findall(r"(\d+(?:\.\d+)?)([smhd])", text))
     return str(budget)
 
 
