@@ -102,6 +102,33 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from stratavit.ablation.plan import build_plan, route_overrides
+    from stratavit.ablation.run import ablate
+    from stratavit.evaluation.evaluations import option_sections
+    from stratavit.evaluation.options import build_options, parse_overrides
+
+    overrides, eval_overrides = route_overrides(args.eval, args.overrides)
+    flags = {"visuals": False, "dense": {"train": args.dense_train, "val": args.dense_val}}
+    options = build_options(option_sections(), parse_overrides(eval_overrides, flags))
+    plan = build_plan(
+        args.recipes, args.seeds, args.data, budget=args.budget, steps=args.steps, overrides=overrides,
+        eval_train=args.eval_train, eval_test=args.eval_test, eval_options=options.to_dict(),
+    )
+    report = ablate(plan, Path(args.out), base=args.base, overwrite=args.overwrite)
+    for line in report.headlines:
+        print(line)
+    print(f"table:  {report.md}")
+    print(f"values: {report.csv} (long form), {report.json}")
+    if report.png is not None:
+        print(f"plot:   {report.png}")
+    if report.failed:
+        print(f"{len(report.failed)} run(s) failed ({', '.join(report.failed)}); the report lists why. "
+              "Re-run the same command to retry them.", file=sys.stderr)
+        return 1
+    return 0
+
+
 class _TrailingOverrides(argparse.ArgumentParser):
     """A sub-command parser that takes ``key=value`` overrides after the options too.
 
@@ -204,6 +231,33 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=cmd_evaluate)
 
 
+def _add_ablate(sub: argparse._SubParsersAction) -> None:
+    """The ``ablate`` sub-command: recipes × seeds under one budget, evaluated alike, mean ± 95 % interval."""
+    s = sub.add_parser(
+        "ablate",
+        help="equal-budget comparison: train recipes × seeds, evaluate alike, report mean ± 95 %% interval and verdicts",
+    )
+    s.add_argument("--recipes", nargs="+", required=True, metavar="RECIPE", help="recipes to compare (names or YAML files)")
+    s.add_argument("--data", required=True, help="training data: ImageFolder dir or named set (cifar10, ...)")
+    s.add_argument("--out", required=True, help="ablation folder (runs/, ablation.md/.csv/.json/.png, the plan)")
+    budget = s.add_mutually_exclusive_group()
+    budget.add_argument("--budget", help="equal wall time per run, e.g. 15m, 2h (the config key train.budget)")
+    budget.add_argument("--steps", type=int, help="equal optimiser steps per run (train.max_steps)")
+    s.add_argument("--seeds", type=int, default=3, help="seeds per recipe: 0..N-1 (default 3)")
+    s.add_argument("--base", help="the recipe the others are judged against (default: the last of --recipes)")
+    s.add_argument("--eval-train", help="labelled train set of the evaluation (default: --data's named set)")
+    s.add_argument("--eval-test", help="labelled test set of the evaluation (default: --data's named test split)")
+    s.add_argument("--dense-train", help="images/ + masks/ folder for the dense probe (or horses-sample:train)")
+    s.add_argument("--dense-val", help="images/ + masks/ folder the dense probe is scored on (or horses-sample:val)")
+    s.add_argument("--eval", nargs="+", action="extend", default=[], metavar="key=value",
+                   help="evaluation options for every run, e.g. --eval knn.k=20 linear.epochs=50 train_limit=5000 "
+                        "(training keys after it, backbone.* data.* train.* ..., still go to training)")
+    s.add_argument("--overwrite", action="store_true", help="start the ablation in --out over (deletes its runs)")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run, e.g. data.batch_size=128")
+    s.__class__ = _TrailingOverrides  # key=value also after the options
+    s.set_defaults(func=cmd_ablate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stratavit", description="Multi-level self-supervised pre-training of ViTs.")
     p.add_argument("--version", action="version", version=f"stratavit {__version__}")
@@ -227,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_pretrain)
 
     _add_evaluate(sub)
+    _add_ablate(sub)
 
     s = sub.add_parser("compare", help="one table and overlaid plots across evaluated runs")
     s.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
