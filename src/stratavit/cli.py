@@ -25,10 +25,28 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataError, EvaluationError, ExportError, NonFiniteLossError, FileNotFoundError)
 
 
-def _quiet_libraries() -> None:
-    """Keep the terminal for progress bars and our own messages."""
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+_LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning")
+
+
+def _quiet_libraries(verbose: bool = False) -> None:
+    """Keep the terminal for progress bars and our own messages; with ``verbose``, show the
+    libraries' logs once each.
+
+    Lightning sets its loggers to INFO and gives ``lightning`` a console handler of its own *when
+    it is imported*, which the CLI does lazily (only the commands that train load it): so this
+    runs again once it is loaded (:func:`cmd_pretrain`). Its handlers are removed either way (the
+    root handler of :func:`main` shows what passes, once), and quiet, its loggers say only warnings.
+    """
+    for name in _LIGHTNING_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:  # Lightning's own console handler
+                logger.removeHandler(handler)
+        logger.propagate = True
+        if not verbose:
+            logger.setLevel(logging.WARNING)
+    if verbose:
+        return
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
     warnings.filterwarnings("ignore", ".*litlogger.*")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
@@ -53,14 +71,28 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    from stratavit.engine.train import (
-        pretrain,  # Lightning and torch: loaded only for this command
-    )
+def _is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
-    run = RunFolder(pretrain(args.recipe, args.data, args.out, args.overrides, resume=args.resume))
-    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """Train; a SIGINT / SIGTERM stops at a step boundary with a checkpoint, one line says where
+    and how to continue, and the exit code is 128 + the signal (130, 143)."""
+    from stratavit.engine.callbacks.interrupt import TrainingInterrupted
+    from stratavit.engine.train import pretrain  # Lightning and torch: loaded only for this command
+
+    _quiet_libraries(args.verbose)  # again: Lightning's import reset its loggers
+    try:
+        out = pretrain(args.recipe, args.data, args.out, args.overrides, resume=args.resume,
+                       from_previous=args.from_previous, report=lambda line: print(line, flush=True))
+    except TrainingInterrupted as stop:
+        if _is_rank_zero():
+            sys.stdout.flush()
+            print(f"\n{stop.message()}", file=sys.stderr, flush=True)
+        return stop.exit_code
+    if not _is_rank_zero():
         return 0  # the other processes of a multi-process run stay quiet
+    run = RunFolder(out)
     print(f"run folder: {run.root}")
     print(f"backbone:   {run.backbone}")
     return 0
@@ -277,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="ImageFolder directory, or cifar10 / cifar100 / stl10 (downloaded)")
     s.add_argument("--out", required=True, help="run folder")
     s.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.ckpt (required to exist)")
+    s.add_argument("--from-previous", action="store_true",
+                   help="continue from RUN_DIR/checkpoints/previous.ckpt, the checkpoint before last.ckpt (when that is damaged)")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=2")
     s.set_defaults(func=cmd_pretrain)
 
@@ -323,8 +357,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as e:
         print(f"stratavit {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; continue with the same command (it resumes from the last checkpoint)", file=sys.stderr)
+    except KeyboardInterrupt:  # outside training (which stops on a signal by itself): while loading, exporting, ...
+        print(f"\nstratavit {args.command}: interrupted; run the same command again "
+              "(a run folder with a checkpoint continues from it)", file=sys.stderr)
         return 130
 
 

@@ -132,7 +132,11 @@ class DataConfig:
     """Download/cache folder for named sets (default ~/.cache/stratavit)."""
     batch_size: int = 256
     """Per-process batch size."""
-    num_workers: int = 4
+    num_workers: int | Literal["auto"] = "auto"
+    """Loader worker processes per training process. ``auto``: picked on the machine that runs,
+    min(8, usable cores per process − 1), at least 0 (:func:`stratavit.engine.data.resolve_num_workers`);
+    ``config.yaml`` keeps ``auto`` (a run continued elsewhere picks again: data order and views do
+    not depend on it) and ``environment.json`` records the number each start used."""
     limit: int | None = None
     """Train on a fixed random subset of this many images (seeded by train.seed)."""
     allow_upsampling: bool = False
@@ -158,6 +162,15 @@ class TrainConfig:
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int | None = None
     """Also checkpoint every N steps (``last.ckpt`` is always written at epoch ends)."""
+    checkpoint_every_minutes: float | None = 30.0
+    """Also checkpoint when this many minutes of wall-clock time have passed since the last
+    checkpoint (checked at step boundaries, agreed by all processes), so a kill loses at most about
+    this much work even in long epochs; ``null`` turns it off. A SIGINT (Ctrl-C) or SIGTERM
+    (SLURM pre-emption) always stops the run at the next step boundary with a checkpoint."""
+    loggers: list[Literal["csv", "tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["csv"])
+    """Where training metrics go. ``metrics.csv`` (``csv``) is always written: it is the run
+    folder's record. Add ``tensorboard`` (``RUN_DIR/tensorboard/``), ``wandb`` or ``mlflow``
+    (their packages must be installed; see README § Loggers)."""
     max_nonfinite_steps: int = 20
     """Stop the run after this many consecutive steps with a non-finite loss."""
     progress_bar: bool = True
@@ -370,6 +383,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.epochs must be >= 1")
     if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
         raise ConfigError("train.max_steps must be >= 1 (or null)")
+    if cfg.train.checkpoint_every_minutes is not None and cfg.train.checkpoint_every_minutes <= 0:
+        raise ConfigError("train.checkpoint_every_minutes must be > 0 (or null to checkpoint only by steps and epochs)")
+    if isinstance(cfg.data.num_workers, int) and cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0 or 'auto', got {cfg.data.num_workers}")
     if not 0 <= cfg.teacher.momentum <= 1 or not 0 <= cfg.teacher.momentum_end <= 1:
         raise ConfigError("teacher.momentum and teacher.momentum_end must be in [0, 1]")
     if cfg.optim.base_lr <= 0:

@@ -5,6 +5,7 @@
     RUN_DIR/config.yaml              resolved config (written once the settings are known to work)
     RUN_DIR/metrics.csv              one row per logged step
     RUN_DIR/checkpoints/last.ckpt    Lightning checkpoint, the resume point
+    RUN_DIR/checkpoints/previous.ckpt  the checkpoint before it (the fallback if last.ckpt is damaged)
     RUN_DIR/backbone.safetensors     teacher backbone in timm format (on completion)
     RUN_DIR/run.json                 summary: steps, wall time, throughput, skipped images and steps
     RUN_DIR/environment.json         provenance: one entry per start or resume
@@ -26,6 +27,7 @@ CONFIG = "config.yaml"
 METRICS = "metrics.csv"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
+PREVIOUS_CHECKPOINT = "previous.ckpt"
 BACKBONE = "backbone.safetensors"
 SUMMARY = "run.json"
 ENVIRONMENT = "environment.json"
@@ -57,6 +59,10 @@ class RunFolder:
     @property
     def checkpoint(self) -> Path:
         return self.root / CHECKPOINT_DIR / LAST_CHECKPOINT
+
+    @property
+    def previous_checkpoint(self) -> Path:
+        return self.root / CHECKPOINT_DIR / PREVIOUS_CHECKPOINT
 
     @property
     def backbone(self) -> Path:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import signal
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -36,12 +40,61 @@ def _check_size(n: int, cfg: Config) -> None:
         )
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: taskset, cgroup cpusets, SLURM)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_num_workers(cfg: Config) -> int:
+    """``data.num_workers`` as a number: itself, or for ``auto`` min(8, cores per training process
+    − 1), at least 0 (one core per process stays with the training loop itself)."""
+    n = cfg.data.num_workers
+    if n != "auto":
+        return int(n)
+    processes = max(1, int(cfg.train.devices)) if isinstance(cfg.train.devices, int) else 1
+    return max(0, min(8, usable_cores() // processes - 1))
+
+
+def with_num_workers(cfg: Config) -> Config:
+    """A copy of ``cfg`` whose ``data.num_workers`` is the number :func:`resolve_num_workers` picks."""
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=resolve_num_workers(cfg)))
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGINT and SIGTERM to the training process, which stops at a step
+    boundary (:mod:`stratavit.engine.callbacks.interrupt`) and then ends them; killed by the
+    Ctrl-C or SIGTERM that reaches the whole process group, they would take that step with them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def ignore_stop_signals(loader: DataLoader) -> DataLoader:
+    """Make ``loader``'s workers ignore SIGINT and SIGTERM (before its own ``worker_init_fn``)."""
+    inner: Callable[[int], Any] | None = loader.worker_init_fn
+
+    def init(worker_id: int) -> None:
+        _ignore_stop_signals(worker_id)
+        if inner is not None:
+            inner(worker_id)
+
+    loader.worker_init_fn = init if inner is not None else _ignore_stop_signals
+    return loader
+
+
 def build_train_loader(cfg: Config, patch_size: int, skip_log: Path | None = None) -> DataLoader:
     """Multi-crop training loader: batches are :class:`~stratavit.data.views.MultiViewBatch`.
 
     Unreadable images are skipped; with ``skip_log`` their paths are appended to that file by
-    whichever process (loader worker) met them.
+    whichever process (loader worker) met them. ``data.num_workers=auto`` is resolved here
+    (:func:`resolve_num_workers`); the workers ignore SIGINT and SIGTERM (:func:`ignore_stop_signals`).
     """
+    return ignore_stop_signals(_train_loader(with_num_workers(cfg), patch_size, skip_log))
+
+
+def _train_loader(cfg: Config, patch_size: int, skip_log: Path | None) -> DataLoader:
     if cfg.data.path is None:
         raise ConfigError("no training data: pass --data DIR (an ImageFolder directory) or a named set such as cifar10")
     transform = MultiCropTransform(cfg.views, patch_size)
@@ -63,9 +116,9 @@ def build_train_loader(cfg: Config, patch_size: int, skip_log: Path | None = Non
         batch_size=cfg.data.batch_size,
         sampler=ResumableSampler(n, cfg.train.seed, cfg.data.batch_size),
         drop_last=True,
-        num_workers=cfg.data.num_workers,
+        num_workers=int(cfg.data.num_workers),
         collate_fn=collate_views,
-        persistent_workers=cfg.data.num_workers > 0,
+        persistent_workers=int(cfg.data.num_workers) > 0,
         pin_memory=torch.cuda.is_available(),
     )
 

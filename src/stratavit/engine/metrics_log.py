@@ -1,14 +1,19 @@
-"""CSV metrics logger that appends to the run's ``metrics.csv`` when a run continues.
+"""``metrics.csv``: the CSV logger that appends when a run continues, and which steps it gets.
 
 Lightning's CSVLogger deletes an existing ``metrics.csv`` when it starts; a resumed run must keep
 the rows written before the checkpoint (rows after it are dropped by :func:`stratavit.engine.resume.truncate_metrics`).
+Every logged row is written at once (a run's progress can be followed in the file, and a killed
+run loses no row it logged). :class:`LogEndSteps` makes the first step, the last one and the step
+a signal stopped the run at logged rows whatever ``train.log_every_n_steps`` is.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+from typing import Any
 
+import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
@@ -44,7 +49,7 @@ class RunCSVLogger(CSVLogger):
     """``CSVLogger`` writing ``RUN_DIR/metrics.csv`` and appending across resumes."""
 
     def __init__(self, run_dir: str) -> None:
-        super().__init__(save_dir=run_dir, name="", version="")
+        super().__init__(save_dir=run_dir, name="", version="", flush_logs_every_n_steps=1)
 
     @property
     def experiment(self) -> ExperimentWriter:  # type: ignore[override]
@@ -52,3 +57,51 @@ class RunCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+class LogEndSteps(L.Callback):
+    """Has Lightning write the metrics of the run's first step, of its last planned step and of
+    the step a signal stops it after, on top of every ``log_every_n_steps``-th.
+
+    Lightning writes a step's metrics after the callbacks' ``on_train_batch_end`` when
+    ``trainer.log_every_n_steps`` divides it; here, for the chosen steps, that interval is 1 until
+    the next batch starts. Place it after the collapse monitor, which reads the same interval and
+    keeps its own schedule, and after ``stop`` (the checkpoint callback, whose ``stopping`` says a
+    stop was agreed at this step).
+
+    Args:
+        stop: an object with a ``stopping`` attribute, non-zero once the run stops after this step.
+    """
+
+    def __init__(self, stop: Any = None) -> None:
+        self.stop = stop
+        self.planned_steps: int | None = None
+        """The run's steps in all (``train.max_steps`` or epochs x batches), known once training starts."""
+        self._interval: int | None = None  # the configured interval while it is overridden
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        planned = trainer.estimated_stepping_batches
+        self.planned_steps = int(planned) if planned != float("inf") else None
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = int(trainer.global_step) - 1  # the optimiser step that just ran
+        stopping = bool(getattr(self.stop, "stopping", 0))
+        if trainer.log_every_n_steps < 1:  # logging turned off
+            return
+        last = self.planned_steps is not None and step + 1 >= self.planned_steps
+        if (step == 0 or last or stopping) and self._interval is None:
+            self._interval = trainer.log_every_n_steps
+            trainer.log_every_n_steps = 1
+
+    def _restore(self, trainer: L.Trainer) -> None:
+        if self._interval is not None:
+            trainer.log_every_n_steps = self._interval
+            self._interval = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._restore(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore(trainer)

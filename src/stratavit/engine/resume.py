@@ -1,4 +1,10 @@
-"""Starting or continuing a run in a run folder: its config, and where a continued run resumes."""
+"""Starting or continuing a run in a run folder: its config, and where a continued run resumes.
+
+A continued run starts from ``checkpoints/last.ckpt``, or with ``from_previous`` from
+``checkpoints/previous.ckpt`` (the one before it, kept by
+:func:`stratavit.engine.callbacks.checkpoint.save_atomically`): the way on when ``last.ckpt`` is
+damaged, which :func:`read_resume_point` reports in one line naming that command.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -19,14 +25,17 @@ from stratavit.run_folder import RunFolder
 
 
 def resolve_run_config(
-    run_dir: Path, recipe: str | None, overrides: Sequence[str], resume: bool
+    run_dir: Path, recipe: str | None, overrides: Sequence[str], resume: bool, from_previous: bool = False
 ) -> tuple[Config, bool]:
     """The config of a new run, or of the run in ``run_dir`` continued (with ``overrides`` on top).
 
     Returns ``(config, resuming)``.
     """
     run = RunFolder(run_dir)
-    if run.checkpoint.exists() and run.config.exists():
+    if from_previous and not (run.previous_checkpoint.exists() and run.config.exists()):
+        raise ConfigError(f"--from-previous: there is no earlier checkpoint to continue from ({run.previous_checkpoint} "
+                          "does not exist); drop --from-previous")
+    if (run.checkpoint.exists() or from_previous) and run.config.exists():
         cfg = load_config_file(run.config)
         if recipe is not None and recipe != cfg.recipe:
             raise ConfigError(
@@ -76,10 +85,45 @@ class ResumePoint:
     """``(epoch, batches of it done)``; None for checkpoints from before it was recorded."""
 
 
-def read_resume_point(run: RunFolder, cfg: Config) -> ResumePoint:
-    """The run's ``last.ckpt`` as a :class:`ResumePoint`; ConfigError if ``cfg`` ends before it."""
-    state = torch.load(run.checkpoint, map_location="cpu", weights_only=True)
-    point = ResumePoint(run.checkpoint, int(state.get("global_step", 0)), int(state.get("epoch", 0)), data_position(state))
+def _load_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's contents, memory-mapped (nothing big is read); raises what ``torch.load`` raises."""
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(state, dict) or "global_step" not in state:
+        raise ValueError("not a stratavit training checkpoint")
+    return state
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint holds, or None if it cannot be read."""
+    try:
+        return int(_load_state(path)["global_step"])
+    except Exception:
+        return None
+
+
+def damaged_message(run: RunFolder, path: Path, error: BaseException) -> str:
+    """One line: ``path`` (the checkpoint a continued run needs) cannot be read, it is kept, and the
+    command that goes on: from ``previous.ckpt`` when that one reads, else a new folder."""
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    head = f"{path} is damaged ({reason}); it is kept as is. "
+    if path == run.checkpoint and run.previous_checkpoint.exists():
+        step = checkpoint_step(run.previous_checkpoint)
+        if step is not None:
+            return (head + f"Continue from the checkpoint before it (step {step}) with: "
+                    f"stratavit pretrain --out {run.root} --from-previous")
+    return (head + "There is no earlier checkpoint to go back to: start over in a new folder with: "
+            f"stratavit pretrain --recipe {run.config} --out NEW_RUN_DIR")
+
+
+def read_resume_point(run: RunFolder, cfg: Config, from_previous: bool = False) -> ResumePoint:
+    """The run's ``last.ckpt`` (or ``previous.ckpt``) as a :class:`ResumePoint`; ConfigError if it
+    cannot be read (:func:`damaged_message`) or if ``cfg`` ends before it."""
+    path = run.previous_checkpoint if from_previous else run.checkpoint
+    try:
+        state = _load_state(path)
+    except Exception as e:  # truncated, not a zip, not a checkpoint, unreadable
+        raise ConfigError(damaged_message(run, path, e)) from None
+    point = ResumePoint(path, int(state.get("global_step", 0)), int(state.get("epoch", 0)), data_position(state))
     del state
     t = cfg.train
     if point.epoch > t.epochs or (t.max_steps is not None and point.step > t.max_steps):
@@ -91,11 +135,21 @@ def read_resume_point(run: RunFolder, cfg: Config) -> ResumePoint:
     return point
 
 
-def prepare_resume(run: RunFolder, cfg: Config, loader: DataLoader) -> ResumePoint:
-    """Continue the run in ``run``: drop the metrics rows written after its checkpoint and move the
-    loader to the checkpoint's data position (the same batches, in the same order, as the
-    uninterrupted run)."""
-    point = read_resume_point(run, cfg)
+SET_ASIDE = "last.ckpt.set-aside"
+"""Where ``--from-previous`` moves ``last.ckpt`` (beside it) before the run continues from ``previous.ckpt``."""
+
+
+def set_aside_last(run: RunFolder, point: ResumePoint) -> None:
+    """Continuing from ``previous.ckpt``: move ``last.ckpt`` aside (:data:`SET_ASIDE`), so that the
+    next checkpoint does not make it the new ``previous.ckpt``. Call it just before training."""
+    if point.checkpoint == run.previous_checkpoint and run.checkpoint.exists():
+        os.replace(run.checkpoint, run.checkpoint.with_name(SET_ASIDE))
+
+
+def prepare_resume(run: RunFolder, point: ResumePoint, loader: DataLoader) -> ResumePoint:
+    """Continue the run in ``run`` from ``point``: drop the metrics rows written after its
+    checkpoint and move the loader to the checkpoint's data position (the same batches, in the same
+    order, as the uninterrupted run)."""
     truncate_metrics(run.metrics, point.step)
     resume_data = getattr(loader.sampler, "resume", None)  # ResumableSampler, or the shard loader's hook
     if point.position is not None and callable(resume_data):
