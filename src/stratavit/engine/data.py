@@ -63,24 +63,29 @@ def with_num_workers(cfg: Config) -> Config:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=resolve_num_workers(cfg)))
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers leave SIGINT and SIGTERM to the training process, which stops at a step
-    boundary (:mod:`stratavit.engine.callbacks.interrupt`) and then ends them; killed by the
-    Ctrl-C or SIGTERM that reaches the whole process group, they would take that step with them."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+class _IgnoreStopSignals:
+    """A loader's ``worker_init_fn``: the worker ignores SIGINT and SIGTERM, then runs ``inner``.
+
+    The training process stops at a step boundary on those signals
+    (:mod:`stratavit.engine.callbacks.interrupt`) and then ends its workers; killed by the Ctrl-C or
+    SIGTERM that reaches the whole process group, they would take that step with them. A class,
+    not a closure: spawned (and, from Python 3.14, forkserver) workers receive it pickled.
+    """
+
+    def __init__(self, inner: Callable[[int], Any] | None = None) -> None:
+        self.inner = inner
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if self.inner is not None:
+            self.inner(worker_id)
 
 
 def ignore_stop_signals(loader: DataLoader) -> DataLoader:
     """Make ``loader``'s workers ignore SIGINT and SIGTERM (before its own ``worker_init_fn``)."""
-    inner: Callable[[int], Any] | None = loader.worker_init_fn
-
-    def init(worker_id: int) -> None:
-        _ignore_stop_signals(worker_id)
-        if inner is not None:
-            inner(worker_id)
-
-    loader.worker_init_fn = init if inner is not None else _ignore_stop_signals
+    if not isinstance(loader.worker_init_fn, _IgnoreStopSignals):
+        loader.worker_init_fn = _IgnoreStopSignals(loader.worker_init_fn)
     return loader
 
 

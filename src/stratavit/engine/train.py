@@ -291,7 +291,8 @@ def _check_trainer(cfg: Config, run: RunFolder, callbacks: list[Any]) -> L.Train
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(
             f"train.accelerator={t.accelerator} train.devices={t.devices} train.num_nodes={t.num_nodes} "
-            f"train.strategy={t.strategy} train.precision={t.precision} cannot run here: {first}"
+            f"train.strategy={t.strategy} train.precision={t.precision} cannot run on this machine ({first}); "
+            "change them (train.accelerator=auto train.devices=1 train.strategy=auto train.precision=auto run anywhere)"
         ) from None
 
 
