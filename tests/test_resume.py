@@ -311,14 +311,15 @@ def test_sigkill_and_resume_continues_the_uninterrupted_loss_curve(tmp_path, cif
     assert proc.returncode == -signal.SIGKILL
     killed_at = torch.load(ckpt, weights_only=True)["global_step"]  # complete and loadable
     assert wait_for <= killed_at < STEPS
-    assert set(os.listdir(ckpt.parent)) <= {"last.ckpt", "last.ckpt.tmp"}  # .tmp only if killed mid-write
+    # .tmp only if killed mid-write; previous.ckpt: the checkpoint before last.ckpt
+    assert {"last.ckpt"} <= set(os.listdir(ckpt.parent)) <= {"last.ckpt", "last.ckpt.tmp", "previous.ckpt", "previous.ckpt.tmp"}
     assert [int(r["step"]) for r in _rows(run / "metrics.csv")][:killed_at] == list(range(killed_at))
 
     res = subprocess.run([*_cli(), "pretrain", "--out", str(run), "--resume"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = _rows(run / "metrics.csv")
     assert [int(r["step"]) for r in rows] == list(range(STEPS))  # no gap, no duplicate
-    assert os.listdir(ckpt.parent) == ["last.ckpt"]
+    assert sorted(os.listdir(ckpt.parent)) == ["last.ckpt", "previous.ckpt"]  # stale temporary files removed
     assert torch.load(ckpt, weights_only=True)["global_step"] == STEPS
     # On one machine and torch version the resumed run is bitwise the uninterrupted one (same data
     # order, same views, same drop-path draws, teacher and optimiser state); 1e-6 leaves room only

@@ -97,6 +97,15 @@ class TrainingInterrupted(BaseException):
         return f"stopped by {name} at step {self.step}, {kept} ({self.checkpoint}); continue with: stratavit pretrain --out {run}"
 
 
+def launched_as_rank_zero() -> bool:
+    """Whether the launcher's environment makes this process the first (or only) one."""
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        value = os.environ.get(key)
+        if value is not None and value.strip().isdigit():
+            return int(value) == 0
+    return True
+
+
 def _write_stderr(text: str) -> None:
     """Write to file descriptor 2 directly: safe inside a signal handler, even while the main
     thread is in the middle of writing to ``sys.stderr`` (the progress bar)."""
@@ -115,7 +124,9 @@ class StopSignals:
     the signals.
     """
 
-    def __init__(self, verbose_notice: bool = True) -> None:
+    def __init__(self, verbose_notice: bool | None = None) -> None:
+        """``verbose_notice``: print a notice on the first signal; None: on the first process of
+        a multi-process run only (by the launcher's ``RANK`` / ``LOCAL_RANK`` / ``SLURM_PROCID``)."""
         self.received = 0
         self.count = 0
         self.saving = False
@@ -124,7 +135,7 @@ class StopSignals:
         """Steps done, kept current by the checkpoint callback (for the forced stop's message)."""
         self.checkpoint: Path | None = None
         self.checkpoint_step: int | None = None
-        self.notice = verbose_notice
+        self.notice = launched_as_rank_zero() if verbose_notice is None else verbose_notice
         self._pid = os.getpid()
         self._previous: dict[int, Any] = {}
 
@@ -138,8 +149,8 @@ class StopSignals:
         if self.count == 1:
             self.received = signum
             if self.notice:
-                _write_stderr(f"\n{signal_name(signum)}: stopping after the current step to save a checkpoint "
-                              "(press Ctrl-C again to stop at once, without it)\n")
+                again = " (Ctrl-C again stops at once, without it)" if signum == signal.SIGINT else ""
+                _write_stderr(f"\n{signal_name(signum)}: stopping after the current step to save a checkpoint{again}\n")
             return
         if self.saving and self.count == 2:
             _write_stderr(f"\n{signal_name(signum)}: still writing the checkpoint; again to abandon it "
@@ -183,4 +194,4 @@ class ReclaimSigterm(L.Callback):
             signal.signal(signal.SIGTERM, self.signals.handle)
 
 
-__all__ = ["STOP_SIGNALS", "ReclaimSigterm", "StopSignals", "TrainingInterrupted", "signal_name"]
+__all__ = ["STOP_SIGNALS", "ReclaimSigterm", "StopSignals", "TrainingInterrupted", "launched_as_rank_zero", "signal_name"]
