@@ -196,7 +196,13 @@ def _agree_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def test_processes_agree_on_a_signal_only_one_of_them_received(tmp_path):
-    mp.spawn(_agree_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    fork = mp.get_context("fork")  # (spawn would import this module again in each process: seconds)
+    procs = [fork.Process(target=_agree_worker, args=(r, str(tmp_path / "init"), str(tmp_path))) for r in (0, 1)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+    assert [proc.exitcode for proc in procs] == [0, 0]
     assert [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)] == [[15, 1], [15, 1]]
 
 

@@ -76,20 +76,13 @@ def _is_rank_zero() -> bool:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    """Train; a SIGINT / SIGTERM stops at a step boundary with a checkpoint, one line says where
-    and how to continue, and the exit code is 128 + the signal (130, 143)."""
-    from stratavit.engine.callbacks.interrupt import TrainingInterrupted
+    """Train. A SIGINT / SIGTERM stops the run at a step boundary with a checkpoint and raises
+    ``TrainingInterrupted``, which :func:`main` reports in one line (exit code 130 / 143)."""
     from stratavit.engine.train import pretrain  # Lightning and torch: loaded only for this command
 
     _quiet_libraries(args.verbose)  # again: Lightning's import reset its loggers
-    try:
-        out = pretrain(args.recipe, args.data, args.out, args.overrides, resume=args.resume,
-                       from_previous=args.from_previous, report=lambda line: print(line, flush=True))
-    except TrainingInterrupted as stop:
-        if _is_rank_zero():
-            sys.stdout.flush()
-            print(f"\n{stop.message()}", file=sys.stderr, flush=True)
-        return stop.exit_code
+    out = pretrain(args.recipe, args.data, args.out, args.overrides, resume=args.resume,
+                   from_previous=args.from_previous, report=lambda line: print(line, flush=True))
     if not _is_rank_zero():
         return 0  # the other processes of a multi-process run stay quiet
     run = RunFolder(out)
@@ -348,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from stratavit.engine.callbacks.interrupt import TrainingInterrupted  # no Lightning in it
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
@@ -357,6 +352,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as e:
         print(f"stratavit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stop:  # SIGINT / SIGTERM stopped training at a step, with a checkpoint
+        if _is_rank_zero():
+            again = f"stratavit demo --out {args.out}" if args.command == "demo" else None
+            print(f"\n{stop.message(again)}", file=sys.stderr, flush=True)
+        return stop.exit_code
     except KeyboardInterrupt:  # outside training (which stops on a signal by itself): while loading, exporting, ...
         print(f"\nstratavit {args.command}: interrupted; run the same command again "
               "(a run folder with a checkpoint continues from it)", file=sys.stderr)

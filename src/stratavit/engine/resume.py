@@ -139,19 +139,20 @@ SET_ASIDE = "last.ckpt.set-aside"
 """Where ``--from-previous`` moves ``last.ckpt`` (beside it) before the run continues from ``previous.ckpt``."""
 
 
-def set_aside_last(run: RunFolder, point: ResumePoint) -> None:
-    """Continuing from ``previous.ckpt``: move ``last.ckpt`` aside (:data:`SET_ASIDE`), so that the
-    next checkpoint does not make it the new ``previous.ckpt``. Call it just before training."""
-    if point.checkpoint == run.previous_checkpoint and run.checkpoint.exists():
-        os.replace(run.checkpoint, run.checkpoint.with_name(SET_ASIDE))
-
-
-def prepare_resume(run: RunFolder, point: ResumePoint, loader: DataLoader) -> ResumePoint:
-    """Continue the run in ``run`` from ``point``: drop the metrics rows written after its
-    checkpoint and move the loader to the checkpoint's data position (the same batches, in the same
-    order, as the uninterrupted run)."""
-    truncate_metrics(run.metrics, point.step)
+def prepare_resume(point: ResumePoint, loader: DataLoader) -> ResumePoint:
+    """Move the loader to the checkpoint's data position: the same batches, in the same order, as
+    the uninterrupted run. Changes nothing on disk (see :func:`begin_resume`)."""
     resume_data = getattr(loader.sampler, "resume", None)  # ResumableSampler, or the shard loader's hook
     if point.position is not None and callable(resume_data):
         resume_data(*point.position)
     return point
+
+
+def begin_resume(run: RunFolder, point: ResumePoint) -> None:
+    """The changes a continued run makes to its folder, once every check has passed (just before
+    training): drop the ``metrics.csv`` rows written after its checkpoint and, continuing from
+    ``previous.ckpt``, move ``last.ckpt`` aside (:data:`SET_ASIDE`), so that the next checkpoint
+    does not make it the new ``previous.ckpt``."""
+    if point.checkpoint == run.previous_checkpoint and run.checkpoint.exists():
+        os.replace(run.checkpoint, run.checkpoint.with_name(SET_ASIDE))
+    truncate_metrics(run.metrics, point.step)

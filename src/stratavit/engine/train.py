@@ -36,22 +36,23 @@ from stratavit.data.datasets import Indexed, bad_files
 from stratavit.engine.callbacks.checkpoint import (
     BatchSeed,
     LastCheckpoint,
+    ReclaimSigterm,
     save_atomically,
 )
 from stratavit.engine.callbacks.collapse import CollapseCallback
 from stratavit.engine.callbacks.console import StartLine
 from stratavit.engine.callbacks.dataset_pass import DatasetPass, dataset_pass_objectives
-from stratavit.engine.callbacks.interrupt import ReclaimSigterm, StopSignals, TrainingInterrupted, signal_name
+from stratavit.engine.callbacks.interrupt import StopSignals, TrainingInterrupted, signal_name
 from stratavit.engine.data import build_train_loader, dataset_pass_images, resolve_num_workers
 from stratavit.engine.loggers import build_loggers, check_loggers
 from stratavit.engine.metrics_log import LogEndSteps
 from stratavit.engine.module import PretrainModule
 from stratavit.engine.resume import (
     ResumePoint,
+    begin_resume,
     prepare_resume,
     read_resume_point,
     resolve_run_config,
-    set_aside_last,
 )
 from stratavit.engine.sync_batchnorm import convert_sync_batchnorm_cpu
 from stratavit.provenance import environment, record_environment
@@ -333,7 +334,7 @@ def pretrain(
         module = build_module(cfg)
         loader = build_train_loader(cfg, module.backbone.patch_size, skip_log=run.skipped)
         check_data(module, loader)
-        start = prepare_resume(run, point, loader) if point is not None else None
+        start = prepare_resume(point, loader) if point is not None else None
         extra = [*callbacks, *([StartLine(report, cfg.recipe, _images(loader), run.root, point.step if point else 0)] if report else [])]
         trainer = _check_trainer(cfg, run, engine_callbacks(cfg, run, module, extra, signals))
     run.config.write_text(dump_yaml(cfg))  # only once the settings are known to work
@@ -343,8 +344,8 @@ def pretrain(
             accelerator=type(trainer.accelerator).__name__, precision=str(trainer.precision),
             data_workers=resolve_num_workers(cfg), from_checkpoint=str(point.checkpoint) if point else None,
         ))
-    if point is not None:
-        set_aside_last(run, point)
+    if point is not None and trainer.is_global_zero:
+        begin_resume(run, point)  # the first change to a continued run's folder
     wall, stopped = fit(trainer, module, loader, start, signals)
     finish(trainer, module, loader, run, cfg, start, wall, stopped)
     if stopped is not None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -249,6 +251,19 @@ class LastCheckpoint(L.Callback):
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         self._position = data_position(checkpoint) or self._position
         self._saved(int(checkpoint.get("global_step", 0)))
+
+
+class ReclaimSigterm(L.Callback):
+    """Puts :class:`~stratavit.engine.callbacks.interrupt.StopSignals`' handler back on SIGTERM once
+    Lightning has installed its own (``on_train_start`` is the first hook after it; see
+    :mod:`stratavit.engine.callbacks.interrupt`)."""
+
+    def __init__(self, signals: StopSignals) -> None:
+        self.signals = signals
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.signals.handle)
 
 
 class BatchSeed(L.Callback):

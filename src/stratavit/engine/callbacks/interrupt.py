@@ -1,7 +1,8 @@
 """SIGINT (Ctrl-C) and SIGTERM (SLURM pre-emption, ``kill``): stop at a step boundary with a checkpoint.
 
 :class:`StopSignals` catches the two signals for the duration of ``trainer.fit`` (as a context
-manager) and only *records* the first one; :class:`~stratavit.engine.callbacks.checkpoint.LastCheckpoint`
+manager) and only *records* the first one (this module imports no Lightning: the CLI reads
+:class:`TrainingInterrupted` cheaply); :class:`~stratavit.engine.callbacks.checkpoint.LastCheckpoint`
 reads it at every step boundary, the processes agree on it (one may be signalled alone), and all
 of them write the checkpoint and raise :class:`TrainingInterrupted`, which ends ``trainer.fit``
 like any exception (Lightning runs its ``on_exception`` hooks and tears down) and which
@@ -21,8 +22,9 @@ signal_connector._SignalConnector``, Lightning 2.6):
   after the current batch, i.e. *before* the step is complete (the EMA update and the step
   checkpoint come at the next batch start) and on the signalled process only. So in
   ``on_train_start`` we put our handler back for SIGTERM, replacing Lightning's (its composed
-  handler would also call ours, but the exception would still come). Lightning restores the
-  handlers it found (ours) when ``fit`` ends, and we restore the ones before ``fit``.
+  handler would also call ours, but the exception would still come):
+  :class:`~stratavit.engine.callbacks.checkpoint.ReclaimSigterm`. Lightning restores the handlers
+  it found (ours) when ``fit`` ends, and we restore the ones before ``fit``.
 * SIGINT: Lightning installs no handler; Python's default raises ``KeyboardInterrupt`` wherever
   the main thread is, which Lightning catches as "Detected KeyboardInterrupt" and ``sys.exit(1)``
   without a checkpoint. Ours replaces it for the whole of ``fit``.
@@ -44,8 +46,6 @@ import threading
 from pathlib import Path
 from types import FrameType
 from typing import Any
-
-import lightning as L
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -83,10 +83,12 @@ class TrainingInterrupted(BaseException):
         """128 + the signal number, what a shell reports for a process the signal ended (130, 143)."""
         return 128 + self.signum
 
-    def message(self) -> str:
-        """One line: where the run stopped, what is kept and the command that continues it."""
+    def message(self, continue_with: str | None = None) -> str:
+        """One line: where the run stopped, what is kept and the command that continues it
+        (``continue_with``, by default ``stratavit pretrain --out RUN_DIR``)."""
         name = signal_name(self.signum)
         run = str(self.run_dir) if self.run_dir is not None else "RUN_DIR"
+        command = continue_with or f"stratavit pretrain --out {run}"
         if self.checkpoint is None or self.checkpoint_step is None:
             return (f"stopped by {name} at step {self.step}, before any checkpoint: nothing to continue from; "
                     "run the same command again to start over")
@@ -94,7 +96,7 @@ class TrainingInterrupted(BaseException):
             kept = f"checkpoint saved at step {self.step}"
         else:
             kept = f"without a new checkpoint; the one at step {self.checkpoint_step} is kept"
-        return f"stopped by {name} at step {self.step}, {kept} ({self.checkpoint}); continue with: stratavit pretrain --out {run}"
+        return f"stopped by {name} at step {self.step}, {kept} ({self.checkpoint}); continue with: {command}"
 
 
 def launched_as_rank_zero() -> bool:
@@ -182,16 +184,4 @@ class StopSignals:
         self.restore()
 
 
-class ReclaimSigterm(L.Callback):
-    """Puts :class:`StopSignals`' handler back on SIGTERM once Lightning has installed its own
-    (``on_train_start`` is the first hook after it; see the module docstring)."""
-
-    def __init__(self, signals: StopSignals) -> None:
-        self.signals = signals
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self.signals.handle)
-
-
-__all__ = ["STOP_SIGNALS", "ReclaimSigterm", "StopSignals", "TrainingInterrupted", "launched_as_rank_zero", "signal_name"]
+__all__ = ["STOP_SIGNALS", "StopSignals", "TrainingInterrupted", "launched_as_rank_zero", "signal_name"]
