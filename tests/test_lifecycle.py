@@ -148,6 +148,40 @@ def test_the_first_signal_asks_the_second_stops_and_a_save_in_progress_waits_for
     assert fresh.exit_code == 130 and "nothing to continue from" in fresh.message()
 
 
+class _CtrlC(L.Callback):
+    """Presses Ctrl-C ``times`` times after step ``at_step`` (signals to this very process)."""
+
+    def __init__(self, at_step: int, times: int) -> None:
+        self.at_step, self.times = at_step, times
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.at_step:
+            for _ in range(self.times):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # each is handled before the next (the handler runs between bytecodes)
+
+
+def test_a_second_ctrl_c_stops_at_once_keeping_the_last_checkpoint(tmp_path, cifar_train, capfd):
+    run = tmp_path / "run"
+    over = [*TINY, *MOCO, "data.limit=64", "train.epochs=2", "train.checkpoint_every_n_steps=2"]  # 8 steps
+    with pytest.raises(TrainingInterrupted) as stop:
+        pretrain("mocov3", str(cifar_train), run, over, callbacks=[_CtrlC(3, 2)])
+    assert stop.value.exit_code == 130 and stop.value.step == 3 and stop.value.checkpoint_step == 2
+    assert stop.value.message() == ("stopped by SIGINT at step 3, without a new checkpoint; the one at step 2 is kept "
+                                    f"({run / 'checkpoints' / 'last.ckpt'}); continue with: stratavit pretrain --out {run}")
+    assert "SIGINT: stopping after the current step" in capfd.readouterr().err  # the first press, acknowledged
+    assert _state(run / "checkpoints" / "last.ckpt")["global_step"] == 2
+    assert json.loads((run / "run.json").read_text())["stopped_by"] == "SIGINT"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own handler is back
+    # one press: stops after the step, with its checkpoint
+    with pytest.raises(TrainingInterrupted) as stop:
+        pretrain(out=run, callbacks=[_CtrlC(5, 1)])
+    assert stop.value.step == stop.value.checkpoint_step == 6  # pressed during step 5's end: stops after step 6
+    assert _state(run / "checkpoints" / "last.ckpt")["global_step"] == 6
+    pretrain(out=run)
+    assert _steps(run / "metrics.csv") == list(range(8))
+
+
 def test_stop_signals_install_and_restore_the_handlers():
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with StopSignals(verbose_notice=False) as signals:
@@ -361,6 +395,16 @@ def test_first_and_last_steps_are_logged_and_run_json_counts_epochs(tmp_path, ci
     summary = json.loads((crash / "run.json").read_text())
     assert summary["epochs"] == 1.0 and summary["epochs_completed"] == 1 and summary["finished"] is True
     assert summary["resumed"] is True and summary["planned_steps"] == 4
+
+
+def test_a_run_started_again_before_its_first_checkpoint_logs_each_step_once(tmp_path, cifar_train):
+    over = [*TINY, *MOCO, "data.limit=64", "train.epochs=1"]
+    early = tmp_path / "early"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pretrain("mocov3", str(cifar_train), early, [*over, "train.log_every_n_steps=1"], callbacks=[_Crash(2)])
+    assert _steps(early / "metrics.csv") == [0] and not (early / "checkpoints").exists()
+    pretrain("mocov3", str(cifar_train), early, [*over, "train.log_every_n_steps=1"])
+    assert _steps(early / "metrics.csv") == [0, 1, 2, 3]
 
 
 # ----------------------------------------------------------------------------------------- console

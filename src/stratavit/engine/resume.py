@@ -141,18 +141,19 @@ SET_ASIDE = "last.ckpt.set-aside"
 
 def prepare_resume(point: ResumePoint, loader: DataLoader) -> ResumePoint:
     """Move the loader to the checkpoint's data position: the same batches, in the same order, as
-    the uninterrupted run. Changes nothing on disk (see :func:`begin_resume`)."""
+    the uninterrupted run. Changes nothing on disk (see :func:`begin_run`)."""
     resume_data = getattr(loader.sampler, "resume", None)  # ResumableSampler, or the shard loader's hook
     if point.position is not None and callable(resume_data):
         resume_data(*point.position)
     return point
 
 
-def begin_resume(run: RunFolder, point: ResumePoint) -> None:
-    """The changes a continued run makes to its folder, once every check has passed (just before
-    training): drop the ``metrics.csv`` rows written after its checkpoint and, continuing from
-    ``previous.ckpt``, move ``last.ckpt`` aside (:data:`SET_ASIDE`), so that the next checkpoint
-    does not make it the new ``previous.ckpt``."""
-    if point.checkpoint == run.previous_checkpoint and run.checkpoint.exists():
+def begin_run(run: RunFolder, point: ResumePoint | None) -> None:
+    """The changes a run makes to its folder before training, once every check has passed: drop
+    the ``metrics.csv`` rows written after the checkpoint it continues from (all of them for a run
+    that starts afresh: they are an earlier start's that never wrote a checkpoint) and, continuing
+    from ``previous.ckpt``, move ``last.ckpt`` aside (:data:`SET_ASIDE`), so that the next
+    checkpoint does not make it the new ``previous.ckpt``."""
+    if point is not None and point.checkpoint == run.previous_checkpoint and run.checkpoint.exists():
         os.replace(run.checkpoint, run.checkpoint.with_name(SET_ASIDE))
-    truncate_metrics(run.metrics, point.step)
+    truncate_metrics(run.metrics, point.step if point is not None else 0)

@@ -49,7 +49,7 @@ from stratavit.engine.metrics_log import LogEndSteps
 from stratavit.engine.module import PretrainModule
 from stratavit.engine.resume import (
     ResumePoint,
-    begin_resume,
+    begin_run,
     prepare_resume,
     read_resume_point,
     resolve_run_config,
@@ -344,8 +344,8 @@ def pretrain(
             accelerator=type(trainer.accelerator).__name__, precision=str(trainer.precision),
             data_workers=resolve_num_workers(cfg), from_checkpoint=str(point.checkpoint) if point else None,
         ))
-    if point is not None and trainer.is_global_zero:
-        begin_resume(run, point)  # the first change to a continued run's folder
+    if trainer.is_global_zero:
+        begin_run(run, point)  # the first change to what the folder held (metrics rows after the checkpoint)
     wall, stopped = fit(trainer, module, loader, start, signals)
     finish(trainer, module, loader, run, cfg, start, wall, stopped)
     if stopped is not None:
