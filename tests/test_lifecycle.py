@@ -472,3 +472,26 @@ def test_a_check_that_fails_leaves_no_folder_behind(tmp_path, cifar_train, capsy
     assert main(["pretrain", "--recipe", "mocov3", "--data", str(tmp_path / "missing"), "--out", str(mine), *TINY]) == 2
     _error_line(capsys)
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
+def test_the_cli_reports_a_stop_and_an_interrupt_outside_training_in_one_line(monkeypatch, capsys, tmp_path):
+    from stratavit import cli
+
+    def stopped(args):
+        stop = TrainingInterrupted(signal.SIGTERM, 40, Path(args.out) / "checkpoints" / "last.ckpt", 40)
+        stop.run_dir = Path(args.out)
+        raise stop
+
+    monkeypatch.setattr(cli, "cmd_demo", stopped)  # the demo trains through pretrain too
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 143
+    line = _error_line(capsys)
+    assert line.startswith("stopped by SIGTERM at step 40, checkpoint saved at step 40")
+    assert line.endswith(f"continue with: stratavit demo --out {tmp_path / 'demo'}")
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_recipes", interrupted)
+    assert main(["recipes"]) == 130
+    assert _error_line(capsys) == ("stratavit recipes: interrupted; run the same command again "
+                                   "(a run folder with a checkpoint continues from it)")

@@ -71,19 +71,16 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
-
-
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """Train. A SIGINT / SIGTERM stops the run at a step boundary with a checkpoint and raises
     ``TrainingInterrupted``, which :func:`main` reports in one line (exit code 130 / 143)."""
+    from stratavit.engine.callbacks.interrupt import launched_as_rank_zero
     from stratavit.engine.train import pretrain  # Lightning and torch: loaded only for this command
 
     _quiet_libraries(args.verbose)  # again: Lightning's import reset its loggers
     out = pretrain(args.recipe, args.data, args.out, args.overrides, resume=args.resume,
                    from_previous=args.from_previous, report=lambda line: print(line, flush=True))
-    if not _is_rank_zero():
+    if not launched_as_rank_zero():
         return 0  # the other processes of a multi-process run stay quiet
     run = RunFolder(out)
     print(f"run folder: {run.root}")
@@ -341,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from stratavit.engine.callbacks.interrupt import TrainingInterrupted  # no Lightning in it
+    from stratavit.engine.callbacks.interrupt import TrainingInterrupted, launched_as_rank_zero  # no Lightning in it
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -353,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stratavit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except TrainingInterrupted as stop:  # SIGINT / SIGTERM stopped training at a step, with a checkpoint
-        if _is_rank_zero():
+        if launched_as_rank_zero():
             again = f"stratavit demo --out {args.out}" if args.command == "demo" else None
             print(f"\n{stop.message(again)}", file=sys.stderr, flush=True)
         return stop.exit_code
