@@ -34,6 +34,7 @@ bytes of resized masks for train (horses, ViT-S/16, 3 blocks: 90 + 10 MB for tra
 from __future__ import annotations
 
 import hashlib
+import math
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from torch import nn
 from stratavit.evaluation.dense_head import (
     DEFAULT_HEAD_BATCH,
     DEFAULT_LR,
+    DEFAULT_STEPS,
     DEFAULT_WEIGHT_DECAY,
     auto_epochs,
     evaluate_dense_head,
@@ -278,6 +280,8 @@ def dense_probe(
     device: str | torch.device = "cpu",
     num_workers: int = 0,
     limit: int | None = None,
+    max_images: int | None = None,
+    steps: int = DEFAULT_STEPS,
 ) -> dict[str, Any]:
     """Linear segmentation probe of frozen patch tokens at ``blocks``: mIoU and pixel accuracy.
 
@@ -295,17 +299,22 @@ def dense_probe(
         batch_size: images per forward pass. num_workers: DataLoader workers.
         epochs, lr, head_batch_size, weight_decay, seed: the head's training
             (:func:`~stratavit.evaluation.dense_head.train_dense_head`; defaults and timings: see
-            the module docstring).
+            the module docstring). ``epochs=None``: the fewest epochs that make ``steps``
+            optimiser steps.
         cache_dir: folder for the disk-backed float16 token stores (``train/``, ``val/``), reused
             when they match the data, weights, size and blocks; ``None``: a temporary folder,
             deleted afterwards.
         device: where the backbone and the heads run.
         limit: use only the first ``limit`` pairs (sorted by stem) of each split.
+        max_images: use a fixed random subset (seeded by ``seed``) of at most this many pairs of
+            each split; ``None``: all.
 
     Returns:
         ``{"miou", "pixel_acc"`` (percent, deepest requested block), ``"num_classes"``,
-        ``"size"``, ``"resize_policy"``, ``"train_images"``, ``"val_images"``, ``"blocks"``,
-        ``"epochs"``, ``"lr"``, ``"layers": [{"block", "miou", "pixel_acc", "per_class_iou"}, ...]}``
+        ``"size"``, ``"resize_policy"``, ``"train_images"``, ``"val_images"`` (used),
+        ``"train_total"``, ``"val_total"`` (in the folders), ``"train_fingerprint"``,
+        ``"val_fingerprint"`` (of the pairs used), ``"blocks"``, ``"epochs"``, ``"steps"``, ``"lr"``,
+        ``"layers": [{"block", "miou", "pixel_acc", "per_class_iou"}, ...]}``
         with one layer per block in increasing order; ``per_class_iou`` holds ``None`` for
         classes absent from both the val masks and the predictions.
 
@@ -320,10 +329,10 @@ def dense_probe(
         raise EvaluationError(str(e)) from None
     if num_classes is not None and num_classes < 2:
         raise EvaluationError(f"num_classes must be at least 2, not {num_classes}")
-    train_ds = SegmentationFolder(train_root, s, mean, std, limit=limit)
-    val_ds = SegmentationFolder(val_root, s, mean, std, limit=limit)
+    train_ds = SegmentationFolder(train_root, s, mean, std, limit=limit, max_images=max_images, seed=seed)
+    val_ds = SegmentationFolder(val_root, s, mean, std, limit=limit, max_images=max_images, seed=seed)
     if epochs is None:
-        epochs = auto_epochs(len(train_ds), head_batch_size)
+        epochs = auto_epochs(len(train_ds), head_batch_size, steps)
     num_classes, mask_dtype = _class_count(train_ds, val_ds, num_classes, num_workers)
     dev = torch.device(device)
     net.to(dev)
@@ -344,8 +353,13 @@ def dense_probe(
         "resize_policy": train_ds.resize_policy,
         "train_images": len(train_ds),
         "val_images": len(val_ds),
+        "train_total": train_ds.total,
+        "val_total": val_ds.total,
+        "train_fingerprint": train_ds.identity(),
+        "val_fingerprint": val_ds.identity(),
         "blocks": numbers,
         "epochs": epochs,
+        "steps": epochs * math.ceil(len(train_ds) / head_batch_size),
         "lr": lr,
         "layers": layers,
     }
