@@ -280,9 +280,13 @@ def _data_warnings(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column])
     return warnings
 
 
-def _best_runs(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> list[tuple[str, list[str], float]]:
-    """``(metric name, labels of the best runs (ties), value)`` for every metric some run has."""
-    metrics = [(c.name, *c.best) for c in columns if c.best is not None and c.group == "metric"]
+def _best_runs(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[Column], flags: Flags
+) -> list[tuple[str, list[str], float]]:
+    """``(metric name (with its not-comparable marker), labels of the best runs (ties), value)`` for every
+    metric some run has."""
+    metrics = [(c.name, c.best[0] + (f" {flags.markers[c.name]}" if c.name in flags.markers else ""), c.best[1])
+               for c in columns if c.best is not None and c.group == "metric"]
     out = []
     for col, name, higher in [*metrics, *_RUN_BEST]:
         values = [(r["label"], r[col]) for r in rows if r[col] is not None]
@@ -293,8 +297,8 @@ def _best_runs(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> 
     return out
 
 
-def _best_sentence(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> str:
-    best = _best_runs(rows, columns)
+def _best_sentence(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column], flags: Flags) -> str:
+    best = _best_runs(rows, columns, flags)
     if not best:
         return "No run has evaluation metrics to rank."
     parts = []
@@ -366,7 +370,7 @@ def _write_markdown(
     parts.append("## Results\n\n" + md_table(header, table))
     if flags.footnotes:
         parts.append("\n\n".join(note.markdown() for note in flags.footnotes))
-    parts.append(_best_sentence(rows, columns))
+    parts.append(_best_sentence(rows, columns, flags))
     parts.append(
         "## Runs\n\n" + "\n".join(f"- **{md_escape(r['label'])}**: `{r['run_dir']}`" for r in rows)
     )
@@ -463,8 +467,8 @@ def compare_runs(
     bars = [(c.name, f"{c.bar} {flags.markers[c.name]}" if c.name in flags.markers else c.bar) for c in columns if c.bar]
     add("headline", plot_headline(rows, bars, out_dir / files["headline"]))  # type: ignore[arg-type]
     for spec in per_block_plots():
-        title = spec.title + (f" ({flags.markers[spec.column]}: not comparable)" if spec.column in flags.markers else "")
-        add(spec.kind, plot_per_block(runs, labels_, out_dir / spec.png, spec.curves, title, spec.ylabel))
+        plot_title = spec.title + (f" ({flags.markers[spec.column]}: not comparable)" if spec.column in flags.markers else "")
+        add(spec.kind, plot_per_block(runs, labels_, out_dir / spec.png, spec.curves, plot_title, spec.ylabel))
     add("loss", plot_loss(runs, labels_, out_dir / files["loss"]))
     add("throughput", plot_throughput(rows, out_dir / files["throughput"]))
 

@@ -67,10 +67,12 @@ class Flags:
 
     def csv_note(self, row: Mapping[str, Any]) -> str | None:
         """The ``not_comparable`` cell of a row: its flagged columns and what differs."""
-        parts = [
-            f"{c.name} ({note.marker}: {note.settings})"
-            for note in self.footnotes for c in note.columns if row.get(c.name) is not None
-        ]
+        parts = []
+        for note in self.footnotes:
+            names = [c.name for c in note.columns if row.get(c.name) is not None]
+            if names:
+                verb = "differ" if len(note.differences) > 1 else "differs"
+                parts.append(f"{note.marker} {', '.join(names)}: {note.settings} {verb}")
         return "; ".join(parts) or None
 
 
