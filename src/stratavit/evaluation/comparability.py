@@ -107,6 +107,7 @@ def dense_basis(results: Mapping[str, Any]) -> dict[str, Any]:
         "dense val images": dig(dense, "val_images"),
         "dense head steps": dig(dense, "steps"),
         "dense head epochs": dig(dense, "epochs"),
+        "dense loss size (px)": dig(dense, "loss_size"),
         "weights": dig(results, "meta", "weights"),
     }
 

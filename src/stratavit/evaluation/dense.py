@@ -52,6 +52,7 @@ from stratavit.evaluation.dense_head import (
     DEFAULT_WEIGHT_DECAY,
     auto_epochs,
     evaluate_dense_head,
+    loss_side,
     train_dense_head,
 )
 from stratavit.evaluation.errors import EvaluationError
@@ -250,12 +251,15 @@ def _probe_blocks(
     train_store, val_store = stores["train"], stores["val"]
     assert train_store.masks is not None
     layers = []
+    loss_size = head.pop("loss_size", None)
     for b in progress(numbers, "dense heads", total=len(numbers)):
-        trained = train_dense_head(train_store.block(b), train_store.masks, num_classes, device=device, **head)
+        side = loss_side(train_ds.size, min(grid_of(net, (train_ds.size, train_ds.size), b)), loss_size)
+        trained = train_dense_head(train_store.block(b), train_store.masks, num_classes, device=device,
+                                   loss_size=side, **head)
         scores = evaluate_dense_head(trained, val_store.block(b), val_ds.original_masks(), num_classes)
         layers.append(
             {"block": b, "miou": scores["miou"], "pixel_acc": scores["pixel_acc"],
-             "per_class_iou": scores["per_class_iou"]}
+             "per_class_iou": scores["per_class_iou"], "loss_size": side}
         )
     return layers
 
@@ -282,6 +286,7 @@ def dense_probe(
     limit: int | None = None,
     max_images: int | None = None,
     steps: int = DEFAULT_STEPS,
+    loss_size: int | None = None,
 ) -> dict[str, Any]:
     """Linear segmentation probe of frozen patch tokens at ``blocks``: mIoU and pixel accuracy.
 
@@ -308,13 +313,16 @@ def dense_probe(
         limit: use only the first ``limit`` pairs (sorted by stem) of each split.
         max_images: use a fixed random subset (seeded by ``seed``) of at most this many pairs of
             each split; ``None``: all.
+        loss_size: side of the masks the heads' training loss is computed at; ``None``: ``S``
+            capped at 4 pixels per token (:func:`~stratavit.evaluation.dense_head.loss_side`).
 
     Returns:
         ``{"miou", "pixel_acc"`` (percent, deepest requested block), ``"num_classes"``,
         ``"size"``, ``"resize_policy"``, ``"train_images"``, ``"val_images"`` (used),
         ``"train_total"``, ``"val_total"`` (in the folders), ``"train_fingerprint"``,
         ``"val_fingerprint"`` (of the pairs used), ``"blocks"``, ``"epochs"``, ``"steps"``, ``"lr"``,
-        ``"layers": [{"block", "miou", "pixel_acc", "per_class_iou"}, ...]}``
+        ``"loss_size"`` (the deepest block's), ``"layers": [{"block", "miou", "pixel_acc",
+        "per_class_iou", "loss_size"}, ...]}``
         with one layer per block in increasing order; ``per_class_iou`` holds ``None`` for
         classes absent from both the val masks and the predictions.
 
@@ -336,7 +344,8 @@ def dense_probe(
     num_classes, mask_dtype = _class_count(train_ds, val_ds, num_classes, num_workers)
     dev = torch.device(device)
     net.to(dev)
-    head = {"epochs": epochs, "lr": lr, "batch_size": head_batch_size, "weight_decay": weight_decay, "seed": seed}
+    head = {"epochs": epochs, "lr": lr, "batch_size": head_batch_size, "weight_decay": weight_decay, "seed": seed,
+            "loss_size": loss_size}
     tmp_ctx = tempfile.TemporaryDirectory(prefix="stratavit-dense-") if cache_dir is None else None
     root = Path(tmp_ctx.name) if tmp_ctx is not None else Path(cache_dir)  # type: ignore[arg-type]
     try:
@@ -361,5 +370,6 @@ def dense_probe(
         "epochs": epochs,
         "steps": epochs * math.ceil(len(train_ds) / head_batch_size),
         "lr": lr,
+        "loss_size": layers[-1]["loss_size"],
         "layers": layers,
     }

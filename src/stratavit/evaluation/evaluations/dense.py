@@ -61,6 +61,8 @@ class DenseOptions:
     """At most this many image/mask pairs of each split (a fixed random subset beyond); null: all."""
     steps: int = DEFAULT_STEPS
     """Optimiser steps of each block's head (rounded up to whole epochs of 16 images)."""
+    loss_size: int | None = None
+    """Side (px) of the masks the heads' loss is computed at; null: the input size, capped at 4 px per token."""
 
     def __post_init__(self) -> None:
         if (self.train is None) != (self.val is None):
@@ -69,6 +71,8 @@ class DenseOptions:
             raise EvaluationError(f"dense.max_images must be positive (or null for all images), not {self.max_images}")
         if self.steps < 1:
             raise EvaluationError(f"dense.steps must be positive, not {self.steps}")
+        if self.loss_size is not None and self.loss_size < 1:
+            raise EvaluationError(f"dense.loss_size must be positive (or null for the default), not {self.loss_size}")
 
 
 @dataclass
@@ -89,6 +93,7 @@ class DenseBlock:
     miou: float
     pixel_acc: float
     per_class_iou: list[float | None]
+    loss_size: int
 
 
 @dataclass
@@ -113,6 +118,7 @@ class DenseResult(Result):
     epochs: int
     steps: int
     lr: float
+    loss_size: int
     layers: list[DenseBlock]
 
     def entries(self) -> dict[str, Any]:
@@ -168,7 +174,7 @@ class Dense(Evaluation):
                     model_at_size(model, plan.size), plan.train_root, plan.val_root, blocks=plan.blocks,
                     size=plan.size, mean=ctx.cfg.views.mean, std=ctx.cfg.views.std, num_workers=o.num_workers,
                     cache_dir=ctx.out.cache / cache_name("dense", ctx.model_tag, o.dense.train, o.dense.val, plan.size),
-                    max_images=o.dense.max_images, steps=o.dense.steps, seed=o.seed,
+                    max_images=o.dense.max_images, steps=o.dense.steps, loss_size=o.dense.loss_size, seed=o.seed,
                 )
             except ValueError as e:
                 raise EvaluationError(str(e)) from None
@@ -203,7 +209,9 @@ class Dense(Evaluation):
                                          if total is not None and total != used else "")
 
         blocks = ", ".join(str(b) for b in d.get("blocks") or [])
-        return (f"dense probe: {images('train')} / {images('val')} images at {d.get('size')} px, "
+        loss = d.get("loss_size")
+        at = f"{d.get('size')} px" + (f" (loss at {loss} px)" if loss is not None and loss != d.get("size") else "")
+        return (f"dense probe: {images('train')} / {images('val')} images at {at}, "
                 f"{d.get('steps', '?')} head steps ({d.get('epochs')} epochs) per block, blocks {blocks}")
 
     def columns(self) -> list[Column]:
