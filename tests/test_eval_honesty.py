@@ -166,6 +166,9 @@ def test_compare_flags_other_data_size_and_protocol(capsys, moved_run, cifar_tra
     cells = [c.strip() for c in row_a.strip("|").split("|")]
     assert all("†" in c for c in cells[2:7] if c != "–"), cells  # kNN, linear, best block, dense mIoU, pixel acc
     assert "not comparable across these runs" in md and "dense val set differs" in md
+    # what a run's own evaluation warned about travels along
+    assert "warning: b: evaluating at 64 px; the run trained at 32 px (--img-size)" in lines
+    assert "**Warning (b):** evaluating at 64 px; the run trained at 32 px (--img-size)" in md
     with (tmp_path / "cmp" / "compare.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert float(rows[0]["knn_top1"]) >= 0  # the numbers stay numbers

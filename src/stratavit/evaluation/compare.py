@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from stratavit.evaluation.compare_flags import Flags, flag_columns
+from stratavit.evaluation.compare_flags import Flags, flag_columns, run_warnings
 from stratavit.evaluation.compare_plots import (
     plot_headline,
     plot_loss,
@@ -421,7 +421,8 @@ def compare_runs(
     Returns:
         ``{"columns": [...], "rows": [{column: value or None}, ...], "csv": Path,
         "markdown": Path, "plots": {kind: Path}, "warnings": [markdown text, ...],
-        "flags": [one line per footnote of numbers that are not comparable, ...]}``.
+        "flags": [one line per footnote of numbers that are not comparable, then per warning
+        of a run's evaluation (``meta.warnings``), ...]}``.
 
     Raises:
         EvaluationError: no run given, a run given twice, a folder that is not a run
@@ -472,7 +473,8 @@ def compare_runs(
     add("loss", plot_loss(runs, labels_, out_dir / files["loss"]))
     add("throughput", plot_throughput(rows, out_dir / files["throughput"]))
 
-    warnings = _data_warnings(rows, columns)
+    flagged = run_warnings([(lab, run.results) for lab, run in zip(labels_, runs)])
+    warnings = _data_warnings(rows, columns) + [f"**Warning ({md_escape(lab)}):** {md_escape(w)}" for lab, w in flagged]
     md_path = _write_markdown(out_dir, rows, columns, plots, warnings, title, eval_subdir, flags)
     return {
         "columns": list(names),
@@ -481,5 +483,5 @@ def compare_runs(
         "markdown": md_path,
         "plots": plots,
         "warnings": warnings,
-        "flags": [note.line() for note in flags.footnotes],
+        "flags": [note.line() for note in flags.footnotes] + [f"{lab}: {w}" for lab, w in flagged],
     }

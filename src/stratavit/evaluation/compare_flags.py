@@ -17,7 +17,7 @@ from typing import Any
 from stratavit.evaluation.protocol import Column
 from stratavit.evaluation.tables import fmt, md_escape
 
-__all__ = ["Flags", "Footnote", "flag_columns"]
+__all__ = ["Flags", "Footnote", "flag_columns", "run_warnings"]
 
 
 @dataclass
@@ -120,3 +120,15 @@ def flag_columns(
         by_text[key].columns.append(col)
         flags.markers[col.name] = by_text[key].marker
     return flags
+
+
+def run_warnings(labelled_results: Sequence[tuple[str, Mapping[str, Any]]]) -> list[tuple[str, str]]:
+    """``(run label, warning)`` for every warning a run's evaluation recorded (``meta.warnings``:
+    another size than the training resolution, meaningless classes, an unmoved teacher ...)."""
+    out = []
+    for label, results in labelled_results:
+        meta = results.get("meta")
+        warnings = meta.get("warnings") if isinstance(meta, Mapping) else None
+        if isinstance(warnings, list):
+            out += [(label, str(w)) for w in warnings]
+    return out

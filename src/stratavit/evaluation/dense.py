@@ -13,9 +13,11 @@ Protocol (:func:`dense_probe`):
 3. per block, a linear head is trained and scored (:mod:`stratavit.evaluation.dense_head`).
 
 Defaults: the head trains for ``epochs=None`` -> :func:`~stratavit.evaluation.dense_head.auto_epochs`,
-the fewest epochs that make 400 steps of 16 images (Weizmann horses, 200 train images: 31 epochs,
-403 steps; a data set of 6,400+ images: one epoch), AdamW lr 1e-2 cosine-decayed to 0, weight
-decay 1e-3, zero-initialised head. On random-init ViT-S/16 tokens of the horses at ``S=224`` this
+the fewest epochs that make ``steps=400`` steps of 16 images (Weizmann horses, 200 train images:
+31 epochs, 403 steps; a data set of 6,400+ images: one epoch), AdamW lr 1e-2 cosine-decayed to 0,
+weight decay 1e-3, zero-initialised head, the loss computed on masks of at most 4 pixels per token
+side (:func:`~stratavit.evaluation.dense_head.loss_side`: 56 px for ViT-S/16 at 224 px, the full
+``S`` for patch 4 at 64 px); ``max_images`` caps each split (a fixed random subset). On random-init ViT-S/16 tokens of the horses at ``S=224`` this
 reaches a training loss within 4 % of a 100-epoch run (and the same val mIoU), where lr 1e-3 stays
 40 % higher; more steps buy nothing on small sets, and a fixed step budget keeps large sets
 affordable on a CPU (pass ``epochs`` for more).

@@ -15,6 +15,16 @@
 and ``OUT/report.md`` (+ PNGs, + a self-contained ``report.html``). Features are cached under
 ``OUT/cache`` keyed by the weights, the data and the resolution, so re-running is cheap.
 
+The evaluation size is the run's training resolution unless ``img_size`` says otherwise
+(:mod:`stratavit.evaluation.resolution`). What would make a number mislead is said at once on
+stderr, kept in ``meta.warnings`` and put at the top of the report: another size than the
+training resolution, classes that make a classification score meaningless
+(:mod:`stratavit.evaluation.class_checks`; test labels are matched to the train labels by class
+name), and weights that have barely moved from the run's initialisation
+(:mod:`stratavit.evaluation.movement`). ``meta`` records what ``compare`` needs to tell comparable
+numbers from others (data fingerprints, limits, size, resize, seed; see
+:mod:`stratavit.evaluation.comparability`).
+
 A CNN backbone (``backbone.type=resnet_fpn``, evaluated as its plain timm body) has its feature
 stages as blocks (layer1..layer4 of a ResNet, strides 4..32), each probed on its own grid; its
 "CLS" entries (``knn_top1``, ``linear_top1``, the headline) hold the global average pool of the
@@ -41,17 +51,17 @@ from stratavit.backbones.export import (
 from stratavit.config import Config
 from stratavit.data.datasets import bad_files, build_dataset, set_skip_log
 from stratavit.data.views import describe_resize, eval_transform
+from stratavit.evaluation.class_checks import align_test_labels
+from stratavit.evaluation.data_identity import dataset_fingerprint
 from stratavit.evaluation.errors import EvaluationError
 from stratavit.evaluation.evaluations import EVALUATIONS, option_sections
 from stratavit.evaluation.evaluations.classification import num_classes
-from stratavit.evaluation.options import Options, build_options
-from stratavit.evaluation.class_checks import align_test_labels
-from stratavit.evaluation.data_identity import dataset_fingerprint
 from stratavit.evaluation.movement import Movement, relative_change
+from stratavit.evaluation.options import Options, build_options
 from stratavit.evaluation.protocol import Context, Evaluation, Figure, Result
 from stratavit.evaluation.report import write_report
-from stratavit.evaluation.resolution import size_note, sized, training_size
 from stratavit.evaluation.report_figures import model_figures
+from stratavit.evaluation.resolution import size_note, sized, training_size
 from stratavit.evaluation.tokens import (
     cnn_stages,
     figure_block,
@@ -119,8 +129,9 @@ def evaluate(
     ctx, model = _context(run, folder, train, test, cfg, o, base_model)
     init = plain_timm_model(random_backbone(cfg.backbone, seed=cfg.train.seed))
     movement = _movement(run, base_model, init, o.which)
-    if movement is not None and movement.warning():
-        ctx.warn(movement.warning())  # type: ignore[arg-type]
+    warning = movement.warning() if movement is not None else None
+    if warning:
+        ctx.warn(warning)
     evaluations = [e for e in EVALUATIONS if e.enabled(o)]
     plans = {e.name: e.check(model, ctx.size, cfg, o) for e in evaluations}  # before any feature is extracted
     started = time.time()
