@@ -135,6 +135,10 @@ def test_csv_rows_and_values(runs, tmp_path):
         "eval_train_images": "5000",
         "eval_test_images": "1000",
         "knn_k": "20",
+        # ibot was evaluated on STL-10: every number it shares with a is flagged, numbers stay numbers
+        "not_comparable": "†1 knn_top1, linear_top1, best_block_knn, best_block_knn_top1: train set, test set differ; "
+                          "†2 correspondence_top1: test set differs; "
+                          "†3 random_init_knn_top1, raw_pixels_knn_top1: train set, test set differ",
     }
     # run b has no dense / correspondence / baselines: empty cells
     for col in ("dense_miou", "dense_pixel_acc", "correspondence_top1", "random_init_knn_top1", "raw_pixels_knn_top1"):
@@ -156,11 +160,16 @@ def test_markdown_table_best_runs_and_data_warning(runs, tmp_path):
     md = (out / "compare.md").read_text()
     assert md.startswith("# stratavit: run comparison\n")
     assert "| run | recipe | kNN top-1 (%) | linear top-1 (%) | best block kNN (%) |" in md
-    assert "| dino (a) | dino | 61.25 | 66.50 | block 2 (62.00) | 30.50 | 70.25 | 55.50 | 400.00 | 120.50 | 300 | 3 | cifar10 → cifar10:test |" in md
+    # numbers measured on other data carry a marker (dense: neither run recorded its dense data, so unknown)
+    assert "| dino (a) | dino | 61.25 †1 | 66.50 †1 | block 2 (62.00) †1 | 30.50 | 70.25 | 55.50 †2 | 400.00 | 120.50 | 300 | 3 | cifar10 → cifar10:test |" in md
     # missing values show as –
-    assert "| dino (b) | dino | 58.00 | 67.00 | block 2 (58.00) | – | – | – | 500.00 | 80.00 | 200 | 2 | cifar10 → cifar10:test |" in md
-    # best run per metric
-    assert "Best run per metric: kNN top-1: **ibot** (70.00); linear top-1: **ibot** (72.00);" in md
+    assert "| dino (b) | dino | 58.00 †1 | 67.00 †1 | block 2 (58.00) †1 | – | – | – | 500.00 | 80.00 | 200 | 2 | cifar10 → cifar10:test |" in md
+    # the footnotes say what differs between which runs
+    assert ("**†2** correspondence top-1 (%): not comparable across these runs: test set differs "
+            "(dino (a): `cifar10:test`; ibot: `stl10:test`).") in md
+    assert "### kNN top-1 per block (†1: not comparable, see above)" in md
+    # best run per metric (flagged metrics keep their marker)
+    assert "Best run per metric: kNN top-1 †1: **ibot** (70.00); linear top-1 †1: **ibot** (72.00);" in md
     assert "dense mIoU: **dino (a)** and **ibot** (30.50)" in md
     assert "throughput (img/s): **dino (b)** (500.00)" in md
     assert "wall time (shortest): **dino (b)** (80.00)" in md

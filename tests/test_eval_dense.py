@@ -18,6 +18,7 @@ from stratavit.evaluation.dense_head import (
     auto_epochs,
     confusion_matrix,
     evaluate_dense_head,
+    loss_side,
     segmentation_scores,
     train_dense_head,
 )
@@ -273,3 +274,27 @@ def test_non_finite_tokens_are_reported(tmp_path):
         model.blocks[0].mlp.fc1.weight.fill_(float("nan"))
     with pytest.raises(EvaluationError, match="non-finite .* at block 2"):
         dense_probe(model, train, val)
+
+
+# --------------------------------------------------------------------------- #
+# limits: the loss resolution, the image cap, the step budget
+# --------------------------------------------------------------------------- #
+def test_loss_side_caps_at_four_pixels_per_token():
+    assert loss_side(224, 14) == 56  # ViT-S/16 at 224 px
+    assert loss_side(64, 16) == 64 and loss_side(32, 8) == 32  # the demo and TINY: the masks' own size
+    assert loss_side(224, 14, 112) == 112 and loss_side(64, 16, 500) == 64  # given: at most the input size
+    feats, masks = torch.randn(8, 4, 4, 6), torch.randint(0, 3, (8, 32, 32))
+    head = train_dense_head(feats, masks, 3, epochs=2, loss_size=16)
+    assert head(feats[:1], size=(32, 32)).shape == (1, 3, 32, 32)
+
+
+def test_dense_probe_caps_images_with_a_fixed_random_subset(horses_dir, tmp_path):
+    model = _tiny_vit()
+    res = dense_probe(model, horses_dir / "train", horses_dir / "val", max_images=20, steps=7, seed=3)
+    assert (res["train_images"], res["val_images"], res["train_total"], res["val_total"]) == (20, 20, 200, 128)
+    assert res["epochs"] == 4 and res["steps"] == 8  # 7 steps at least, in whole epochs of 2 steps (20 images)
+    assert res["loss_size"] == 32 and res["layers"][-1]["loss_size"] == 32
+    subset = SegmentationFolder(horses_dir / "train", 32, max_images=20, seed=3).stems
+    assert subset == sorted(subset) and subset != SegmentationFolder(horses_dir / "train", 32, limit=20).stems
+    assert subset == SegmentationFolder(horses_dir / "train", 32, max_images=20, seed=3).stems  # fixed
+    assert res["train_fingerprint"] == SegmentationFolder(horses_dir / "train", 32, max_images=20, seed=3).identity()

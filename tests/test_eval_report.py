@@ -90,11 +90,26 @@ def test_write_report_full(tmp_path):
     assert "| 2 | 52.50 | 55.00 | 28.00 |" in text
     # meta and extra markdown
     assert "- **recipe**: tiny" in text and "- **images**: 5000" in text
-    assert text.rstrip().endswith("hello")
+    assert "## Notes\nhello" in text
+    # headline first (title, summary, headline table), the extra markdown, the settings last
+    summary = "The teacher backbone of `runs/x` (recipe tiny). Last block: kNN top-1 61.23 %, linear top-1 66.50 %"
+    assert text.index(summary) < text.index("## Headline") < text.index("hello") < text.index("## Settings")
+    assert text.index("## Settings") < text.index("- **recipe**: tiny")
     # images written and linked relatively
     assert "![training loss](loss_curve.png)" in text
     assert "(layer_curve.png)" in text
     assert _is_png(out_dir / "loss_curve.png") and _is_png(out_dir / "layer_curve.png")
+
+
+def test_report_warnings_come_before_the_headline(tmp_path):
+    results = _results()
+    results["meta"]["warnings"] = ["evaluating at 224 px; the run trained at 64 px (--img-size)"]
+    text = write_report(tmp_path, results, html=True).read_text()
+    line = "> **Warning:** evaluating at 224 px; the run trained at 64 px (--img-size)"
+    assert text.index("# stratavit evaluation") < text.index(line) < text.index("## Headline") < text.index("## Settings")
+    assert "- **warnings**" not in text  # shown once, at the top
+    html = (tmp_path / "report.html").read_text()
+    assert html.index("evaluating at 224 px") < html.index("Headline") < html.index("Settings and provenance")
 
 
 def test_write_report_minimal_and_missing_csv(tmp_path):

@@ -108,6 +108,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     summary: dict[str, float] = {}
     for evaluation in EVALUATIONS:
         summary.update(evaluation.summary(results))
+        line = evaluation.settings_line(results)
+        if line:
+            print(line)
     print(json.dumps({k: round(v, 2) for k, v in summary.items()}))
     print(f"results: {out.results}")
     print(f"report:  {out.report_md}")
@@ -119,7 +122,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from stratavit.evaluation.compare import compare_runs
 
-    compare_runs([Path(r) for r in args.run_dirs], Path(args.out), labels=args.labels, eval_subdir=args.eval_subdir)
+    result = compare_runs([Path(r) for r in args.run_dirs], Path(args.out), labels=args.labels,
+                          eval_subdir=args.eval_subdir)
+    for line in result["flags"]:
+        print(f"warning: {line}", file=sys.stderr)
     print(f"table: {Path(args.out) / 'compare.md'} ({Path(args.out) / 'compare.csv'})")
     return 0
 
@@ -232,7 +238,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--train-limit", type=int, help="use a fixed random subset of the train set")
     s.add_argument("--test-limit", type=int, help="use a fixed random subset of the test set")
     s.add_argument("--batch-size", type=int, default=256)
-    s.add_argument("--img-size", type=int, help="evaluation resolution (default: the backbone's)")
+    s.add_argument("--img-size", type=int, help="evaluation resolution (default: the run's training resolution, "
+                   "views.global_size)")
     s.add_argument("--resize", choices=("center_crop", "stretch"), default="center_crop",
                    help="how images of other sizes reach --img-size (default: shorter side + centre crop)")
     s.add_argument("--which", choices=("teacher", "student"), default="teacher")
@@ -242,7 +249,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--dense-train", help="images/ + masks/ folder to train the dense probe on (or horses-sample:train)")
     s.add_argument("--dense-val", help="images/ + masks/ folder to report the dense probe's mIoU on (or horses-sample:val)")
     s.add_argument("--dense-blocks", type=_blocks, help="blocks of the dense probe, e.g. 4,8,12 (default: 4 spread)")
-    s.add_argument("--dense-size", type=int, help="input size of the dense probe (default: --img-size)")
+    s.add_argument("--dense-size", type=int, help="input size of the dense probe (default: the evaluation's; "
+                   "dense.max_images=1000 and dense.steps=400 bound its cost)")
     s.add_argument("--correspondence", type=int, default=200, metavar="N",
                    help="held-out images for the correspondence score (default 200; 0 skips it)")
     s.add_argument("--no-visuals", action="store_true", help="skip the pictures and report.html")

@@ -10,6 +10,9 @@ Each run folder is read, never written:
   and show as "–" in the Markdown.
 
 :func:`compare_runs` writes ``OUT/compare.csv``, ``OUT/compare.md`` and ``OUT/compare_*.png``.
+Numbers measured on different data, classes, sizes or protocols are flagged, never refused
+(:mod:`stratavit.evaluation.compare_flags`): a marker on the cell and a footnote in the Markdown,
+the ``not_comparable`` column of the CSV, a line in the returned ``flags`` and the plots' titles.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from stratavit.evaluation.compare_flags import Flags, flag_columns, run_warnings
 from stratavit.evaluation.compare_plots import (
     plot_headline,
     plot_loss,
@@ -47,6 +51,7 @@ MD_NAME = "compare.md"
 IDENTITY_COLUMNS = ("label", "run_dir", "recipe")
 RUN_COLUMNS = ("images_per_s", "wall_time_s", "steps", "epochs")  # from run.json
 DATA_COLUMNS = ("eval_train", "eval_test", "eval_train_images", "eval_test_images")  # from results meta
+FLAG_COLUMN = "not_comparable"  # which of the row's numbers are flagged, and why
 _RUN_BEST = (("images_per_s", "throughput (img/s)", True), ("wall_time_s", "wall time (shortest)", False))
 _OWN_PLOTS = {"headline": "compare_headline.png", "loss": "compare_loss.png", "throughput": "compare_throughput.png"}
 
@@ -64,7 +69,8 @@ def column_names() -> tuple[str, ...]:
     def names(group: str) -> list[str]:
         return [c.name for c in cols if c.group == group]
 
-    return (*IDENTITY_COLUMNS, *names("metric"), *names("baseline"), *RUN_COLUMNS, *DATA_COLUMNS, *names("setting"))
+    return (*IDENTITY_COLUMNS, *names("metric"), *names("baseline"), *RUN_COLUMNS, *DATA_COLUMNS, *names("setting"),
+            FLAG_COLUMN)
 
 
 def per_block_plots() -> list[ComparePlot]:
@@ -189,6 +195,7 @@ class _Run:
             "eval_test": None if meta.get("test") is None else str(meta["test"]),
             "eval_train_images": integer(meta.get("train_images")),
             "eval_test_images": integer(meta.get("test_images")),
+            FLAG_COLUMN: None,
         })
         return {name: values[name] for name in names}
 
@@ -273,9 +280,13 @@ def _data_warnings(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column])
     return warnings
 
 
-def _best_runs(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> list[tuple[str, list[str], float]]:
-    """``(metric name, labels of the best runs (ties), value)`` for every metric some run has."""
-    metrics = [(c.name, *c.best) for c in columns if c.best is not None and c.group == "metric"]
+def _best_runs(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[Column], flags: Flags
+) -> list[tuple[str, list[str], float]]:
+    """``(metric name (with its not-comparable marker), labels of the best runs (ties), value)`` for every
+    metric some run has."""
+    metrics = [(c.name, c.best[0] + (f" {flags.markers[c.name]}" if c.name in flags.markers else ""), c.best[1])
+               for c in columns if c.best is not None and c.group == "metric"]
     out = []
     for col, name, higher in [*metrics, *_RUN_BEST]:
         values = [(r["label"], r[col]) for r in rows if r[col] is not None]
@@ -286,8 +297,8 @@ def _best_runs(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> 
     return out
 
 
-def _best_sentence(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> str:
-    best = _best_runs(rows, columns)
+def _best_sentence(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column], flags: Flags) -> str:
+    best = _best_runs(rows, columns, flags)
     if not best:
         return "No run has evaluation metrics to rank."
     parts = []
@@ -317,7 +328,9 @@ def _write_csv(rows: Sequence[Mapping[str, Any]], names: Sequence[str], path: Pa
     return path
 
 
-def _md_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> tuple[list[str], list[list[Any]]]:
+def _md_rows(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[Column], flags: Flags
+) -> tuple[list[str], list[list[Any]]]:
     shown = [c for c in columns if c.header is not None and c.group == "metric"]
     header = ["run", "recipe", *(c.header for c in shown), "img/s", "wall time (s)", "steps", "epochs",
               "eval data (train → test)"]
@@ -329,7 +342,7 @@ def _md_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> tu
         table.append([
             md_escape(r["label"]),
             None if r["recipe"] is None else md_escape(r["recipe"]),
-            *(c.cell(r) if c.cell is not None else r[c.name] for c in shown),
+            *(flags.cell(c.name, r[c.name], c.cell(r) if c.cell is not None else None) for c in shown),
             r["images_per_s"], r["wall_time_s"], r["steps"], r["epochs"],
             None if data is None else md_escape(data),
         ])
@@ -344,6 +357,7 @@ def _write_markdown(
     warnings: Sequence[str],
     title: str,
     eval_subdir: str,
+    flags: Flags,
 ) -> Path:
     parts = [f"# {title}"]
     parts.append(
@@ -352,9 +366,11 @@ def _write_markdown(
         f"The same numbers are in [{CSV_NAME}]({CSV_NAME})."
     )
     parts.extend(warnings)
-    header, table = _md_rows(rows, columns)
+    header, table = _md_rows(rows, columns, flags)
     parts.append("## Results\n\n" + md_table(header, table))
-    parts.append(_best_sentence(rows, columns))
+    if flags.footnotes:
+        parts.append("\n\n".join(note.markdown() for note in flags.footnotes))
+    parts.append(_best_sentence(rows, columns, flags))
     parts.append(
         "## Runs\n\n" + "\n".join(f"- **{md_escape(r['label'])}**: `{r['run_dir']}`" for r in rows)
     )
@@ -364,6 +380,11 @@ def _write_markdown(
         "loss": "Training loss (total; the losses of different recipes are on different scales)",
         "throughput": "Throughput and wall time",
     }
+    marked = {p.kind: flags.markers[p.column] for p in per_block_plots() if p.column in flags.markers}
+    if flags.markers:
+        captions["headline"] += " (" + ", ".join(sorted(set(flags.markers.values()))) + ": not comparable, see above)"
+    for kind, marker in marked.items():
+        captions[kind] += f" ({marker}: not comparable, see above)"
     if plots:
         lines = ["## Plots"]
         for kind in captions:
@@ -399,7 +420,9 @@ def compare_runs(
 
     Returns:
         ``{"columns": [...], "rows": [{column: value or None}, ...], "csv": Path,
-        "markdown": Path, "plots": {kind: Path}, "warnings": [markdown text, ...]}``.
+        "markdown": Path, "plots": {kind: Path}, "warnings": [markdown text, ...],
+        "flags": [one line per footnote of numbers that are not comparable, then per warning
+        of a run's evaluation (``meta.warnings``), ...]}``.
 
     Raises:
         EvaluationError: no run given, a run given twice, a folder that is not a run
@@ -428,6 +451,9 @@ def compare_runs(
     columns, names = evaluation_columns(), column_names()
     labels_ = list(labels) if labels is not None else _default_labels(runs)
     rows = [run.row(name, columns, names) for run, name in zip(runs, labels_)]
+    flags = flag_columns([(lab, run.results) for lab, run in zip(labels_, runs)], rows, columns)
+    for row in rows:
+        row[FLAG_COLUMN] = flags.csv_note(row)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -439,14 +465,17 @@ def compare_runs(
         if png is not None:
             plots[kind] = png
 
-    add("headline", plot_headline(rows, [(c.name, c.bar) for c in columns if c.bar], out_dir / files["headline"]))
+    bars = [(c.name, f"{c.bar} {flags.markers[c.name]}" if c.name in flags.markers else c.bar) for c in columns if c.bar]
+    add("headline", plot_headline(rows, bars, out_dir / files["headline"]))  # type: ignore[arg-type]
     for spec in per_block_plots():
-        add(spec.kind, plot_per_block(runs, labels_, out_dir / spec.png, spec.curves, spec.title, spec.ylabel))
+        plot_title = spec.title + (f" ({flags.markers[spec.column]}: not comparable)" if spec.column in flags.markers else "")
+        add(spec.kind, plot_per_block(runs, labels_, out_dir / spec.png, spec.curves, plot_title, spec.ylabel))
     add("loss", plot_loss(runs, labels_, out_dir / files["loss"]))
     add("throughput", plot_throughput(rows, out_dir / files["throughput"]))
 
-    warnings = _data_warnings(rows, columns)
-    md_path = _write_markdown(out_dir, rows, columns, plots, warnings, title, eval_subdir)
+    flagged = run_warnings([(lab, run.results) for lab, run in zip(labels_, runs)])
+    warnings = _data_warnings(rows, columns) + [f"**Warning ({md_escape(lab)}):** {md_escape(w)}" for lab, w in flagged]
+    md_path = _write_markdown(out_dir, rows, columns, plots, warnings, title, eval_subdir, flags)
     return {
         "columns": list(names),
         "rows": rows,
@@ -454,4 +483,5 @@ def compare_runs(
         "markdown": md_path,
         "plots": plots,
         "warnings": warnings,
+        "flags": [note.line() for note in flags.footnotes] + [f"{lab}: {w}" for lab, w in flagged],
     }

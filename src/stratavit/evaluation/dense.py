@@ -13,9 +13,11 @@ Protocol (:func:`dense_probe`):
 3. per block, a linear head is trained and scored (:mod:`stratavit.evaluation.dense_head`).
 
 Defaults: the head trains for ``epochs=None`` -> :func:`~stratavit.evaluation.dense_head.auto_epochs`,
-the fewest epochs that make 400 steps of 16 images (Weizmann horses, 200 train images: 31 epochs,
-403 steps; a data set of 6,400+ images: one epoch), AdamW lr 1e-2 cosine-decayed to 0, weight
-decay 1e-3, zero-initialised head. On random-init ViT-S/16 tokens of the horses at ``S=224`` this
+the fewest epochs that make ``steps=400`` steps of 16 images (Weizmann horses, 200 train images:
+31 epochs, 403 steps; a data set of 6,400+ images: one epoch), AdamW lr 1e-2 cosine-decayed to 0,
+weight decay 1e-3, zero-initialised head, the loss computed on masks of at most 4 pixels per token
+side (:func:`~stratavit.evaluation.dense_head.loss_side`: 56 px for ViT-S/16 at 224 px, the full
+``S`` for patch 4 at 64 px); ``max_images`` caps each split (a fixed random subset). On random-init ViT-S/16 tokens of the horses at ``S=224`` this
 reaches a training loss within 4 % of a 100-epoch run (and the same val mIoU), where lr 1e-3 stays
 40 % higher; more steps buy nothing on small sets, and a fixed step budget keeps large sets
 affordable on a CPU (pass ``epochs`` for more).
@@ -34,6 +36,7 @@ bytes of resized masks for train (horses, ViT-S/16, 3 blocks: 90 + 10 MB for tra
 from __future__ import annotations
 
 import hashlib
+import math
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,9 +50,11 @@ from torch import nn
 from stratavit.evaluation.dense_head import (
     DEFAULT_HEAD_BATCH,
     DEFAULT_LR,
+    DEFAULT_STEPS,
     DEFAULT_WEIGHT_DECAY,
     auto_epochs,
     evaluate_dense_head,
+    loss_side,
     train_dense_head,
 )
 from stratavit.evaluation.errors import EvaluationError
@@ -248,12 +253,15 @@ def _probe_blocks(
     train_store, val_store = stores["train"], stores["val"]
     assert train_store.masks is not None
     layers = []
+    loss_size = head.pop("loss_size", None)
     for b in progress(numbers, "dense heads", total=len(numbers)):
-        trained = train_dense_head(train_store.block(b), train_store.masks, num_classes, device=device, **head)
+        side = loss_side(train_ds.size, min(grid_of(net, (train_ds.size, train_ds.size), b)), loss_size)
+        trained = train_dense_head(train_store.block(b), train_store.masks, num_classes, device=device,
+                                   loss_size=side, **head)
         scores = evaluate_dense_head(trained, val_store.block(b), val_ds.original_masks(), num_classes)
         layers.append(
             {"block": b, "miou": scores["miou"], "pixel_acc": scores["pixel_acc"],
-             "per_class_iou": scores["per_class_iou"]}
+             "per_class_iou": scores["per_class_iou"], "loss_size": side}
         )
     return layers
 
@@ -278,6 +286,9 @@ def dense_probe(
     device: str | torch.device = "cpu",
     num_workers: int = 0,
     limit: int | None = None,
+    max_images: int | None = None,
+    steps: int = DEFAULT_STEPS,
+    loss_size: int | None = None,
 ) -> dict[str, Any]:
     """Linear segmentation probe of frozen patch tokens at ``blocks``: mIoU and pixel accuracy.
 
@@ -295,17 +306,25 @@ def dense_probe(
         batch_size: images per forward pass. num_workers: DataLoader workers.
         epochs, lr, head_batch_size, weight_decay, seed: the head's training
             (:func:`~stratavit.evaluation.dense_head.train_dense_head`; defaults and timings: see
-            the module docstring).
+            the module docstring). ``epochs=None``: the fewest epochs that make ``steps``
+            optimiser steps.
         cache_dir: folder for the disk-backed float16 token stores (``train/``, ``val/``), reused
             when they match the data, weights, size and blocks; ``None``: a temporary folder,
             deleted afterwards.
         device: where the backbone and the heads run.
         limit: use only the first ``limit`` pairs (sorted by stem) of each split.
+        max_images: use a fixed random subset (seeded by ``seed``) of at most this many pairs of
+            each split; ``None``: all.
+        loss_size: side of the masks the heads' training loss is computed at; ``None``: ``S``
+            capped at 4 pixels per token (:func:`~stratavit.evaluation.dense_head.loss_side`).
 
     Returns:
         ``{"miou", "pixel_acc"`` (percent, deepest requested block), ``"num_classes"``,
-        ``"size"``, ``"resize_policy"``, ``"train_images"``, ``"val_images"``, ``"blocks"``,
-        ``"epochs"``, ``"lr"``, ``"layers": [{"block", "miou", "pixel_acc", "per_class_iou"}, ...]}``
+        ``"size"``, ``"resize_policy"``, ``"train_images"``, ``"val_images"`` (used),
+        ``"train_total"``, ``"val_total"`` (in the folders), ``"train_fingerprint"``,
+        ``"val_fingerprint"`` (of the pairs used), ``"blocks"``, ``"epochs"``, ``"steps"``, ``"lr"``,
+        ``"loss_size"`` (the deepest block's), ``"layers": [{"block", "miou", "pixel_acc",
+        "per_class_iou", "loss_size"}, ...]}``
         with one layer per block in increasing order; ``per_class_iou`` holds ``None`` for
         classes absent from both the val masks and the predictions.
 
@@ -320,14 +339,15 @@ def dense_probe(
         raise EvaluationError(str(e)) from None
     if num_classes is not None and num_classes < 2:
         raise EvaluationError(f"num_classes must be at least 2, not {num_classes}")
-    train_ds = SegmentationFolder(train_root, s, mean, std, limit=limit)
-    val_ds = SegmentationFolder(val_root, s, mean, std, limit=limit)
+    train_ds = SegmentationFolder(train_root, s, mean, std, limit=limit, max_images=max_images, seed=seed)
+    val_ds = SegmentationFolder(val_root, s, mean, std, limit=limit, max_images=max_images, seed=seed)
     if epochs is None:
-        epochs = auto_epochs(len(train_ds), head_batch_size)
+        epochs = auto_epochs(len(train_ds), head_batch_size, steps)
     num_classes, mask_dtype = _class_count(train_ds, val_ds, num_classes, num_workers)
     dev = torch.device(device)
     net.to(dev)
-    head = {"epochs": epochs, "lr": lr, "batch_size": head_batch_size, "weight_decay": weight_decay, "seed": seed}
+    head = {"epochs": epochs, "lr": lr, "batch_size": head_batch_size, "weight_decay": weight_decay, "seed": seed,
+            "loss_size": loss_size}
     tmp_ctx = tempfile.TemporaryDirectory(prefix="stratavit-dense-") if cache_dir is None else None
     root = Path(tmp_ctx.name) if tmp_ctx is not None else Path(cache_dir)  # type: ignore[arg-type]
     try:
@@ -344,8 +364,14 @@ def dense_probe(
         "resize_policy": train_ds.resize_policy,
         "train_images": len(train_ds),
         "val_images": len(val_ds),
+        "train_total": train_ds.total,
+        "val_total": val_ds.total,
+        "train_fingerprint": train_ds.identity(),
+        "val_fingerprint": val_ds.identity(),
         "blocks": numbers,
         "epochs": epochs,
+        "steps": epochs * math.ceil(len(train_ds) / head_batch_size),
         "lr": lr,
+        "loss_size": layers[-1]["loss_size"],
         "layers": layers,
     }

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -70,9 +71,11 @@ class Context:
     """What an evaluation's :meth:`~Evaluation.run` is given besides the model.
 
     ``train`` / ``test``: the labelled sets as given (``train_ds`` / ``test_ds``: read at ``size``).
+    ``train_size``: the run's training resolution (what ``size`` defaults to).
     ``model_label`` / ``model_tag``: which model is being evaluated (``"teacher"``, ``"random init"``)
     and a cache key of its weights. ``shared`` is one dict for the whole evaluation (data read once
-    and used for both models); ``timings`` collects ``"<model label> <what>"`` seconds for ``meta``.
+    and used for both models); ``timings`` collects ``"<model label> <what>"`` seconds for ``meta``;
+    ``warnings`` the one-line warnings of the whole evaluation (:meth:`warn`), shared too.
     """
 
     run: RunFolder
@@ -85,10 +88,18 @@ class Context:
     train_ds: Dataset
     test_ds: Dataset
     data_key: tuple
+    train_size: int = 0
     model_label: str = ""
     model_tag: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     shared: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def warn(self, text: str) -> None:
+        """Record a one-line warning for ``meta.warnings`` and the report, and print it now (once)."""
+        if text not in self.warnings:
+            self.warnings.append(text)
+            print(f"warning: {text}", file=sys.stderr, flush=True)
 
     def for_model(self, label: str, tag: str) -> Context:
         """The same context for another model (``timings`` and ``shared`` stay shared)."""
@@ -167,6 +178,10 @@ class Column:
         best: ``(readable name, higher is better)`` to rank the runs in the "best run" sentence.
         bar: legend name of a bar in the headline chart.
         must_agree: ``(what, short name)``: warn when runs differ in this setting.
+        basis: ``results -> {setting name: value}``: what the number depends on besides the model
+            (data, classes, size, protocol). ``compare`` flags the column's cells where two runs'
+            bases differ (a value of None is unknown and never differs); see
+            :mod:`stratavit.evaluation.comparability` for the built-in bases.
     """
 
     name: str
@@ -177,12 +192,14 @@ class Column:
     best: tuple[str, bool] | None = None
     bar: str | None = None
     must_agree: tuple[str, str] | None = None
+    basis: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
 class ComparePlot:
     """An overlaid per-block plot of ``stratavit compare``: ``(legend suffix, results path to the
-    per-block list, value key)`` curves, the first solid, the others dashed."""
+    per-block list, value key)`` curves, the first solid, the others dashed. ``column``: the
+    :class:`Column` whose comparability flag the plot's title and caption carry."""
 
     kind: str
     png: str
@@ -191,6 +208,7 @@ class ComparePlot:
     ylabel: str
     curves: tuple[tuple[str, tuple[str, ...], str], ...]
     order: float = 100
+    column: str | None = None
 
 
 class Evaluation:
@@ -233,6 +251,11 @@ class Evaluation:
     def summary(self, results: Mapping[str, Any]) -> dict[str, float]:
         """The numbers ``stratavit evaluate`` prints on its last lines."""
         return {}
+
+    def settings_line(self, results: Mapping[str, Any]) -> str | None:
+        """One line of what the measurement used (images, size, steps ...), printed by ``stratavit
+        evaluate`` and shown in the report (None: nothing to say)."""
+        return None
 
     def columns(self) -> list[Column]:
         """Columns of ``stratavit compare``'s table."""

@@ -1,8 +1,12 @@
 """The Markdown report of an evaluation (``report.md``, and ``report.html`` beside it).
 
-Its parts: the ``meta`` list, the headline table (columns from every evaluation's ``headline``),
-each evaluation's own section (``Evaluation.report_section``, in the order of ``EVALUATIONS``), the
-pictures, the training loss and the training health (:mod:`stratavit.evaluation.training_health`).
+Its parts, headline first: the title, a one-paragraph summary (what was evaluated, on what, at
+which size, and the last block's numbers), the warnings (``meta.warnings``: size other than the
+training resolution, meaningless classes, an unmoved teacher ...), the headline table (columns
+from every evaluation's ``headline``); then each evaluation's own section
+(``Evaluation.report_section``, in the order of ``EVALUATIONS``), the pictures, the training loss
+and the training health (:mod:`stratavit.evaluation.training_health`), and last the ``meta``
+list (settings and provenance).
 
 Expected ``results`` layout (all accuracies in percent)::
 
@@ -65,6 +69,48 @@ def _headline(results: Mapping[str, Any]) -> str:
     return md_table(["model", *(c.label for c in columns)], rows)
 
 
+def _data_text(meta: Mapping[str, Any], split: str) -> str:
+    text = f"`{meta[split]}`" if meta.get(split) is not None else "?"
+    if meta.get(f"{split}_images") is not None:
+        text += f" ({meta[f'{split}_images']} images)"
+    return text
+
+
+def _summary(results: Mapping[str, Any]) -> str | None:
+    """The one-paragraph summary under the title: what was evaluated, on what, at which size, the numbers."""
+    meta = results.get("meta")
+    if not isinstance(meta, Mapping) or not meta:
+        return None
+    steps = dig(meta, "training", "global_step")
+    who = f"The {meta.get('weights', 'teacher')} backbone of `{meta.get('run_dir', '?')}`"
+    details = [f"recipe {meta['recipe']}"] if meta.get("recipe") else []
+    if steps is not None:
+        details.append(f"{steps} training steps")
+    text = who + (f" ({', '.join(details)})" if details else "")
+    size, trained = meta.get("img_size"), meta.get("train_img_size")
+    if size is not None:
+        text += f", evaluated at {size} px" + (
+            " (its training resolution)" if size == trained else f" (trained at {trained} px)" if trained else "")
+    if meta.get("train") is not None or meta.get("test") is not None:
+        classes = f", {meta['classes']} classes" if meta.get("classes") is not None else ""
+        text += f" on train {_data_text(meta, 'train')} → test {_data_text(meta, 'test')}{classes}"
+    columns = [c for e in EVALUATIONS for c in e.headline()]
+    numbers = [f"{c.label.replace(' (%)', '')} {fmt(c.read(results))} %" for c in columns if c.read(results) is not None]
+    if numbers:
+        text += ". Last block: " + ", ".join(numbers)
+    rand = dig(results, "baselines", "random_init")
+    if isinstance(rand, Mapping) and columns and columns[0].read_baseline(rand) is not None:
+        text += f" (random init: {fmt(columns[0].read_baseline(rand))} %)"
+    return text + "."
+
+
+def _warnings(results: Mapping[str, Any]) -> str | None:
+    warnings = dig(results, "meta", "warnings")
+    if not warnings:
+        return None
+    return "\n\n".join(f"> **Warning:** {w}" for w in warnings)
+
+
 def _meta_lines(meta: Mapping[str, Any], indent: str = "") -> list[str]:
     """Markdown bullet list of a (possibly nested) mapping; nested mappings become sub-lists."""
     lines = []
@@ -98,7 +144,7 @@ def write_report(
             section (collapse indicators, ``environment.json`` beside the CSV;
             skipped when neither is there).
         title: H1 title of the report.
-        extra_md: Markdown appended verbatim at the end.
+        extra_md: Markdown appended verbatim after the sections (before the settings).
         figures: ``(caption, png)`` pictures shown in a "Pictures" section (paths made relative).
         html: also write a self-contained ``report.html`` (images embedded).
 
@@ -108,11 +154,9 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = [f"# {title}"]
-
-    meta = results.get("meta")
-    if isinstance(meta, Mapping) and meta:
-        parts.append("\n".join(_meta_lines(meta)))
-
+    for text in (_summary(results), _warnings(results)):
+        if text:
+            parts.append(text)
     parts.append("## Headline\n\n" + _headline(results))
 
     for evaluation in EVALUATIONS:
@@ -136,6 +180,11 @@ def write_report(
 
     if extra_md:
         parts.append(extra_md.strip())
+
+    meta = results.get("meta")
+    if isinstance(meta, Mapping) and meta:
+        shown = {k: v for k, v in meta.items() if k != "warnings"}
+        parts.append("## Settings and provenance\n\n" + "\n".join(_meta_lines(shown)))
 
     folder = EvalFolder(out_dir)
     folder.report_md.write_text("\n\n".join(parts) + "\n", encoding="utf-8")

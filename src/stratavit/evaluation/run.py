@@ -15,6 +15,16 @@
 and ``OUT/report.md`` (+ PNGs, + a self-contained ``report.html``). Features are cached under
 ``OUT/cache`` keyed by the weights, the data and the resolution, so re-running is cheap.
 
+The evaluation size is the run's training resolution unless ``img_size`` says otherwise
+(:mod:`stratavit.evaluation.resolution`). What would make a number mislead is said at once on
+stderr, kept in ``meta.warnings`` and put at the top of the report: another size than the
+training resolution, classes that make a classification score meaningless
+(:mod:`stratavit.evaluation.class_checks`; test labels are matched to the train labels by class
+name), and weights that have barely moved from the run's initialisation
+(:mod:`stratavit.evaluation.movement`). ``meta`` records what ``compare`` needs to tell comparable
+numbers from others (data fingerprints, limits, size, resize, seed; see
+:mod:`stratavit.evaluation.comparability`).
+
 A CNN backbone (``backbone.type=resnet_fpn``, evaluated as its plain timm body) has its feature
 stages as blocks (layer1..layer4 of a ResNet, strides 4..32), each probed on its own grid; its
 "CLS" entries (``knn_top1``, ``linear_top1``, the headline) hold the global average pool of the
@@ -41,19 +51,22 @@ from stratavit.backbones.export import (
 from stratavit.config import Config
 from stratavit.data.datasets import bad_files, build_dataset, set_skip_log
 from stratavit.data.views import describe_resize, eval_transform
+from stratavit.evaluation.class_checks import align_test_labels
+from stratavit.evaluation.data_identity import dataset_fingerprint
 from stratavit.evaluation.errors import EvaluationError
 from stratavit.evaluation.evaluations import EVALUATIONS, option_sections
 from stratavit.evaluation.evaluations.classification import num_classes
+from stratavit.evaluation.movement import Movement, relative_change
 from stratavit.evaluation.options import Options, build_options
 from stratavit.evaluation.protocol import Context, Evaluation, Figure, Result
 from stratavit.evaluation.report import write_report
 from stratavit.evaluation.report_figures import model_figures
+from stratavit.evaluation.resolution import size_note, sized, training_size
 from stratavit.evaluation.tokens import (
     cnn_stages,
     figure_block,
     is_cnn,
     model_at_size,
-    native_size,
 )
 from stratavit.recipe import load_config_file
 from stratavit.run_folder import EvalFolder, RunFolder, read_json, write_json
@@ -93,7 +106,9 @@ def evaluate(
 
     Args:
         train, test: labelled ImageFolder directories or named sets (``cifar10``, ``cifar10:test``, …),
-            of any image size: images are brought to ``options.img_size`` by the ``resize`` policy.
+            of any image size: images are brought to the evaluation size by the ``resize`` policy.
+            The evaluation size is ``options.img_size``, by default the run's training resolution
+            (:func:`~stratavit.evaluation.resolution.training_size`).
         out: output folder (default ``RUN_DIR/eval``).
         options: see :mod:`stratavit.evaluation.options` (default: every default).
         meta: extra entries of ``results["meta"]``.
@@ -111,70 +126,122 @@ def evaluate(
     folder.root.mkdir(parents=True, exist_ok=True)
     cfg: Config = load_config_file(run.config)
     base_model = load_run_backbone(run.root, o.which)
-    size = o.img_size or native_size(base_model) or cfg.views.global_size
-    try:
-        model = model_at_size(base_model, size)
-        transform = eval_transform(size, cfg.views.mean, cfg.views.std, o.resize)
-    except ValueError as e:
-        raise EvaluationError(str(e)) from None
-    train_ds = build_dataset(train, split="train", transform=transform, limit=o.train_limit, seed=o.seed)
-    test_ds = build_dataset(test, split="test", transform=transform, limit=o.test_limit, seed=o.seed)
-    for ds in (train_ds, test_ds):
-        set_skip_log(ds, folder.skipped)
+    ctx, model = _context(run, folder, train, test, cfg, o, base_model)
+    init = plain_timm_model(random_backbone(cfg.backbone, seed=cfg.train.seed))
+    movement = _movement(run, base_model, init, o.which)
+    warning = movement.warning() if movement is not None else None
+    if warning:
+        ctx.warn(warning)
     evaluations = [e for e in EVALUATIONS if e.enabled(o)]
-    plans = {e.name: e.check(model, size, cfg, o) for e in evaluations}  # before any feature is extracted
+    plans = {e.name: e.check(model, ctx.size, cfg, o) for e in evaluations}  # before any feature is extracted
     started = time.time()
-    ctx = Context(run, folder, train, test, cfg, o, size, train_ds, test_ds,
-                  (train, test, o.train_limit, o.test_limit, size, o.resize))
     ctx_main = ctx.for_model(o.which, _weights_key(run, o.which))
     main = _run_all(model, ctx_main, evaluations, plans)
     results: dict[str, Any] = {}
     for e in evaluations:
         results.update(main[e.name].entries())
     if o.baselines:
-        rand = model_at_size(plain_timm_model(random_backbone(cfg.backbone, seed=cfg.train.seed)), size)
-        rand_ctx = ctx.for_model("random init", f"random-init-{cfg.backbone}-{cfg.train.seed}")
-        rand_results = _run_all(rand, rand_ctx, evaluations, plans)
-        baselines: dict[str, Any] = {"random_init": {}}
-        for e in evaluations:
-            baselines["random_init"].update(rand_results[e.name].baseline_entries())
-        for e in evaluations:
-            baselines.update(e.extra_baselines(ctx_main))
-        results["baselines"] = baselines
-    results["meta"] = _meta(run, cfg, model, ctx_main, size, started, meta)
+        results["baselines"] = _baselines(model_at_size(init, ctx.size), ctx_main, cfg, evaluations, plans)
+    results["meta"] = _meta(run, cfg, model, ctx_main, started, meta)
+    if movement is not None:
+        results["meta"]["weights_change"] = movement.to_dict()
     _warn_skipped(results["meta"]["skipped_images"], folder)
     write_json(folder.results, results)
+    _write_report(folder, run, cfg, model, ctx_main, evaluations, main, results)
+    return results
+
+
+def _context(
+    run: RunFolder, folder: EvalFolder, train: str, test: str, cfg: Config, o: Options, base_model: nn.Module,
+) -> tuple[Context, nn.Module]:
+    """The evaluation's context (size, data sets, warnings so far) and the model at the evaluation size."""
+    train_size = training_size(cfg)
+    size = o.img_size or train_size
+    model = sized(base_model, size, "--img-size")
+    try:
+        transform = eval_transform(size, cfg.views.mean, cfg.views.std, o.resize)
+    except ValueError as e:
+        raise EvaluationError(str(e)) from None
+    train_ds = build_dataset(train, split="train", transform=transform, limit=o.train_limit, seed=o.seed)
+    test_ds = build_dataset(test, split="test", transform=transform, limit=o.test_limit, seed=o.seed)
+    test_ds, mapping = align_test_labels(train_ds, test_ds)
+    for ds in (train_ds, test_ds):
+        set_skip_log(ds, folder.skipped)
+    data_key = (train, test, o.train_limit, o.test_limit, size, o.resize, *(("labels", *mapping) if mapping else ()))
+    ctx = Context(run, folder, train, test, cfg, o, size, train_ds, test_ds, data_key, train_size=train_size)
+    note = size_note("evaluating", size, train_size, "--img-size")
+    if note:
+        ctx.warn(note)
+    return ctx, model
+
+
+def _movement(run: RunFolder, model: nn.Module, init: nn.Module, which: str) -> Movement | None:
+    """How far ``model`` went from the run's initialisation (None when that is not comparable)."""
+    change = relative_change(model, init)
+    if change is None:
+        return None
+    steps = read_json(run.summary).get("global_step") if run.summary.exists() else None
+    return Movement(change, int(steps) if isinstance(steps, int) else None, which)
+
+
+def _baselines(
+    rand: nn.Module, ctx: Context, cfg: Config, evaluations: Sequence[Evaluation], plans: dict[str, Any]
+) -> dict[str, Any]:
+    """The random-init backbone (the run's own initial weights) through every evaluation, and the extra
+    baselines; ``ctx``: the evaluated model's context."""
+    rand_ctx = ctx.for_model("random init", f"random-init-{cfg.backbone}-{cfg.train.seed}")
+    rand_results = _run_all(rand, rand_ctx, evaluations, plans)
+    baselines: dict[str, Any] = {"random_init": {}}
+    for e in evaluations:
+        baselines["random_init"].update(rand_results[e.name].baseline_entries())
+    for e in evaluations:
+        baselines.update(e.extra_baselines(ctx))
+    return baselines
+
+
+def _write_report(
+    folder: EvalFolder, run: RunFolder, cfg: Config, model: nn.Module, ctx: Context,
+    evaluations: Sequence[Evaluation], main: dict[str, Result], results: dict[str, Any],
+) -> None:
+    o = ctx.options
     figures: list[Figure] = []
     if o.visuals:
-        figures = model_figures(folder.root, model, test_ds, results, [p for e in EVALUATIONS for p in e.panels],
+        figures = model_figures(folder.root, model, ctx.test_ds, results, [p for e in EVALUATIONS for p in e.panels],
                                 mean=cfg.views.mean, std=cfg.views.std)
         for e in evaluations:
-            figures += e.figures(model, ctx_main, main[e.name], folder.root)
+            figures += e.figures(model, ctx, main[e.name], folder.root)
         figures.sort(key=lambda f: f.order)
     write_report(
         folder.root, results, metrics_csv=run.metrics, title=f"stratavit evaluation: {cfg.recipe}",
         figures=[(f.caption, f.png) for f in figures], html=o.visuals,
-        extra_md=_cnn_note(model, size, o.visuals) if is_cnn(model) else "",
+        extra_md=_cnn_note(model, ctx.size, o.visuals) if is_cnn(model) else "",
     )
-    return results
 
 
 def _meta(
-    run: RunFolder, cfg: Config, model: nn.Module, ctx: Context, size: int, started: float,
-    extra: dict[str, Any] | None,
+    run: RunFolder, cfg: Config, model: nn.Module, ctx: Context, started: float, extra: dict[str, Any] | None,
 ) -> dict[str, Any]:
     _, test_feats = ctx.features(model)  # extracted by the classification probes: served from memory
+    o, size = ctx.options, ctx.size
     meta: dict[str, Any] = {
         "run_dir": str(run.root),
         "recipe": cfg.recipe,
         "weights": ctx.options.which,
+        "warnings": list(ctx.warnings),
         "train": ctx.train,
         "test": ctx.test,
+        "train_fingerprint": dataset_fingerprint(ctx.train_ds),
+        "test_fingerprint": dataset_fingerprint(ctx.test_ds),
         "train_images": len(ctx.train_ds),  # type: ignore[arg-type]
         "test_images": len(ctx.test_ds),  # type: ignore[arg-type]
+        "train_limit": o.train_limit,
+        "test_limit": o.test_limit,
         "classes": num_classes(test_feats.labels),
         "img_size": size,
-        "resize_policy": describe_resize(size, ctx.options.resize),
+        "train_img_size": ctx.train_size,
+        "resize": o.resize,
+        "resize_policy": describe_resize(size, o.resize),
+        "seed": o.seed,
         "skipped_images": len(set(bad_files(ctx.train_ds)) | set(bad_files(ctx.test_ds))),  # one shared skip log
         "seconds": ctx.timings,
         "eval_seconds": round(time.time() - started, 1),

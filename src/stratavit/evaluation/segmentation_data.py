@@ -128,6 +128,8 @@ class SegmentationFolder(Dataset):
         size: side ``S`` of the network input.
         mean, std: per-channel normalisation of the RGB values in ``[0, 1]``.
         limit: keep only the first ``limit`` pairs (sorted by stem); ``None``: all.
+        max_images: then keep a fixed random subset of this many pairs (seeded by ``seed``, in stem
+            order); ``None``: all. :attr:`total` counts the pairs before either cut.
 
     Items: ``(image (3, S, S) float32 normalised, mask (S, S) int64, index int)``.
 
@@ -144,6 +146,8 @@ class SegmentationFolder(Dataset):
         std: Sequence[float] = IMAGENET_STD,
         *,
         limit: int | None = None,
+        max_images: int | None = None,
+        seed: int = 0,
     ) -> None:
         self.root = Path(root)
         self.size = int(size)
@@ -181,10 +185,16 @@ class SegmentationFolder(Dataset):
                 f"no image/mask pairs in {self.root}: images/ holds no {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} "
                 f"files ({len(masks)} png masks found)"
             )
+        self.total = len(stems)
         if limit is not None:
             if limit < 1:
                 raise EvaluationError(f"limit must be positive, not {limit}")
             stems = stems[:limit]
+        if max_images is not None and max_images < len(stems):
+            if max_images < 1:
+                raise EvaluationError(f"dense.max_images must be positive, not {max_images}")
+            g = torch.Generator().manual_seed(int(seed))
+            stems = [stems[i] for i in torch.randperm(len(stems), generator=g)[:max_images].sort().values.tolist()]
         self.stems = stems
         self.image_paths = [images[s] for s in stems]
         self.mask_paths = [masks[s] for s in stems]
@@ -227,6 +237,15 @@ class SegmentationFolder(Dataset):
     def original_masks(self) -> Sequence[Tensor]:
         """All masks at their own resolution, as a lazy sequence (each read from disk on access)."""
         return _OriginalMasks(self)
+
+    def identity(self) -> str:
+        """Short fingerprint of the pairs used (names and file sizes, not times): the same data on
+        another machine has the same identity (recorded in ``results.json`` for ``compare``)."""
+        h = hashlib.sha1()
+        for a, b in zip(self.image_paths, self.mask_paths):
+            for p in (a, b):
+                h.update(f"{p.name}:{p.stat().st_size};".encode())
+        return h.hexdigest()[:16]
 
     def digest(self) -> str:
         """Fingerprint of the pairs (names, sizes, modification times), for feature caches."""

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from stratavit.evaluation.block_plots import plot_block_curve
+from stratavit.evaluation.class_checks import class_names, class_warnings
+from stratavit.evaluation.comparability import knn_basis, linear_basis
 from stratavit.evaluation.embedding import plot_embedding_2d
 from stratavit.evaluation.features import BlockFeatures, raw_pixel_features
 from stratavit.evaluation.knn import knn_per_block, knn_top1
@@ -153,14 +154,6 @@ def _raw_pixels(ctx: Context) -> RawPixels:
     return RawPixels(knn, round(lin, 2))
 
 
-def class_names(ds: Dataset) -> list[str] | None:
-    """The class names of a (possibly wrapped) labelled data set, if it has them."""
-    while not hasattr(ds, "classes") and hasattr(ds, "dataset"):
-        ds = ds.dataset  # type: ignore[attr-defined]
-    names = getattr(ds, "classes", None)
-    return [str(c) for c in names] if names else None
-
-
 def _best_block(results: Mapping[str, Any]) -> tuple[int | None, float | None]:
     """The block with the highest kNN top-1 (the first of ties) and that value."""
     best: tuple[int | None, float | None] = (None, None)
@@ -211,15 +204,18 @@ class Classification(Evaluation):
     compare_plots = (
         ComparePlot("knn_layers", "compare_knn_layers.png", "kNN top-1 per block", "kNN top-1 per transformer block",
                     "kNN top-1 (%)", (("", ("layers",), "knn_top1"), (" (patch tokens)", ("layers",), "knn_top1_patch")),
-                    10),
+                    10, column="knn_top1"),
         ComparePlot("linear_layers", "compare_linear_layers.png", "Linear probe top-1 per block",
                     "linear probe top-1 per transformer block", "linear top-1 (%)",
-                    (("", ("layers",), "linear_top1"), (" (patch tokens)", ("layers",), "linear_top1_patch")), 20),
+                    (("", ("layers",), "linear_top1"), (" (patch tokens)", ("layers",), "linear_top1_patch")), 20,
+                    column="linear_top1"),
     )
 
     def run(self, model: nn.Module, ctx: Context, plan: Any) -> ClassificationResult:
         o = ctx.options
         ftr, fte = ctx.features(model)
+        for text in class_warnings(ftr.labels, fte.labels, class_names(ctx.test_ds)):
+            ctx.warn(text)
         with ctx.timed("probes"):
             layers, last = classification_probes(
                 ftr, fte, num_classes=num_classes(ftr.labels, fte.labels), k=o.knn.k, temperature=o.knn.temperature,
@@ -283,17 +279,22 @@ class Classification(Evaluation):
                 return None
             return f"block {row['best_block_knn']} ({fmt(row['best_block_knn_top1'])})"
 
+        def baseline_basis(r: Mapping[str, Any]) -> Mapping[str, Any]:
+            return knn_basis(r, model=False)
+
         return [
             Column("knn_top1", lambda r: number(dig(r, "knn", "top1")), header="kNN top-1 (%)",
-                   best=("kNN top-1", True), bar="kNN top-1 (%)"),
+                   best=("kNN top-1", True), bar="kNN top-1 (%)", basis=knn_basis),
             Column("linear_top1", lambda r: number(dig(r, "linear", "top1")), header="linear top-1 (%)",
-                   best=("linear top-1", True), bar="linear top-1 (%)"),
-            Column("best_block_knn", lambda r: _best_block(r)[0], header="best block kNN (%)", cell=best_cell),
-            Column("best_block_knn_top1", lambda r: _best_block(r)[1], best=("best-block kNN top-1", True)),
+                   best=("linear top-1", True), bar="linear top-1 (%)", basis=linear_basis),
+            Column("best_block_knn", lambda r: _best_block(r)[0], header="best block kNN (%)", cell=best_cell,
+                   basis=knn_basis),
+            Column("best_block_knn_top1", lambda r: _best_block(r)[1], best=("best-block kNN top-1", True),
+                   basis=knn_basis),
             Column("random_init_knn_top1", lambda r: number(dig(r, "baselines", "random_init", "knn_top1")),
-                   group="baseline"),
+                   group="baseline", basis=baseline_basis),
             Column("raw_pixels_knn_top1", lambda r: number(dig(r, "baselines", "raw_pixels", "knn_top1")),
-                   group="baseline"),
+                   group="baseline", basis=baseline_basis),
             Column("knn_k", lambda r: integer(dig(r, "knn", "k")), group="setting",
                    must_agree=("the kNN numbers use different k", "k")),
         ]

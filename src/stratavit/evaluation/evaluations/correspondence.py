@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from stratavit.data.datasets import build_dataset
+from stratavit.evaluation.comparability import correspondence_basis
 from stratavit.evaluation.correspondence import correspondence_score
 from stratavit.evaluation.options import Options
 from stratavit.evaluation.protocol import (
@@ -77,7 +78,7 @@ class Correspondence(Evaluation):
     compare_plots = (
         ComparePlot("correspondence", "compare_correspondence.png", "Correspondence top-1 per block",
                     "correspondence top-1 per transformer block", "correspondence top-1 (%)",
-                    (("", ("correspondence", "layers"), "top1"),), 30),
+                    (("", ("correspondence", "layers"), "top1"),), 30, column="correspondence_top1"),
     )
 
     def enabled(self, options: Options) -> bool:
@@ -130,5 +131,5 @@ class Correspondence(Evaluation):
         return [
             Column("correspondence_top1", lambda r: number(dig(r, "correspondence", "top1")),
                    header="correspondence top-1 (%)", best=("correspondence top-1", True),
-                   bar="correspondence top-1 (%)"),
+                   bar="correspondence top-1 (%)", basis=correspondence_basis),
         ]
