@@ -96,4 +96,4 @@ def test_bad_input_gives_one_line_and_exit_2(name, argv, expected, tmp_path, cif
     assert len(lines) == 1, (name, err)
     assert lines[0].startswith(f"stratavit {argv[0]}: error: ")
     assert sub(expected) in lines[0], (name, lines[0])
-    # (re-enabled with the lifecycle branch) assert not (tmp_path / "x").exists(), "a failed start left a run folder behind"
+    assert not (tmp_path / "x").exists(), "a failed start left a run folder behind"

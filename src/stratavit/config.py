@@ -9,6 +9,8 @@ layer (:mod:`stratavit.recipe`) builds through the objectives registry.
 
 from __future__ import annotations
 
+import re
+
 import dataclasses
 import difflib
 import types
@@ -151,6 +153,13 @@ class TrainConfig:
     """Stop after this many optimiser steps (schedules are laid out over min(epochs, steps))."""
     max_time_s: float | None = None
     """Also stop after this many seconds of training (the schedule still follows epochs/max_steps)."""
+    budget: str | None = None
+    """Wall-clock budget of the whole run, e.g. ``15m``, ``2h``, ``1h30m``: the run measures its own
+    cost, plans its steps so every schedule (lr, weight decay, EMA, and the epoch schedules: warm-ups,
+    teacher temperature, ProtoNCE's E-steps) ends inside the budget, and re-plans if the pace drifts
+    (:mod:`stratavit.engine.budget`). Planned vs actual time in ``run.json``. ``None``: the recipe's epochs."""
+    budget_tolerance: float = 0.05
+    """Re-plan when the projected end misses the budget by more than this fraction of it."""
     seed: int = 0
     accelerator: str = "auto"
     devices: int = 1
@@ -348,10 +357,35 @@ def check_override_path(cls: Any, parts: list[str], start: int = 0) -> None:
         cls = tp if dataclasses.is_dataclass(tp) else None
 
 
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Seconds of a duration: ``"15m"``, ``"2h"``, ``"1h30m"``, ``"90s"``, ``"0.5h"``; a bare number is seconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        s = str(text).strip().lower().replace(" ", "")
+        if re.fullmatch(r"\d+(?:\.\d+)?", s):
+            seconds = float(s)
+        elif s and re.fullmatch(r"(?:\d+(?:\.\d+)?[smhd])+", s):
+            seconds = sum(float(n) * _UNITS[u] for n, u in _DURATION.findall(s))
+        else:
+            raise ConfigError(f"train.budget={text!r} is not a duration; write e.g. 15m, 2h, 1h30m or 900s")
+    if not seconds > 0:
+        raise ConfigError(f"train.budget={text!r} must be longer than zero")
+    return seconds
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that no single type annotation can express."""
     if not cfg.objectives:
         raise ConfigError("the config has no objectives; a recipe must list at least one under 'objectives'")
+    if cfg.train.budget is not None:
+        parse_duration(cfg.train.budget)
+        if not 0 < cfg.train.budget_tolerance < 1:
+            raise ConfigError(f"train.budget_tolerance={cfg.train.budget_tolerance} must be between 0 and 1 (e.g. 0.05)")
     v = cfg.views
     if v.global_crops < 1:
         raise ConfigError("views.global_crops must be >= 1 (the teacher needs global views)")

@@ -25,32 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from stratavit.config import ConfigError
+from stratavit.config import ConfigError, parse_duration
 
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
-
-
-def parse_duration(text: str | float | int) -> float:
-    """Seconds of a duration: ``"15m"``, ``"2h"``, ``"1h30m"``, ``"90s"``, ``"0.5h"``; a bare number is seconds."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        seconds = float(text)
-    else:
-        s = str(text).strip().lower().replace(" ", "")
-        if re.fullmatch(r"\d+(?:\.\d+)?", s):
-            seconds = float(s)
-        elif s and re.fullmatch(r"(?:\d+(?:\.\d+)?[smhd])+", s):
-            seconds = sum(float(n) * _UNITS[u] for n, u in _DURATION.findall(s))
-        else:
-            raise ConfigError(f"train.budget={text!r} is not a duration; write e.g. 15m, 2h, 1h30m or 900s")
-    if not seconds > 0:
-        raise ConfigError(f"train.budget={text!r} must be longer than zero")
-    return seconds
-
+__all__ = ["BudgetPlan", "Costs", "compressed_overrides", "parse_duration", "plan_budget", "predicted_seconds", "replan"]
 
 @dataclass
 class Costs:

@@ -33,6 +33,8 @@ from torch.utils.data import DataLoader
 from stratavit.backbones.export import export_backbone
 from stratavit.config import Config, ConfigError, dump_yaml
 from stratavit.data.datasets import Indexed, bad_files
+from stratavit.engine.budget_setup import setup_budget
+from stratavit.engine.callbacks.budget import BudgetWatch
 from stratavit.engine.callbacks.checkpoint import (
     BatchSeed,
     LastCheckpoint,
@@ -220,6 +222,12 @@ def run_summary(
     }
     if wall > 0 and steps_now > 0:
         summary["images_per_s"] = round(steps_now * cfg.data.batch_size * trainer.world_size / wall, 2)
+    watch = next((c for c in trainer.callbacks if isinstance(c, BudgetWatch)), None)  # type: ignore[attr-defined]
+    if watch is not None:
+        plan = watch.plan
+        summary["budget"] = {"budget_s": plan.budget_s, "planned_s": round(plan.planned_s, 1),
+                             "actual_s": round(watch.elapsed_s(), 1), "max_steps": plan.max_steps, "scale": round(plan.scale, 5),
+                             "step_s": round(plan.costs.step_s, 4), "replans": plan.replans}
     return summary
 
 
@@ -280,6 +288,14 @@ def _images(loader: DataLoader) -> int | None:
     return int(count) if count is not None else None
 
 
+def _spent_before(run: RunFolder, point: ResumePoint | None) -> float:
+    """Seconds of a ``train.budget`` the earlier sessions of a continued run used (``run.json``)."""
+    if point is None or not run.summary.exists():
+        return 0.0
+    previous = run.read_summary()
+    return float((previous.get("budget") or {}).get("actual_s", previous.get("wall_time_s", 0.0)))
+
+
 def _check_trainer(cfg: Config, run: RunFolder, callbacks: list[Any]) -> L.Trainer:
     """:func:`build_trainer`, with Lightning's refusals of the settings (no GPU for
     ``train.accelerator=gpu``, more devices than there are, an unknown strategy) as ConfigError."""
@@ -323,6 +339,7 @@ def pretrain(
         TrainingInterrupted: SIGINT or SIGTERM stopped the run (its ``message()`` says where and
             how to continue); the checkpoint and ``run.json`` are written.
     """
+    started = time.time()  # a train.budget counts from here
     run = RunFolder(Path(out))
     overrides = [*overrides, *([f"data.path={data}"] if data is not None else [])]
     cfg, resuming = resolve_run_config(run.root, recipe, overrides, resume or from_previous, from_previous)
@@ -335,7 +352,12 @@ def pretrain(
         loader = build_train_loader(cfg, module.backbone.patch_size, skip_log=run.skipped)
         check_data(module, loader)
         start = prepare_resume(point, loader) if point is not None else None
-        extra = [*callbacks, *([StartLine(report, cfg.recipe, _images(loader), run.root, point.step if point else 0)] if report else [])]
+        budget = setup_budget(cfg, run, module, loader, resuming, started, _spent_before(run, point), build_module, _precision(cfg))
+        if budget is not None:  # the recipe compressed into the budget; the module built from it
+            cfg, module = budget.cfg, budget.module
+            check_data(module, loader)
+        extra = [*callbacks, *([budget.watch] if budget else [])]
+        extra += [StartLine(report, cfg.recipe, _images(loader), run.root, point.step if point else 0)] if report else []
         trainer = _check_trainer(cfg, run, engine_callbacks(cfg, run, module, extra, signals))
     run.config.write_text(dump_yaml(cfg))  # only once the settings are known to work
     if trainer.is_global_zero:  # versions, machine, command line, commit: one entry per start or resume

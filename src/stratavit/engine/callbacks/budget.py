@@ -82,6 +82,9 @@ class BudgetWatch(L.Callback):
         trainer.fit_loop.max_epochs = max(int(trainer.fit_loop.max_epochs or 0), math.ceil(n / self.plan.steps_per_epoch))
         if hasattr(pl_module, "set_total_steps"):
             pl_module.set_total_steps(n)
+        for cb in trainer.callbacks:  # type: ignore[attr-defined]  # e.g. LogEndSteps, which logs the last step
+            if cb is not self and hasattr(cb, "planned_steps") and getattr(cb, "planned_steps", None) is not None:
+                cb.planned_steps = n
         if trainer.is_global_zero:
             write_json(self.path, self.plan.to_dict())
 
