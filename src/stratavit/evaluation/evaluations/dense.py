@@ -8,9 +8,10 @@ Limits: the probe reads at most ``dense.max_images`` (default 1000) pairs of eac
 random subset beyond that) and trains each block's head for ``dense.steps`` (default 400)
 optimiser steps, rounded up to whole epochs; the input size defaults to the evaluation's, which
 defaults to the run's training resolution. What it used is printed (:meth:`Dense.settings_line`)
-and recorded. Cost on 2 CPU cores (ViT-S/16 at 224 px, 11 classes, 367 / 101 images of 480x360):
-about 0.3 s per image for the tokens of both splits and most of a minute or more per block for
-the head (its loss is computed at 224 x 224); at a 64 px training resolution about 15x less.
+and recorded. The heads' loss is computed on masks of at most 4 pixels per token (``dense.loss_size``;
+see :func:`~stratavit.evaluation.dense_head.loss_side`). Cost on 2 shared CPU cores (random-init
+ViT-S/16 at 224 px, 367 / 101 images of 480x360, 11 classes): ~150 s for the tokens of both
+splits, then per block 80 s to train the head (242 s with the loss at 224 px) and ~20 s to score it.
 """
 
 from __future__ import annotations
