@@ -250,3 +250,14 @@ def test_report_headline_first_and_dense_limits_stated(capsys, moved_run, cifar_
     order = [report.index(s) for s in ("kNN top-1", "> **Warning:**", "## Headline", "## Per-block", "## Dense probe",
                                        "## Settings and provenance", "- **train_fingerprint**")]
     assert order == sorted(order)
+
+
+def test_bad_dense_limits_fail_in_one_line(capsys, moved_run, tmp_path):
+    for override, message in (("dense.steps=0", "dense.steps must be positive, not 0"),
+                              ("dense.max_images=0", "dense.max_images must be positive (or null for all images), not 0"),
+                              ("dense.loss_size=-1", "dense.loss_size must be positive (or null for the default), not -1")):
+        capsys.readouterr()
+        assert main(["evaluate", str(moved_run), "--train", "x", "--test", "y", "--out", str(tmp_path / "e"), override]) == 2
+        err = capsys.readouterr().err
+        assert err.strip().splitlines() == [f"stratavit evaluate: error: {message}"]
+    assert not (tmp_path / "e").exists()
