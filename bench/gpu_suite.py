@@ -216,7 +216,7 @@ class Suite:
         pretrain("dino", str(a.cifar_train), run, cfg)
         trained = time.perf_counter() - t0
         summary = json.loads((run / "run.json").read_text())
-        res = evaluate_run(run, str(a.cifar_train), str(a.cifar_test), run / "eval", k=20, linear_epochs=0,
+        res = evaluate_run(run, str(a.cifar_train), str(a.cifar_test), run / "eval", k=20, linear_epochs=1,
                            correspondence_images=0, visuals=False, batch_size=512,
                            train_limit=512 if a.tiny else None, test_limit=256 if a.tiny else None)
         knn = res["knn"]["top1"]

@@ -7,6 +7,7 @@ training or evaluation starts, so the whole walk takes seconds.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from stratavit.cli import main
 CASES: list[tuple[str, list[str], str]] = [
     # pretrain: recipe and data
     ("no recipe", ["pretrain", "--out", "{tmp}/x"], "choose a recipe with --recipe"),
+    ("recipe without --recipe", ["pretrain", "--out", "{tmp}/x", "dino"], "'dino' looks like a recipe: name it with --recipe, e.g. stratavit pretrain --recipe dino"),
     ("unknown recipe", ["pretrain", "--recipe", "nope", "--out", "{tmp}/x"], "unknown recipe 'nope'. Available: cl-edi"),
     ("missing recipe file", ["pretrain", "--recipe", "{tmp}/nope.yaml", "--out", "{tmp}/x"], "no such recipe file"),
     ("no data", ["pretrain", "--recipe", "dino", "--out", "{tmp}/x"], "no training data: pass --data DIR"),
@@ -38,7 +40,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("local above global", ["pretrain", "--recipe", "dino", "--data", "{C}", "--out", "{tmp}/x", "views.global_size=8"], "views.local_size=96 is larger than views.global_size=8"),
     ("crop below a patch", ["pretrain", "--recipe", "dino", "--data", "{C}", "--out", "{tmp}/x", "views.global_size=8", "views.local_size=8"], "patch"),
     ("images smaller than crops", ["pretrain", "--recipe", "dino", "--data", "{C}", "--out", "{tmp}/x"], "smaller than views.global_size=224"),
-    ("unknown arch", ["pretrain", "--recipe", "dino", "--data", "{C}", "--out", "{tmp}/x", "backbone.arch=vit_nonsense", *TINY], "cannot be built as a ViT"),
+    ("unknown arch", ["pretrain", "--recipe", "dino", "--data", "{C}", "--out", "{tmp}/x", *TINY, "backbone.arch=vit_nonsense"], "cannot be built as a ViT"),
     ("heads do not divide width", ["pretrain", "--recipe", "dino", "--data", "{C}", "--out", "{tmp}/x", *TINY, "backbone.embed_dim=30", "backbone.num_heads=4"], "multiple of backbone.num_heads"),
     ("bad enum", ["config", "--recipe", "mcvt", "objectives.protonce.proto_scale=half"], "proto_scale"),
     # pretrain: continuing
@@ -48,6 +50,10 @@ CASES: list[tuple[str, list[str], str]] = [
     ("not a run", ["evaluate", "{tmp}/none", "--train", "{C}", "--test", "{T}"], "is not a stratavit run folder"),
     ("eval data missing", ["evaluate", "{RUN}", "--train", "{tmp}/none", "--test", "{T}"], "data folder {tmp}/none does not exist"),
     ("eval size not a patch multiple", ["evaluate", "{RUN}", "--train", "{C}", "--test", "{T}", "--img-size", "30"], "not a multiple of the patch size"),
+    ("eval batch 0", ["evaluate", "{RUN}", "--train", "{C}", "--test", "{T}", "--batch-size", "0"], "batch_size=0 must be >= 1"),
+    ("eval limit 0", ["evaluate", "{RUN}", "--train", "{C}", "--test", "{T}", "--train-limit", "0"], "train_limit=0 must be >= 1"),
+    ("knn k 0", ["evaluate", "{RUN}", "--train", "{C}", "--test", "{T}", "knn.k=0"], "knn.k=0 must be >= 1"),
+    ("linear epochs 0", ["evaluate", "{RUN}", "--train", "{C}", "--test", "{T}", "linear.epochs=0"], "linear.epochs=0 must be >= 1"),
     ("unknown eval option", ["evaluate", "{RUN}", "--train", "{C}", "--test", "{T}", "knn.kk=3"], "Did you mean 'k'"),
     ("dense half given", ["evaluate", "{RUN}", "--train", "{C}", "--test", "{T}", "--dense-train", "{H}/train"], "needs both --dense-train and --dense-val"),
     # compare
@@ -69,18 +75,29 @@ CASES: list[tuple[str, list[str], str]] = [
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, cifar_train) -> Path:
+def small_cifar(tmp_path_factory, cifar_train) -> Path:
+    """24 CIFAR-10 JPEGs in 3 classes: what the checks read, without scanning 50,000 files per case."""
+    root = tmp_path_factory.mktemp("small-cifar")
+    for cls in sorted(p for p in cifar_train.iterdir() if p.is_dir())[:3]:
+        (root / cls.name).mkdir()
+        for img in sorted(cls.iterdir())[:8]:
+            shutil.copy(img, root / cls.name / img.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, small_cifar) -> Path:
     run = tmp_path_factory.mktemp("walk") / "run"
-    assert main(["pretrain", "--recipe", "dino", "--data", str(cifar_train), "--out", str(run), *TINY,
-                 "data.limit=32", "train.max_steps=1"]) == 0
+    assert main(["pretrain", "--recipe", "dino", "--data", str(small_cifar), "--out", str(run), *TINY,
+                 "data.limit=16", "train.max_steps=1"]) == 0
     return run
 
 
 @pytest.mark.parametrize("name,argv,expected", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_gives_one_line_and_exit_2(name, argv, expected, tmp_path, cifar_train, cifar_test, horses_dir, tiny_run, capsys):
+def test_bad_input_gives_one_line_and_exit_2(name, argv, expected, tmp_path, small_cifar, horses_dir, tiny_run, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "file.txt").write_text("not images")
-    fill = {"{C}": str(cifar_train), "{T}": str(cifar_test), "{RUN}": str(tiny_run), "{H}": str(horses_dir), "{tmp}": str(tmp_path)}
+    fill = {"{C}": str(small_cifar), "{T}": str(small_cifar), "{RUN}": str(tiny_run), "{H}": str(horses_dir), "{tmp}": str(tmp_path)}
 
     def sub(s: str) -> str:
         for k, v in fill.items():

@@ -71,6 +71,17 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe_given_as_override(recipe: str | None, overrides: Sequence[str]) -> None:
+    """``stratavit pretrain dino --out X``: the recipe given without ``--recipe`` is named in one line."""
+    from stratavit.config import ConfigError
+    from stratavit.recipe import recipe_names
+
+    for text in overrides:
+        if "=" not in text and (text in recipe_names() or text.endswith((".yaml", ".yml"))):
+            raise ConfigError(f"'{text}' looks like a recipe: name it with --recipe, e.g. stratavit pretrain --recipe {text} "
+                              "--data DIR --out RUN" + (f" (this command also has --recipe {recipe})" if recipe else ""))
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """Train. A SIGINT / SIGTERM stops the run at a step boundary with a checkpoint and raises
     ``TrainingInterrupted``, which :func:`main` reports in one line (exit code 130 / 143)."""
@@ -78,6 +89,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from stratavit.engine.train import pretrain  # Lightning and torch: loaded only for this command
 
     _quiet_libraries(args.verbose)  # again: Lightning's import reset its loggers
+    _recipe_given_as_override(args.recipe, args.overrides)
     out = pretrain(args.recipe, args.data, args.out, args.overrides, resume=args.resume,
                    from_previous=args.from_previous, report=lambda line: print(line, flush=True))
     if not launched_as_rank_zero():
@@ -210,6 +222,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from stratavit.demo import run_demo
 
+    _quiet_libraries(args.verbose)  # again: importing Lightning reset its loggers
     results = run_demo(Path(args.out), args.overrides)
     rand, raw = results["baselines"]["random_init"], results["baselines"]["raw_pixels"]
     print(f"\n{'(last block)':<22}{'pre-trained':>12}{'random init':>13}{'raw pixels':>12}")

@@ -12,7 +12,7 @@ line naming the allowed ones.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from stratavit.config import ConfigError, build_dataclass, parse_override, to_dict
@@ -24,14 +24,14 @@ __all__ = ["GeneralOptions", "Options", "build_options", "parse_overrides"]
 class GeneralOptions:
     """Settings every evaluation shares (CLI flags of the same names)."""
 
-    train_limit: int | None = None
-    test_limit: int | None = None
-    batch_size: int = 256
-    img_size: int | None = None
+    train_limit: int | None = field(default=None, metadata={"min": 1})
+    test_limit: int | None = field(default=None, metadata={"min": 1})
+    batch_size: int = field(default=256, metadata={"min": 1})
+    img_size: int | None = field(default=None, metadata={"min": 1})
     resize: Literal["center_crop", "stretch"] = "center_crop"
     which: Literal["teacher", "student"] = "teacher"
     baselines: bool = False
-    num_workers: int = 0
+    num_workers: int = field(default=0, metadata={"min": 0})
     visuals: bool = True
     seed: int = 0
 
@@ -74,7 +74,20 @@ def build_options(section_types: Mapping[str, type], values: Mapping[str, Any] |
         if not isinstance(given, Mapping):
             raise ConfigError(f"'{name}' is a section: set its fields, e.g. {name}.<field>=value")
         sections[name] = build_dataclass(cls, dict(given), name)
+    for prefix, built in [("", general), *((f"{n}.", s) for n, s in sections.items())]:
+        check_minimums(built, prefix)
     return Options(general, sections)
+
+
+def check_minimums(options: Any, prefix: str = "") -> None:
+    """ConfigError for a field below the ``min`` its dataclass field's metadata gives (``None`` passes)."""
+    for f in fields(options):
+        low, value = f.metadata.get("min"), getattr(options, f.name)
+        if low is None or value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, (int, float)) and not isinstance(v, bool) and v < low for v in values):
+            raise ConfigError(f"{prefix}{f.name}={value} must be >= {low}")
 
 
 def parse_overrides(overrides: Sequence[str], base: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -50,15 +50,15 @@ BASELINE_NAMES = {"random_init": "random init", "raw_pixels": "raw pixels"}
 class KnnOptions:
     """``knn.*``: the weighted kNN classifier (DINO protocol)."""
 
-    k: int = 20
-    temperature: float = 0.07
+    k: int = field(default=20, metadata={"min": 1})
+    temperature: float = field(default=0.07, metadata={"min": 1e-6})
 
 
 @dataclass
 class LinearOptions:
     """``linear.*``: the linear probes (one per block and pooling)."""
 
-    epochs: int = 100
+    epochs: int = field(default=100, metadata={"min": 1})
 
 
 def baseline_label(name: str) -> str:

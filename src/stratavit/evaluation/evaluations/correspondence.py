@@ -39,7 +39,7 @@ __all__ = ["Correspondence", "CorrespondenceBlock", "CorrespondenceOptions", "Co
 class CorrespondenceOptions:
     """``correspondence.*``: how many held-out test images (0: skip the score)."""
 
-    images: int = 200
+    images: int = field(default=200, metadata={"min": 0})
 
 
 @dataclass
