@@ -187,16 +187,16 @@ def test_matching_logits_give_a_lower_loss_than_shuffled_ones():
     probs = F.softmax(teacher / 0.1, -1)
     idx = torch.arange(20)
     w = torch.full((20,), 1 / 20)
-    good = matched_pair_loss(teacher, idx, probs, idx, w, 0.1)
-    bad = matched_pair_loss(teacher[torch.randperm(20)], idx, probs, idx, w, 0.1)
+    good = matched_pair_loss(teacher / 0.1, idx, probs, idx, w)
+    bad = matched_pair_loss(teacher[torch.randperm(20)] / 0.1, idx, probs, idx, w)
     assert good < bad
     # zero-weight pairs do not count; a pair's weight multiplies its cross-entropy
     ce = -(probs * F.log_softmax(teacher / 0.1, -1)).sum(-1)
     w_pad = w.clone()
     w_pad[3:] = 0
-    assert float(matched_pair_loss(teacher, idx, probs, idx, w_pad, 0.1)) == pytest.approx(float(ce[:3].sum() / 20), rel=1e-5)
+    assert float(matched_pair_loss(teacher / 0.1, idx, probs, idx, w_pad)) == pytest.approx(float(ce[:3].sum() / 20), rel=1e-5)
     # two teacher rows onto one student row: the weighted sum of both cross-entropies
-    two = matched_pair_loss(teacher[:1], torch.tensor([0, 0]), probs[:2], torch.tensor([0, 1]), torch.tensor([0.25, 0.75]), 0.1)
+    two = matched_pair_loss(teacher[:1] / 0.1, torch.tensor([0, 0]), probs[:2], torch.tensor([0, 1]), torch.tensor([0.25, 0.75]))
     lp = F.log_softmax(teacher[0] / 0.1, -1)
     assert float(two) == pytest.approx(float(-(0.25 * probs[0] + 0.75 * probs[1]) @ lp), rel=1e-5)
 
@@ -340,8 +340,12 @@ def test_head_on_matched_tokens_equals_head_on_every_token(cifar_train, patch_we
         x.grad = None
     for f in (s_g[-1], s_l[-1]):
         f._post = None  # the reference cached the post-norm tokens
+    center = obj.center.clone()
     out = obj(student, teacher, obj.head, StepState(0, 5, 10, 100))
     torch.testing.assert_close(out.loss, want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the centre: every teacher token's output, averaged per position (head on all tokens)
+        t_all = obj.head(t_f.tokens.reshape(-1, 16)).reshape(16, 65, -1)
+    torch.testing.assert_close(obj.center, center * 0.9 + t_all.mean(0) * 0.1)
     out.loss.backward()
     torch.testing.assert_close(s_g[-1].tokens_pre.grad, grads_want[0], rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(s_l[-1].tokens_pre.grad, grads_want[1], rtol=1e-4, atol=1e-7)

@@ -35,14 +35,14 @@ from torch import Tensor, nn
 
 from stratavit.backbones.features import FeatureBackbone
 from stratavit.config import ConfigError, ViewsConfig
-from stratavit.distributed import sample_seeds
+from stratavit.distributed import all_reduce_sum, sample_seeds, world_size
 from stratavit.objectives.base import (
     Objective,
     ObjectiveOutput,
     StepState,
     ViewFeatures,
 )
-from stratavit.objectives.dino import DINOConfig, teacher_temperature, updated_center
+from stratavit.objectives.dino import DINOConfig, teacher_temperature
 from stratavit.objectives.heads import DINOHead
 from stratavit.objectives.patch_match.pairs import matched_pairs, matched_pair_loss
 
@@ -131,24 +131,27 @@ class PatchMatch(Objective):
         return patchwise_jitter(images, self.patch_size, self.cfg.patch_jitter_p, self.cfg.patch_jitter_strength, gens)
 
     def _student_logits(self, student: ViewFeatures, rows: Tensor) -> Tensor:
-        """(U, K) student logits of the flattened student token ``rows`` (global views, then local; sorted).
+        """(U, K) student logits divided by τ_s of the flattened student token ``rows`` (global views,
+        then local; sorted).
 
         Without batch-norm in the head (``use_bn = False``, the default) every token is mapped on
-        its own, so only these rows go through the final norm and the head; with batch-norm the head
-        runs on every token of each view group (its statistics are those of the group's tokens, as
-        in the authors' code) and the rows are selected after.
+        its own, so only these rows go through the final norm and the head; with batch-norm the
+        head's MLP runs on every token of each view group (its statistics are those of the group's
+        tokens, as in the authors' code) and only the last (linear) layer on these rows.
         """
         lv = self.levels[0]
         groups = [student.global_[lv]] + ([student.local[lv]] if student.local is not None and student.n_local else [])
         flat = [f.tokens_pre.reshape(-1, f.tokens_pre.shape[-1]) for f in groups]
+        norm = groups[0].norm
         if self.cfg.use_bn:
-            return torch.cat([self.head(groups[0].norm(x)) for x in flat])[rows].float()
-        n_first = flat[0].shape[0]
-        picked = [flat[0][rows[rows < n_first]]]
-        if len(flat) > 1:
-            picked.append(flat[1][rows[rows >= n_first] - n_first])
-        x = torch.cat(picked) if len(picked) > 1 else picked[0]
-        return self.head(groups[0].norm(x)).float()
+            z = torch.cat([self.head.bottleneck(norm(x)) for x in flat])[rows]
+        else:
+            n_first = flat[0].shape[0]
+            picked = [flat[0][rows[rows < n_first]]]
+            if len(flat) > 1:
+                picked.append(flat[1][rows[rows >= n_first] - n_first])
+            z = self.head.bottleneck(norm(torch.cat(picked) if len(picked) > 1 else picked[0]))
+        return self.head.prototypes(z, 1.0 / self.cfg.student_temp).float()
 
     def forward(
         self, student: ViewFeatures, teacher: ViewFeatures, teacher_head: nn.Module | None, state: StepState
@@ -157,7 +160,7 @@ class PatchMatch(Objective):
         lv = self.levels[0]
         batch = student.batch
         t_feats = teacher.global_[lv]
-        n_tokens = t_feats.tokens.shape[1]
+        n_views, n_tokens, dim = t_feats.tokens_pre.shape
         if self.center.shape[0] != n_tokens:
             raise ValueError(
                 f"patch_match: the global views have {n_tokens} tokens but the centre was "
@@ -172,20 +175,23 @@ class PatchMatch(Objective):
         t_rows, t_index = torch.unique(pairs.teacher_rows, return_inverse=True)
         temp = teacher_temperature(self.cfg, state.epoch)
         with torch.no_grad():
-            t_tokens = t_feats.tokens  # every token (the centre is a mean over all of them), as rows:
-            t_out = teacher_head(t_tokens.reshape(-1, t_tokens.shape[-1])).float()  # batch-norm wants (rows, C)
-            k = t_out.shape[-1]
-            t_out = t_out.reshape(t_tokens.shape[0], n_tokens, k)  # (n_g·B, 1+N, K)
-            t_probs = F.softmax((t_out.reshape(-1, k)[t_rows] - self.center[t_rows % n_tokens]) / temp, dim=-1)
-        s_logits = self._student_logits(student, s_rows)
-        loss = matched_pair_loss(s_logits, s_index, t_probs, t_index, pairs.weights, self.cfg.student_temp)
+            # the teacher's MLP on every token (the centre is a mean over all of them); its last layer
+            # is linear, so the centre needs it only on the per-position mean, and the loss on the
+            # matched rows
+            z = teacher_head.bottleneck(t_feats.tokens.reshape(-1, dim)).float()  # (n_g·B·(1+N), D)
+            shifted_center = self.center / temp
+            t_probs = F.softmax(teacher_head.prototypes(z[t_rows], 1.0 / temp).float()
+                                - shifted_center[t_rows % n_tokens], dim=-1)  # (R, K)
+        loss = matched_pair_loss(self._student_logits(student, s_rows), s_index, t_probs, t_index, pairs.weights)
         with torch.no_grad():
-            cls_probs = F.softmax((t_out[: batch.batch_size, 0] - self.center[0]) / temp, dim=-1)  # view 0's CLS targets
+            cls = teacher_head.prototypes(z[: batch.batch_size * n_tokens : n_tokens], 1.0 / temp).float()
+            cls_probs = F.softmax(cls - shifted_center[0], dim=-1)  # view 0's CLS targets: a cheap collapse signal
             entropy = -(cls_probs * torch.log(cls_probs.clamp_min(1e-12))).sum(-1).mean()
             if self.training:
-                flat = updated_center(self.center.reshape(1, -1), t_out.reshape(t_out.shape[0], -1),
-                                      self.cfg.center_momentum)
-                self.center.copy_(flat.reshape_as(self.center))
+                z_mean = all_reduce_sum(z.reshape(n_views, n_tokens, -1).sum(0)) / (n_views * world_size())
+                batch_mean = teacher_head.prototypes(z_mean).float()  # (1+N, K) = mean of the teacher outputs
+                m = self.cfg.center_momentum
+                self.center.copy_(self.center * m + batch_mean * (1 - m))
         return ObjectiveOutput(
             loss,
             {"patch_match/matched_per_pair": pairs.patch_pairs, "patch_match/teacher_entropy": entropy,

@@ -106,19 +106,18 @@ def matched_pairs(
 
 
 def matched_pair_loss(
-    student_logits: Tensor, student_index: Tensor, teacher_probs: Tensor, teacher_index: Tensor, weights: Tensor,
-    student_temp: float,
+    student_logits: Tensor, student_index: Tensor, teacher_probs: Tensor, teacher_index: Tensor, weights: Tensor
 ) -> Tensor:
-    """``−Σ_u A_u · log_softmax(s_u / τ_s)`` with ``A = S @ teacher_probs`` (no gradient).
+    """``−Σ_u A_u · log_softmax(s_u)`` with ``A = S @ teacher_probs`` (no gradient).
 
     Args:
-        student_logits: (U, K) student logits of the rows that occur in some pair.
+        student_logits: (U, K) student logits, already divided by τ_s, of the rows that occur in some pair.
         student_index: (P,) row of ``student_logits`` of each pair.
         teacher_probs: (R, K) teacher distributions of the rows that occur in some pair.
         teacher_index: (P,) row of ``teacher_probs`` of each pair.
         weights: (P,) pair weights (the loss is their weighted sum of cross-entropies).
     Returns:
-        scalar: ``Σ_p weights[p] · CE(teacher_probs[teacher_index[p]], softmax(student_logits[student_index[p]] / τ_s))``.
+        scalar: ``Σ_p weights[p] · CE(teacher_probs[teacher_index[p]], softmax(student_logits[student_index[p]]))``.
     """
     with torch.no_grad():
         s = torch.sparse_coo_tensor(
@@ -126,4 +125,4 @@ def matched_pair_loss(
             (student_logits.shape[0], teacher_probs.shape[0]), check_invariants=False,
         )
         targets = torch.sparse.mm(s, teacher_probs)  # (U, K)
-    return -(targets * F.log_softmax(student_logits / student_temp, dim=-1)).sum()
+    return -(targets * F.log_softmax(student_logits, dim=-1)).sum()
