@@ -7,7 +7,7 @@ post-norm token of the single level read (default: the last block) to K logits.
 
 ``L = λ_cls · L_cls + λ_mim · L_mim``:
 
-- ``L_cls``: DINO (:func:`stratavit.objectives.dino.dino_loss`) on the CLS outputs: mean over pairs
+- ``L_cls``: DINO (:func:`stratavit.objectives.dino.pair_cross_entropy`, every view pair at once) on the CLS outputs: mean over pairs
   (teacher global view q, student view v ≠ q, locals included) of ``mean_b CE(P_t(q), P_s(v))``,
   with the CLS centre ``c`` (1, K) and the CLS teacher temperature.
 - ``L_mim`` (:func:`mim_loss`): for each global view, CE between the teacher's patch distributions
@@ -62,7 +62,8 @@ from stratavit.objectives.base import (
 )
 from stratavit.objectives.dino import (
     DINOConfig,
-    dino_loss,
+    pair_cross_entropy,
+    teacher_probs,
     teacher_temperature,
     updated_center,
 )
@@ -140,9 +141,14 @@ def mim_loss(
         over the V·B images, with ``P_t = softmax((t − c)/τ_t)``, ``P_s = softmax(s/τ_s)`` — equal to
         iBOT's mean over views of the mean over images (every view has the same B).
     """
+    pt = teacher_probs(teacher_patch[masks].float(), center, teacher_temp)  # (M, K)
+    return masked_cross_entropy(student_masked, pt, masks, student_temp)
+
+
+def masked_cross_entropy(student_masked: Tensor, teacher_p: Tensor, masks: Tensor, student_temp: float) -> Tensor:
+    """:func:`mim_loss` from the teacher's probabilities at the masked positions, ``teacher_p`` (M, K)."""
     n_images = masks.shape[0]
-    pt = F.softmax((teacher_patch[masks].float() - center) / teacher_temp, dim=-1).detach()  # (M, K)
-    ce = torch.sum(-pt * F.log_softmax(student_masked.float() / student_temp, dim=-1), dim=-1)  # (M,)
+    ce = torch.sum(-teacher_p * F.log_softmax(student_masked.float() / student_temp, dim=-1), dim=-1)  # (M,)
     image_of_row = masks.nonzero()[:, 0]  # (M,)
     per_image = torch.zeros(n_images, dtype=ce.dtype, device=ce.device).index_add(0, image_of_row, ce)
     per_image = per_image / masks.sum(dim=1).clamp(min=1).to(ce.dtype)
@@ -307,19 +313,23 @@ class IBOT(Objective):
         if masks is None:
             masks = torch.zeros(s_tokens.shape[0], s_tokens.shape[1] - 1, dtype=torch.bool, device=s_tokens.device)
         s_cls, s_masked = self._student_outputs(s_tokens, masks)
-        s_local = self.head.cls(student.local[lv].cls).float().chunk(student.n_local) if student.local else ()
+        s_local = [self.head.cls(student.local[lv].cls)] if student.local else []
         with torch.no_grad():
             t_cls, t_patch = teacher_head(teacher.global_[lv].tokens)
             t_cls, t_patch = t_cls.float(), t_patch.float()  # (V·B, K), (V·B, N, K_p)
         temp = teacher_temperature(cfg, state.epoch)
         patch_temp = teacher_patch_temperature(cfg, state.epoch)
-        s_views = list(s_cls.float().chunk(n_g)) + list(s_local)
-        l_cls = dino_loss(s_views, list(t_cls.chunk(n_g)), self.center, cfg.student_temp, temp)
-        l_mim = mim_loss(s_masked, t_patch, masks, self.patch_center, cfg.student_temp, patch_temp)
+        s_all = torch.cat([s_cls, *s_local]).float()  # (V·B, K), view-major: global views, then local
+        b = t_cls.shape[0] // n_g
+        pt_cls = teacher_probs(t_cls, self.center, temp)  # (n_g·B, K)
+        l_cls = pair_cross_entropy(F.log_softmax(s_all / cfg.student_temp, dim=-1).reshape(-1, b, s_all.shape[-1]),
+                                   pt_cls.reshape(n_g, b, -1))
+        pt_patch = teacher_probs(t_patch[masks], self.patch_center, patch_temp)  # (M, K_p)
+        l_mim = masked_cross_entropy(s_masked, pt_patch, masks, cfg.student_temp)
         loss = cfg.lambda_cls * l_cls + cfg.lambda_mim * l_mim
         with torch.no_grad():
-            cls_entropy = _entropy(F.softmax((t_cls - self.center) / temp, dim=-1))
-            patch_entropy = _entropy(F.softmax((t_patch[masks] - self.patch_center) / patch_temp, dim=-1))
+            cls_entropy = _entropy(pt_cls)
+            patch_entropy = _entropy(pt_patch)
             if self.training:
                 self.center.copy_(updated_center(self.center, t_cls, cfg.center_momentum))
                 flat = t_patch.reshape(-1, t_patch.shape[-1])
