@@ -377,6 +377,27 @@ def test_objective_matches_a_per_pair_reference_style_implementation(padding):
     assert out.loss.item() == pytest.approx(0.2 * sp.item() + 0.5 * ch.item(), rel=1e-4)
 
 
+def test_objective_gradients_match_the_per_pair_reference_style_implementation():
+    """The batched objective (temperatures folded into the relations, per-group channel products) has the
+    gradients of the per-pair reference: on the student tokens and on every module parameter."""
+    bb, student, teacher = _case(b=3, n_g=2, n_l=2, seed=4)
+    for f in (student.global_, student.local):
+        for lf in f.values():
+            lf.tokens_pre.requires_grad_(True)
+    obj, head = _objective(bb, student_temp=0.7)
+    params = [p for p in obj.parameters() if p.requires_grad]
+    leaves = [student.global_[bb.depth].tokens_pre, student.local[bb.depth].tokens_pre]
+    out = obj(student, teacher, head, _state())
+    got = torch.autograd.grad(out.loss, leaves + params, allow_unused=True)
+    sp, ch, _ = _reference_style_loss(obj, student, teacher, head, obj.cfg.padding)
+    want = torch.autograd.grad(0.2 * sp + 0.5 * ch, leaves + params, allow_unused=True)
+    assert out.loss.item() == pytest.approx((0.2 * sp + 0.5 * ch).item(), rel=1e-4)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if g is not None:
+            assert float((g - w).norm()) <= 1e-4 * float(w.norm()) + 1e-8
+
+
 def test_objective_three_global_views_and_no_locals():
     bb, student, teacher = _case(b=2, n_g=3, n_l=0)
     obj, head = _objective(bb)

@@ -123,22 +123,31 @@ def tokens_to_map(patches: Tensor, grid: tuple[int, int]) -> Tensor:
     return patches.transpose(1, 2).reshape(m, c, h, w)
 
 
-def channel_relation(u: Tensor) -> Tensor:
-    """Channel self-relation ``U Uᵀ / N``: (M, C, N) -> (M, C, C)."""
-    return u @ u.transpose(-2, -1) / u.shape[-1]
+def channel_relation(u: Tensor, scale: float | None = None) -> Tensor:
+    """Channel self-relation ``U Uᵀ / N``: (..., C, N) -> (..., C, C).
+
+    ``scale`` replaces the ``1 / N`` (e.g. ``1 / (N τ)`` gives the relation divided by a
+    temperature); it is applied inside the matrix product, not as a pass over the result.
+    """
+    scale = 1.0 / u.shape[-1] if scale is None else scale
+    flat = u.reshape(-1, *u.shape[-2:])
+    rel = torch.baddbmm(u.new_zeros(()), flat, flat.transpose(-2, -1), beta=0.0, alpha=scale)
+    return rel.reshape(*u.shape[:-1], u.shape[-2])
 
 
-def spatial_relation(u: Tensor, num_heads: int) -> Tensor:
+def spatial_relation(u: Tensor, num_heads: int, scale: float = 1.0) -> Tensor:
     """Per-head spatial self-relation ``U_hᵀ U_h / sqrt(C / H)``: (M, C, N) -> (M, H, N, N).
 
     Head ``h`` holds channels ``[h C/H, (h + 1) C/H)`` (the split of the backbone's attention).
+    ``scale`` multiplies the result (e.g. ``1 / τ``), inside the matrix product.
     """
     m, c, n = u.shape
     if c % num_heads:
         raise ValueError(f"{c} channels do not split into {num_heads} heads")
     d = c // num_heads
-    uh = u.reshape(m, num_heads, d, n)
-    return uh.transpose(-2, -1) @ uh * (d**-0.5)
+    uh = u.reshape(m * num_heads, d, n)
+    rel = torch.baddbmm(u.new_zeros(()), uh.transpose(-2, -1), uh, beta=0.0, alpha=scale * d**-0.5)
+    return rel.reshape(m, num_heads, n, n)
 
 
 def relation_cross_entropy(teacher: Tensor, student: Tensor, teacher_temp: float, student_temp: float) -> Tensor:
@@ -288,12 +297,32 @@ def spatial_pair_losses(
         (P,) per-pair losses.
     """
     npairs, b, c, g2 = s_samples.shape
-    rt = spatial_relation(t_samples.reshape(npairs * b, c, g2), num_heads)
-    rs = spatial_relation(s_samples.reshape(npairs * b, c, g2), num_heads)
-    ce = relation_cross_entropy(rt, rs, teacher_temp, student_temp)  # (P·B, H, G²)
+    with torch.no_grad():
+        pt = F.softmax(spatial_relation(t_samples.reshape(npairs * b, c, g2), num_heads, 1.0 / teacher_temp), dim=-1)
+    log_ps = F.log_softmax(spatial_relation(s_samples.reshape(npairs * b, c, g2), num_heads, 1.0 / student_temp), dim=-1)
+    ce = -(pt * log_ps).sum(dim=-1)  # (P·B, H, G²)
     per_sample = ce.mean(dim=(1, 2)).reshape(npairs, b)
     per_sample = torch.where(valid, per_sample, torch.zeros_like(per_sample))
     return per_sample.sum(dim=1) / b
+
+
+def channel_pair_cross_entropy(t_logits: Tensor, s_logits: list[Tensor]) -> Tensor:
+    """Channel loss of every (teacher view q, student view v) pair, diagonal included, from logits
+    already divided by their temperatures.
+
+    Args:
+        t_logits: (Vt, B, C, C) teacher channel relations / τ_t.
+        s_logits: student channel relations / τ_s of each student view group, (V_g, B, C, C) each
+            (global views, then local ones: no copy of them into one tensor).
+    Returns:
+        (Vt, Σ V_g): ``mean_{b, i} CE(softmax(t_logits[q, b, i]), softmax(s_logits[v, b, i]))``, one
+        matrix product per group over the flattened (B · C · C) relations.
+    """
+    vt, b, c, _ = t_logits.shape
+    with torch.no_grad():
+        pt = F.softmax(t_logits, dim=-1).reshape(vt, -1)
+    sums = [pt @ F.log_softmax(s, dim=-1).reshape(s.shape[0], -1).t() for s in s_logits]  # (Vt, V_g) each
+    return -torch.cat(sums, dim=1) / (b * c)
 
 
 def channel_pair_losses(t_rel: Tensor, s_rel: Tensor, teacher_temp: float, student_temp: float) -> Tensor:
@@ -304,10 +333,7 @@ def channel_pair_losses(t_rel: Tensor, s_rel: Tensor, teacher_temp: float, stude
     Returns:
         (Vt, Vs): ``mean_{b, i} CE(softmax(t_rel[q, b, i] / τ_t), softmax(s_rel[v, b, i] / τ_s))``.
     """
-    _, b, c, _ = t_rel.shape
-    pt = F.softmax(t_rel.detach() / teacher_temp, dim=-1)
-    log_ps = F.log_softmax(s_rel / student_temp, dim=-1)
-    return -torch.einsum("qbij,vbij->qv", pt, log_ps) / (b * c)
+    return channel_pair_cross_entropy(t_rel.detach() / teacher_temp, [s_rel / student_temp])
 
 
 # ---------------------------------------------------------------------------------- modules
@@ -407,12 +433,18 @@ class SelfRelation(Objective):
 
         device = x_g.device
         with torch.autocast(device_type=device.type, enabled=False):
-            # ---- channel: every (teacher global q, student view v != q), locals included
-            t_ch = channel_relation(_per_view(z_ch_t, n_g).flatten(-2))  # (n_g, B, C, C)
-            s_ch = [channel_relation(_per_view(p_ch_g, n_g).flatten(-2))]
+            # ---- channel: every (teacher global q, student view v != q), locals included; the
+            # temperatures are folded into the relations' matrix products
+            def ch_logits(maps: Tensor, n_views: int, temp: float) -> Tensor:  # -> (V, B, C, C) relations / temp
+                u = _per_view(maps, n_views).flatten(-2)  # (V, B, C, N)
+                return channel_relation(u, 1.0 / (u.shape[-1] * temp))
+
+            with torch.no_grad():
+                t_ch = ch_logits(z_ch_t, n_g, cfg.channel_teacher_temp)  # (n_g, B, C, C)
+            s_ch = [ch_logits(p_ch_g, n_g, cfg.student_temp)]
             if has_local:
-                s_ch.append(channel_relation(_per_view(p_ch_l, n_l).flatten(-2)))
-            ch = channel_pair_losses(t_ch, torch.cat(s_ch), cfg.channel_teacher_temp, cfg.student_temp)  # (n_g, n_g + n_l)
+                s_ch.append(ch_logits(p_ch_l, n_l, cfg.student_temp))
+            ch = channel_pair_cross_entropy(t_ch, s_ch)  # (n_g, n_g + n_l)
             off_diag = ~torch.eye(n_g, n_g + n_l, dtype=torch.bool, device=device)
             n_terms = int(off_diag.sum())
 
@@ -463,6 +495,7 @@ __all__ = [
     "SelfRelation",
     "SelfRelationConfig",
     "aligned_samples",
+    "channel_pair_cross_entropy",
     "channel_pair_losses",
     "channel_relation",
     "overlap_points",
