@@ -76,7 +76,8 @@ def pair_cross_entropy(student_logp: Tensor, teacher_p: Tensor) -> Tensor:
     n_v = student_logp.shape[0]
     sums = teacher_p.reshape(n_q, -1) @ student_logp.reshape(n_v, -1).t()  # (Q, V): Σ_b Σ_k P_t(q) log P_s(v)
     keep = ~torch.eye(n_q, n_v, dtype=torch.bool, device=sums.device)
-    return -sums[keep].sum() / (int(keep.sum()) * b)
+    n_pairs = n_q * n_v - min(n_q, n_v)  # counted on the host: no device sync
+    return -torch.where(keep, sums, 0.0).sum() / (n_pairs * b)
 
 
 def dino_loss(

@@ -446,7 +446,7 @@ class SelfRelation(Objective):
                 s_ch.append(ch_logits(p_ch_l, n_l, cfg.student_temp))
             ch = channel_pair_cross_entropy(t_ch, s_ch)  # (n_g, n_g + n_l)
             off_diag = ~torch.eye(n_g, n_g + n_l, dtype=torch.bool, device=device)
-            n_terms = int(off_diag.sum())
+            n_terms = n_g * (n_g + n_l) - n_g  # counted on the host: no device sync
 
             # ---- spatial: aligned on each pair's overlap
             g_boxes, g_flips, g_size = _geometry(student.batch.global_views, device)
@@ -477,7 +477,7 @@ class SelfRelation(Objective):
                 zero = p_ch_g.float().sum() * 0.0 + p_sp_g.float().sum() * 0.0
                 l_ch, l_sp = zero, zero
             else:
-                l_ch = ch[off_diag].sum() / n_terms
+                l_ch = torch.where(off_diag, ch, 0.0).sum() / n_terms
                 l_sp = sp.sum() / n_terms
             loss = cfg.alpha * l_sp + cfg.beta * l_ch
             valid_cat = torch.cat(valid_all)
