@@ -27,7 +27,7 @@ from stratavit.objectives.self_relation import (
     SelfRelation,
     SelfRelationConfig,
     aligned_samples,
-    channel_pair_losses,
+    channel_pair_cross_entropy,
     channel_relation,
     overlap_points,
     relation_cross_entropy,
@@ -91,7 +91,7 @@ def _np_log_softmax(x: np.ndarray) -> np.ndarray:
 def test_cross_entropy_and_channel_pairs_match_numpy():
     t = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     s = torch.randn(3, 3, 4, 4, dtype=torch.float64)
-    got = channel_pair_losses(t, s, 0.1, 1.0).numpy()
+    got = channel_pair_cross_entropy(t / 0.1, [s[:2], s[2:]]).numpy()  # two student view groups
     pt = np.exp(_np_log_softmax(t.numpy() / 0.1))
     ls = _np_log_softmax(s.numpy())
     want = np.array([[-(pt[q] * ls[v]).sum(-1).mean() for v in range(3)] for q in range(2)])
@@ -242,11 +242,11 @@ def test_identity_pair_gives_the_teacher_entropy_and_a_permuted_student_more():
     assert spatial_pair_losses(t[0], permuted[0], valid[0], HEADS, 1.0, 1.0).item() > loss.item() + 1e-3
     # the channel loss likewise
     rel = channel_relation(maps.flatten(3))
-    ch = channel_pair_losses(rel, rel, 1.0, 1.0)[0, 0]
+    ch = channel_pair_cross_entropy(rel, [rel])[0, 0]
     pc = F.softmax(rel, dim=-1)
     assert ch.item() == pytest.approx(-(pc * pc.log()).sum(-1).mean().item(), rel=1e-5)
     perm = torch.randperm(C, generator=torch.Generator().manual_seed(2))
-    assert channel_pair_losses(rel, rel[..., perm, :][..., perm], 1.0, 1.0)[0, 0] > ch + 1e-3
+    assert channel_pair_cross_entropy(rel, [rel[..., perm, :][..., perm]])[0, 0] > ch + 1e-3
 
 
 def test_non_overlapping_samples_give_zero_loss_and_zero_gradient():

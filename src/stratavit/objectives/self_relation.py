@@ -325,17 +325,6 @@ def channel_pair_cross_entropy(t_logits: Tensor, s_logits: list[Tensor]) -> Tens
     return -torch.cat(sums, dim=1) / (b * c)
 
 
-def channel_pair_losses(t_rel: Tensor, s_rel: Tensor, teacher_temp: float, student_temp: float) -> Tensor:
-    """Channel loss of every (teacher view q, student view v) pair, diagonal included.
-
-    Args:
-        t_rel: (Vt, B, C, C) teacher channel relations; s_rel: (Vs, B, C, C) student ones.
-    Returns:
-        (Vt, Vs): ``mean_{b, i} CE(softmax(t_rel[q, b, i] / τ_t), softmax(s_rel[v, b, i] / τ_s))``.
-    """
-    return channel_pair_cross_entropy(t_rel.detach() / teacher_temp, [s_rel / student_temp])
-
-
 # ---------------------------------------------------------------------------------- modules
 
 
@@ -362,6 +351,12 @@ def _default_grid(grid: tuple[int, int], minus: int) -> int:
 def _per_view(maps: Tensor, n_views: int) -> Tensor:
     """(V·B, C, h, w) view-major maps -> (V, B, C, h, w) float32."""
     return maps.float().reshape(n_views, maps.shape[0] // n_views, *maps.shape[1:])
+
+
+def _channel_logits(maps: Tensor, n_views: int, temp: float) -> Tensor:
+    """(V·B, C, h, w) view-major maps -> (V, B, C, C) channel relations divided by ``temp`` (one product)."""
+    u = _per_view(maps, n_views).flatten(-2)  # (V, B, C, N)
+    return channel_relation(u, 1.0 / (u.shape[-1] * temp))
 
 
 def _geometry(views: list[ViewBatch], device: torch.device) -> tuple[Tensor, Tensor, tuple[int, int]]:
@@ -433,17 +428,12 @@ class SelfRelation(Objective):
 
         device = x_g.device
         with torch.autocast(device_type=device.type, enabled=False):
-            # ---- channel: every (teacher global q, student view v != q), locals included; the
-            # temperatures are folded into the relations' matrix products
-            def ch_logits(maps: Tensor, n_views: int, temp: float) -> Tensor:  # -> (V, B, C, C) relations / temp
-                u = _per_view(maps, n_views).flatten(-2)  # (V, B, C, N)
-                return channel_relation(u, 1.0 / (u.shape[-1] * temp))
-
+            # ---- channel: every (teacher global q, student view v != q), locals included
             with torch.no_grad():
-                t_ch = ch_logits(z_ch_t, n_g, cfg.channel_teacher_temp)  # (n_g, B, C, C)
-            s_ch = [ch_logits(p_ch_g, n_g, cfg.student_temp)]
+                t_ch = _channel_logits(z_ch_t, n_g, cfg.channel_teacher_temp)  # (n_g, B, C, C)
+            s_ch = [_channel_logits(p_ch_g, n_g, cfg.student_temp)]
             if has_local:
-                s_ch.append(ch_logits(p_ch_l, n_l, cfg.student_temp))
+                s_ch.append(_channel_logits(p_ch_l, n_l, cfg.student_temp))
             ch = channel_pair_cross_entropy(t_ch, s_ch)  # (n_g, n_g + n_l)
             off_diag = ~torch.eye(n_g, n_g + n_l, dtype=torch.bool, device=device)
             n_terms = n_g * (n_g + n_l) - n_g  # counted on the host: no device sync
@@ -455,7 +445,8 @@ class SelfRelation(Objective):
             t_s, s_s, valid = aligned_samples(
                 t_maps, g_boxes, g_flips, g_size, _per_view(p_sp_g, n_g), g_boxes, g_flips, g_size, grid_g, cfg.padding
             )
-            qi, vi = (~torch.eye(n_g, dtype=torch.bool, device=device)).nonzero(as_tuple=True)
+            pairs = [(q, v) for q in range(n_g) for v in range(n_g) if v != q]  # on the host: no device sync
+            qi, vi = (torch.tensor([p[i] for p in pairs], dtype=torch.long, device=device) for i in (0, 1))
             sp_terms = [
                 spatial_pair_losses(t_s[qi, vi], s_s[qi, vi], valid[qi, vi], self.num_heads, cfg.spatial_teacher_temp, cfg.student_temp)
             ]
@@ -496,7 +487,6 @@ __all__ = [
     "SelfRelationConfig",
     "aligned_samples",
     "channel_pair_cross_entropy",
-    "channel_pair_losses",
     "channel_relation",
     "overlap_points",
     "relation_cross_entropy",
