@@ -10,13 +10,16 @@ sample. Recipes take turns step by step, so machine noise hits them alike; the t
 median seconds per step and its ratio to the first recipe (the base method), and the median of
 the per-step ratios (each step's time over the base's time in the same round), which cancels
 load that changes from round to round. ``--threads N`` sets torch's intra-op threads (1 gives
-steadier numbers on a shared machine). ``--profile N`` then profiles N more steps of every recipe
+steadier numbers on a shared machine). ``--split`` also times, each round, every recipe's
+objectives alone (forward + backward on the round's features held fixed): what the method adds
+on top of the backbone. ``--profile N`` then profiles N more steps of every recipe
 (torch profiler, CPU) and prints each one's most expensive operators.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -25,6 +28,7 @@ import torch
 from compare_recipes import recipe_overrides  # type: ignore[import-not-found]
 from torch.utils.data import DataLoader
 
+from stratavit.backbones.features import LevelFeatures
 from stratavit.data.datasets import SAMPLE_NAME, Indexed, build_dataset
 from stratavit.data.views import MultiCropTransform, MultiViewBatch, collate_views
 from stratavit.demo import DEMO_OVERRIDES
@@ -68,6 +72,33 @@ def train_step(module: PretrainModule, opt: torch.optim.Optimizer, batch: MultiV
     return time.perf_counter() - t0
 
 
+def _leaves(feats: dict | None) -> dict | None:
+    """The same features as leaf tensors that take gradients: the objectives' backward stops at them."""
+    if feats is None:
+        return None
+    return {lv: LevelFeatures(f.tokens_pre.detach().requires_grad_(), f.grid, f.norm) for lv, f in feats.items()}
+
+
+def objective_step(module: PretrainModule, batch: MultiViewBatch, device: torch.device) -> float:
+    """The objectives' own cost: their forward + backward on this batch's features held fixed (no
+    backbone forward or backward, no optimiser); seconds."""
+    module.train()
+    with torch.no_grad():
+        student, teacher = module.compute_features(module.finish_views(batch, 0))
+    student = dataclasses.replace(student, global_=_leaves(student.global_), local=_leaves(student.local),
+                                  extra={k: _leaves(v) for k, v in student.extra.items()})
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    total, _ = module.objective_losses(student, teacher, module.state())
+    total.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    module.zero_grad(set_to_none=True)
+    return seconds
+
+
 def profile(models: dict[str, tuple[PretrainModule, torch.optim.Optimizer]], batch: MultiViewBatch,
             device: torch.device, steps: int) -> None:
     """The most expensive operators of ``steps`` steps of every recipe (self time)."""
@@ -91,6 +122,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="then profile N steps of every recipe")
+    ap.add_argument("--split", action="store_true",
+                    help="also time every recipe's objectives alone (forward + backward on fixed features) each step")
     ap.add_argument("--views-from", default=None,
                     help="recipe whose view settings make the shared batches (default: the first); e.g. the "
                          "multi-level recipe when it needs crops the base method does not read")
@@ -107,6 +140,7 @@ def main() -> None:
     loader = DataLoader(data, batch_size=cfg.data.batch_size, shuffle=True, collate_fn=collate_views, num_workers=1)
     batches = iter(loader)
     times: dict[str, list[float]] = {r: [] for r in args.recipes}
+    own: dict[str, list[float]] = {r: [] for r in args.recipes}
     batch = None
     for step in range(args.warmup + args.steps):
         batch = next(batches)
@@ -116,6 +150,8 @@ def main() -> None:
             seconds = train_step(module, opt, batch, device)
             if step >= args.warmup:
                 times[recipe].append(seconds)
+            if args.split and step >= args.warmup:
+                own[recipe].append(objective_step(module, batch, device))
         print(f"step {step + 1}/{args.warmup + args.steps}", end="\r", flush=True)
     first = args.recipes[0]
     base = statistics.median(times[first])
@@ -126,6 +162,11 @@ def main() -> None:
         med = statistics.median(times[recipe])
         per_step = statistics.median(t / b for t, b in zip(times[recipe], times[first]))
         print(f"| {recipe} | {med:.3f} | {med / base:.2f}× | {per_step:.2f}× |")
+    if args.split:
+        print("\n| recipe | objectives alone, median s (fwd + bwd on fixed features) | share of its step |\n|---|---|---|")
+        for recipe in args.recipes:
+            o = statistics.median(own[recipe])
+            print(f"| {recipe} | {o:.3f} | {o / statistics.median(times[recipe]):.0%} |")
     if args.profile and batch is not None:
         profile(models, batch, device, args.profile)
 
