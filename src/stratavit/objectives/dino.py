@@ -103,8 +103,14 @@ def dino_loss(
 @torch.no_grad()
 def updated_center(center: Tensor, teacher_out: Tensor, momentum: float) -> Tensor:
     """``c ← m c + (1 − m) · mean(teacher outputs over the batch of all processes)``; (1, K)."""
-    batch_sum = all_reduce_sum(teacher_out.sum(dim=0, keepdim=True))
-    batch_mean = batch_sum / (teacher_out.shape[0] * world_size())
+    return updated_center_from_sum(center, teacher_out.sum(dim=0, keepdim=True), teacher_out.shape[0], momentum)
+
+
+@torch.no_grad()
+def updated_center_from_sum(center: Tensor, local_sum: Tensor, local_count: int, momentum: float) -> Tensor:
+    """:func:`updated_center` from this process's sum (1, K) of its ``local_count`` teacher outputs
+    (e.g. the linear prototype layer applied once to the summed bottleneck vectors)."""
+    batch_mean = all_reduce_sum(local_sum) / (local_count * world_size())
     return center * momentum + batch_mean * (1 - momentum)
 
 
