@@ -1,7 +1,8 @@
 """Training-step time of recipes on identical batches, interleaved in one process (ratios, not absolutes).
 
     cd bench && PYTHONPATH=../src ../.venv/bin/python step_time.py --recipes dino local-global --steps 30 \\
-        [--threads 1] [--override backbone.embed_dim=192 ...] [--device cuda] [--profile 2]
+        [--threads 1] [--override backbone.embed_dim=192 mcl:objectives.montage.pyramid_dim=96 ...] \\
+        [--split] [--device cuda] [--profile 2]
 
 Every recipe gets the same backbone, views and batch size (the demo's small ViT unless overridden,
 with the DINO-family CPU heads of bench/compare_recipes.py); each measured step is forward (student
@@ -49,8 +50,12 @@ class _FakeTrainer:
 
 
 def build(recipe: str, extra: list[str], device: torch.device) -> tuple[PretrainModule, torch.optim.Optimizer]:
+    """The recipe's module on the demo backbone with the CPU heads, ``extra`` overrides on top: a plain
+    ``key=value`` applies to every recipe, ``RECIPE:key=value`` to that recipe only."""
     base = [o for o in DEMO_OVERRIDES if not o.startswith(("train.epochs", "objectives."))]
-    cfg = resolve_config(recipe, [*base, *recipe_overrides(recipe, 10_000), *extra])
+    mine = [o.split(":", 1)[1] if ":" in o.split("=", 1)[0] else o for o in extra
+            if ":" not in o.split("=", 1)[0] or o.split(":", 1)[0] == recipe]
+    cfg = resolve_config(recipe, [*base, *recipe_overrides(recipe, 10_000), *mine])
     module = PretrainModule(cfg).to(device)
     module._trainer = _FakeTrainer()  # type: ignore[assignment]
     opt = module.configure_optimizers()
@@ -118,7 +123,8 @@ def main() -> None:
     ap.add_argument("--recipes", nargs="+", default=["dino", "local-global"])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--override", nargs="*", default=[], metavar="key=value")
+    ap.add_argument("--override", nargs="*", default=[], metavar="[RECIPE:]key=value",
+                    help="config overrides for every recipe, or with RECIPE: for that recipe only")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="then profile N steps of every recipe")
