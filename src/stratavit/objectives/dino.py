@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stratavit.backbones.features import FeatureBackbone
+from stratavit.config import ConfigError, ViewsConfig
 from stratavit.distributed import all_reduce_sum, world_size
 from stratavit.objectives.base import (
     Objective,
@@ -100,6 +101,16 @@ def dino_loss(
     return pair_cross_entropy(F.log_softmax(s / student_temp, dim=-1), teacher_probs(t, center, teacher_temp))
 
 
+def check_view_pairs(name: str, views: ViewsConfig) -> None:
+    """Raise ``ConfigError`` when the views give no (teacher global view, other student view) pair."""
+    if views.global_crops < 2 and views.local_crops < 1:
+        raise ConfigError(
+            f"objectives.{name} compares each teacher global view with the student's other views, and "
+            f"views.global_crops={views.global_crops} with views.local_crops={views.local_crops} leaves no pair: "
+            "set views.global_crops=2 or views.local_crops=1 (or more)"
+        )
+
+
 @torch.no_grad()
 def updated_center(center: Tensor, teacher_out: Tensor, momentum: float) -> Tensor:
     """``c ← m c + (1 − m) · mean(teacher outputs over the batch of all processes)``; (1, K)."""
@@ -130,6 +141,9 @@ class DINO(Objective):
 
     def teacher_head(self) -> nn.Module:
         return self.head
+
+    def check_setup(self, views: ViewsConfig, batch_size: int) -> None:
+        check_view_pairs(self.name, views)
 
     def forward(
         self, student: ViewFeatures, teacher: ViewFeatures, teacher_head: nn.Module | None, state: StepState

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stratavit.backbones.features import FeatureBackbone
-from stratavit.config import ConfigError
+from stratavit.config import ConfigError, ViewsConfig
 from stratavit.distributed import sample_seeds
 from stratavit.objectives.base import (
     Objective,
@@ -65,6 +65,7 @@ from stratavit.objectives.base import (
 )
 from stratavit.objectives.dino import (
     DINOConfig,
+    check_view_pairs,
     pair_cross_entropy,
     teacher_probs,
     teacher_temperature,
@@ -274,6 +275,9 @@ class IBOT(Objective):
 
     def teacher_head(self) -> nn.Module:
         return self.head
+
+    def check_setup(self, views: ViewsConfig, batch_size: int) -> None:
+        check_view_pairs(self.name, views)
 
     # ------------------------------------------------------------------------------ masks
 

@@ -42,7 +42,7 @@ from stratavit.objectives.base import (
     StepState,
     ViewFeatures,
 )
-from stratavit.objectives.dino import DINOConfig, teacher_temperature
+from stratavit.objectives.dino import DINOConfig, check_view_pairs, teacher_temperature
 from stratavit.objectives.heads import DINOHead
 from stratavit.objectives.patch_match.pairs import matched_pairs, matched_pair_loss
 
@@ -115,6 +115,7 @@ class PatchMatch(Objective):
         return self.head
 
     def check_setup(self, views: ViewsConfig, batch_size: int) -> None:
+        check_view_pairs(self.name, views)
         self._n_views = {"global": views.global_crops, "local": views.local_crops}
 
     def augment_student(self, images: Tensor, group: str, state: StepState) -> Tensor:
