@@ -235,6 +235,23 @@ def test_loss_matches_numpy_reference(shared_head: bool):
         assert 0 < float(out.metrics[key]) <= np.log(8) + 1e-6
 
 
+@pytest.mark.parametrize("shared_head,use_bn", [(True, False), (False, False), (True, True)])
+def test_teacher_outputs_equal_the_head_on_every_token_selected_and_summed(shared_head, use_bn):
+    """The teacher side's prototype layer only on CLS, masked patches and the summed bottleneck ==
+    the head on every token, then selected (masked positions) and summed (the patch centre's input)."""
+    bb, _, teacher = _tiny_case()
+    kw = dict(shared_head=shared_head, use_bn=use_bn, **({} if shared_head else {"patch_out_dim": 5}))
+    _, t_head = _objective(bb, **kw)
+    tokens = teacher.global_[bb.depth].tokens
+    with torch.no_grad():
+        cls, masked, patch_sum = t_head.teacher_outputs(tokens, MASKS)
+        want_cls, want_patch = t_head(tokens)
+    torch.testing.assert_close(cls, want_cls)
+    torch.testing.assert_close(masked, want_patch[MASKS])
+    torch.testing.assert_close(patch_sum, want_patch.sum(dim=(0, 1))[None], rtol=1e-5, atol=1e-5)
+    assert masked.shape == (int(MASKS.sum()), 8 if shared_head else 5)
+
+
 def test_centres_update_separately():
     bb, student, teacher = _tiny_case()
     obj, t_head = _objective(bb, center_momentum=0.9, patch_center_momentum=0.8)

@@ -96,6 +96,35 @@ def test_dino_matches_reference_with_local_views():
     assert got == pytest.approx(want, rel=1e-5)
 
 
+def _loop_dino(student: list[torch.Tensor], teacher: list[torch.Tensor], center, ts: float, tt: float) -> torch.Tensor:
+    """The Python loop over (teacher view, student view) pairs that dino_loss replaced (torch, with gradient)."""
+    log_ps = [torch.log_softmax(s / ts, dim=-1) for s in student]
+    pts = [torch.softmax((t - center) / tt, dim=-1).detach() for t in teacher]
+    total, pairs = 0.0, 0
+    for iq, pt in enumerate(pts):
+        for v, lp in enumerate(log_ps):
+            if v != iq:
+                total = total + torch.sum(-pt * lp, dim=-1).mean()
+                pairs += 1
+    return total / pairs  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("n_global,n_local", [(2, 0), (2, 8), (3, 2), (1, 3)])
+def test_dino_loss_batched_over_pairs_equals_the_pair_loop(n_global, n_local):
+    """One matrix product over every view pair == the loop over pairs: the value and the gradients."""
+    g = torch.Generator().manual_seed(n_global * 10 + n_local)
+    teacher = [torch.randn(5, 32, generator=g) * 3 for _ in range(n_global)]
+    logits = torch.randn(n_global + n_local, 5, 32, generator=g).requires_grad_()
+    center = torch.randn(1, 32, generator=g)
+    want = _loop_dino(list(logits), teacher, center, 0.1, 0.04)
+    (grad_want,) = torch.autograd.grad(want, logits)
+    got = dino_loss(logits, torch.stack(teacher), center, 0.1, 0.04)  # stacked, as the objectives pass them
+    (grad_got,) = torch.autograd.grad(got, logits)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_got, grad_want, rtol=1e-4, atol=1e-7)
+    assert float(dino_loss(list(logits), teacher, center, 0.1, 0.04)) == pytest.approx(float(want), rel=1e-5)
+
+
 def test_dino_center_update_and_temperature_warmup():
     c = torch.zeros(1, 3)
     t = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])

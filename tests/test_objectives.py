@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from stratavit.backbones.features import LevelFeatures
@@ -64,3 +65,22 @@ def test_dino_last_layer_frozen_in_first_epoch_only():
         assert (v.grad is None) == frozen
         assert obj.head.mlp[0].weight.grad is not None
     assert torch.count_nonzero(obj.center) > 0  # centre moved towards the teacher mean
+
+
+@pytest.mark.parametrize("recipe,name", [("dino", "dino"), ("ibot", "ibot_mim"), ("local-global", "patch_match")])
+def test_one_global_view_and_no_local_views_is_refused_in_one_line(recipe, name, tmp_path, cifar_train, capsys):
+    """A DINO-style loss compares each teacher global view with the other views: with one global view
+    and no local views there is no pair, which is said before training, in one line, exit 2."""
+    from conftest import TINY
+    from stratavit.cli import main
+
+    capsys.readouterr()
+    code = main(["pretrain", "--recipe", recipe, "--data", str(cifar_train), "--out", str(tmp_path / "x"), *TINY,
+                 "views.global_crops=1", "views.local_crops=0", "train.max_steps=1"])
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and "Traceback" not in out + err
+    assert len(lines) == 1 and lines[0].startswith("stratavit pretrain: error: ")
+    assert (f"objectives.{name} compares each teacher global view with the student's other views, and "
+            "views.global_crops=1 with views.local_crops=0 leaves no pair: set views.global_crops=2 or "
+            "views.local_crops=1 (or more)") in lines[0]

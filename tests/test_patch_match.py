@@ -20,10 +20,8 @@ from stratavit.objectives import (
     ViewFeatures,
 )
 from stratavit.objectives.patch_match.matching import match_patches
-from stratavit.objectives.patch_match.objective import (
-    matched_cross_entropy,
-    patchwise_jitter,
-)
+from stratavit.objectives.patch_match.objective import patchwise_jitter
+from stratavit.objectives.patch_match.pairs import matched_pair_loss
 
 NO, YES = torch.tensor([False]), torch.tensor([True])
 FULL = torch.tensor([[0.0, 0.0, 32.0, 32.0]])
@@ -185,20 +183,22 @@ def test_loss_matches_a_per_sample_reference_and_updates_the_per_position_centre
 
 
 def test_matching_logits_give_a_lower_loss_than_shuffled_ones():
-    teacher = torch.randn(4, 5, 8)
+    teacher = torch.randn(20, 8)
     probs = F.softmax(teacher / 0.1, -1)
-    idx = torch.arange(5).expand(4, 5)
-    w = torch.ones(4, 5)
-    good = matched_cross_entropy(probs, F.log_softmax(teacher / 0.1, -1), idx, idx, w)
-    bad = matched_cross_entropy(probs, F.log_softmax(teacher[:, torch.tensor([1, 2, 3, 4, 0])] / 0.1, -1), idx, idx, w)
+    idx = torch.arange(20)
+    w = torch.full((20,), 1 / 20)
+    good = matched_pair_loss(teacher / 0.1, idx, probs, idx, w)
+    bad = matched_pair_loss(teacher[torch.randperm(20)] / 0.1, idx, probs, idx, w)
     assert good < bad
-    # the weighted mean ignores padding entirely
+    # zero-weight pairs do not count; a pair's weight multiplies its cross-entropy
+    ce = -(probs * F.log_softmax(teacher / 0.1, -1)).sum(-1)
     w_pad = w.clone()
-    w_pad[:, 3:] = 0
-    noisy = F.log_softmax(torch.randn(4, 5, 8), -1)
-    mixed = torch.cat([F.log_softmax(teacher / 0.1, -1)[:, :3], noisy[:, 3:]], 1)
-    assert matched_cross_entropy(probs, mixed, idx, idx, w_pad) == pytest.approx(
-        float(matched_cross_entropy(probs[:, :3], F.log_softmax(teacher / 0.1, -1)[:, :3], idx[:, :3], idx[:, :3], w[:, :3])))
+    w_pad[3:] = 0
+    assert float(matched_pair_loss(teacher / 0.1, idx, probs, idx, w_pad)) == pytest.approx(float(ce[:3].sum() / 20), rel=1e-5)
+    # two teacher rows onto one student row: the weighted sum of both cross-entropies
+    two = matched_pair_loss(teacher[:1] / 0.1, torch.tensor([0, 0]), probs[:2], torch.tensor([0, 1]), torch.tensor([0.25, 0.75]))
+    lp = F.log_softmax(teacher[0] / 0.1, -1)
+    assert float(two) == pytest.approx(float(-(0.25 * probs[0] + 0.75 * probs[1]) @ lp), rel=1e-5)
 
 
 def test_gradients_reach_the_student_only():
@@ -271,3 +271,91 @@ def test_engine_step_of_the_local_global_recipe():
     assert all(p.grad is None for p in module.teacher.parameters())
     module.on_after_backward()  # epoch 0 < freeze_last_layer_epochs: last layer gets no update
     assert all(p.grad is None for p in obj.head.last_layer.parameters())
+
+
+def _loop_reference(obj: PatchMatch, student: ViewFeatures, teacher: ViewFeatures, temp: float) -> torch.Tensor:
+    """The loss as the authors' code computes it (and as stratavit did before): the head on every token,
+    then a loop over (teacher view, student view) pairs with per-pair gathers of the matched tokens."""
+    batch, cfg = student.batch, obj.cfg
+
+    def head(tokens: torch.Tensor) -> torch.Tensor:  # (V·B, T, C) -> (V·B, T, K), every token
+        return obj.head(tokens.reshape(-1, tokens.shape[-1])).reshape(*tokens.shape[:2], -1).float()
+
+    t = head(teacher.global_[-1].tokens).detach()
+    t_probs = F.softmax((t - obj.center) / temp, dim=-1).chunk(teacher.n_global)
+    groups = [(batch.global_views, head(student.global_[-1].tokens), student.global_[-1].grid)]
+    if student.local is not None:
+        groups.append((batch.local_views, head(student.local[-1].tokens), student.local[-1].grid))
+    total, pairs = 0.0, 0
+    for views, s_out, s_grid in groups:
+        s_logp = F.log_softmax(s_out / cfg.student_temp, dim=-1).chunk(len(views))
+        for iq, q in enumerate(batch.global_views):
+            for iv, v in enumerate(views):
+                if views is batch.global_views and iv == iq:
+                    continue
+                m = match_patches(q.boxes, q.flips, teacher.global_[-1].grid, v.boxes, v.flips, s_grid)
+                w = m.valid.float()
+                w[:, 1:] *= cfg.patch_weight
+                k = t_probs[iq].shape[-1]
+                pt = t_probs[iq].gather(1, m.idx_a[..., None].expand(-1, -1, k))
+                ls = s_logp[iv].gather(1, m.idx_b[..., None].expand(-1, -1, k))
+                ce = -(pt * ls).sum(-1)
+                total = total + ((ce * w).sum(1) / w.sum(1)).mean()
+                pairs += 1
+    return total / pairs  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("patch_weight,use_bn", [(1.0, False), (0.5, False), (0.0, False), (1.0, True)])
+def test_head_on_matched_tokens_equals_head_on_every_token(cifar_train, patch_weight, use_bn):
+    """Select-then-head (the objective) == head-on-all-then-select (the loop reference): loss and gradients,
+    on random features and the real geometry of multi-crop views of CIFAR-10 JPEGs."""
+    from PIL import Image
+
+    from stratavit.backbones.features import LevelFeatures
+
+    torch.manual_seed(0)
+    bb = Backbone(BackboneConfig(arch="vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=16, depth=1, num_heads=2))
+    obj = PatchMatch(PatchMatchConfig(out_dim=32, hidden_dim=16, bottleneck_dim=8, patch_weight=patch_weight,
+                                      use_bn=use_bn), bb)
+    obj.center.normal_()
+    views = ViewsConfig(global_size=32, local_size=16, local_crops=3, global_scale=[0.2, 1.0], local_scale=[0.1, 0.4])
+    files = sorted(cifar_train.rglob("*.jpg"))[:8]
+    tf = MultiCropTransform(views, 4)
+    batch = collate_views([(tf(Image.open(f).convert("RGB")), 0, i) for i, f in enumerate(files)])
+
+    def feats(n_views: int, tokens: int) -> dict:
+        f = LevelFeatures(torch.randn(n_views * 8, tokens, 16, requires_grad=True), (int((tokens - 1) ** 0.5),) * 2,
+                          bb.vit.norm)
+        return {-1: f, 1: f}  # the last block of this 1-block backbone
+
+    s_g, s_l, t_g = feats(2, 65), feats(3, 17), feats(2, 65)
+    student = ViewFeatures(s_g, s_l, 2, 3, batch, bb)
+    t_f = LevelFeatures(t_g[-1].tokens_pre.detach(), (8, 8), bb.vit.norm)
+    teacher = ViewFeatures({-1: t_f, 1: t_f}, None, 2, 0, batch, bb)
+    want = _loop_reference(obj, student, teacher, 0.04)
+    want.backward()
+    grads_want = [s_g[-1].tokens_pre.grad.clone(), s_l[-1].tokens_pre.grad.clone()]
+    head_want = [p.grad.clone() for p in obj.head.parameters() if p.grad is not None]
+    for x in (s_g[-1].tokens_pre, s_l[-1].tokens_pre, *obj.head.parameters()):
+        x.grad = None
+    for f in (s_g[-1], s_l[-1]):
+        f._post = None  # the reference cached the post-norm tokens
+    center = obj.center.clone()
+    out = obj(student, teacher, obj.head, StepState(0, 5, 10, 100))
+    torch.testing.assert_close(out.loss, want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the centre: every teacher token's output, averaged per position (head on all tokens)
+        t_all = obj.head(t_f.tokens.reshape(-1, 16)).reshape(16, 65, -1)
+    torch.testing.assert_close(obj.center, center * 0.9 + t_all.mean(0) * 0.1)
+    out.loss.backward()
+    torch.testing.assert_close(s_g[-1].tokens_pre.grad, grads_want[0], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(s_l[-1].tokens_pre.grad, grads_want[1], rtol=1e-4, atol=1e-7)
+    got = torch.cat([p.grad.flatten() for p in obj.head.parameters() if p.grad is not None])
+    exp = torch.cat([g.flatten() for g in head_want])
+    # relative to the whole gradient: a bias before batch-norm has a gradient of ~0 (rounding) either way
+    assert got.shape == exp.shape and float((got - exp).norm()) <= 1e-4 * float(exp.norm())
+    if not use_bn and patch_weight > 0:
+        # the head really ran on fewer tokens than all of them (the global views' non-overlapping parts)
+        from stratavit.objectives.patch_match.pairs import matched_pairs
+
+        pairs = matched_pairs(batch.global_views, batch.local_views, (8, 8), (4, 4), patch_weight)
+        assert 0 < torch.unique(pairs.student_rows).numel() < 2 * 8 * 65 + 3 * 8 * 17

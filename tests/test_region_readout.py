@@ -62,6 +62,37 @@ def test_vit_small_pyramid_reads_every_tile_of_224_px_montages_as_an_exact_7x7_w
             assert torch.allclose(out[t], maps[k][0, :, y0 // stride : y1 // stride, x0 // stride : x1 // stride], atol=1e-5)
 
 
+@pytest.mark.parametrize("dim,patch,size", [(32, 4, 32), (24, 16, 224)])
+def test_tiles_cut_as_windows_equal_roi_align_values_and_gradients(dim, patch, size, monkeypatch):
+    """The readout's direct windows (tiles=r) == RoI-align on the montage boxes: embeddings and gradients."""
+    from stratavit.objectives.montage import readout as readout_module
+    from stratavit.objectives.montage.readout import ConvRegionNeck, RegionReadout, tile_windows
+
+    roi_calls = []
+    monkeypatch.setattr(readout_module, "roi_features", lambda *a, **k: roi_calls.append(1) or roi_features(*a, **k))
+
+    torch.manual_seed(0)
+    pyr = SimplePyramid(in_dim=dim, out_dim=8, patch_size=patch, num_levels=4)
+    readout = RegionReadout(pyr, pyr.strides, ConvRegionNeck(8, 16, 4, convs=1), None).double()
+    x = torch.randn(2, dim, size // patch, size // patch, dtype=torch.float64, requires_grad=True)
+    for level in range(4):
+        r = 2**level
+        m = make_montage(torch.zeros(r * r, 3, size, size), level)
+        boxes = m.boxes.expand(2, *m.boxes.shape).double()
+        fast = readout(x, level, boxes, size, tiles=r)
+        (g_fast,) = torch.autograd.grad(fast.square().sum(), x)
+        assert not roi_calls  # the windows were cut directly
+        slow = readout(x, level, boxes, size)
+        assert roi_calls.pop()
+        (g_slow,) = torch.autograd.grad(slow.square().sum(), x)
+        torch.testing.assert_close(fast, slow, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(g_fast, g_slow, rtol=1e-9, atol=1e-12)
+    whole = readout(x, 0, torch.tensor([[[0.0, 0.0, size, size]]], dtype=torch.float64).expand(2, 1, 4), size, tiles=1)
+    assert whole.shape == (2, 4)
+    with pytest.raises(ValueError, match="does not split"):
+        tile_windows(torch.zeros(1, 2, 6, 6), 4)
+
+
 def _cnn_cfg(**kw) -> BackboneConfig:
     return BackboneConfig(type="resnet_fpn", arch="resnet18", fpn_dim=16, **kw)
 

@@ -27,7 +27,7 @@ from stratavit.objectives.self_relation import (
     SelfRelation,
     SelfRelationConfig,
     aligned_samples,
-    channel_pair_losses,
+    channel_pair_cross_entropy,
     channel_relation,
     overlap_points,
     relation_cross_entropy,
@@ -91,7 +91,7 @@ def _np_log_softmax(x: np.ndarray) -> np.ndarray:
 def test_cross_entropy_and_channel_pairs_match_numpy():
     t = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     s = torch.randn(3, 3, 4, 4, dtype=torch.float64)
-    got = channel_pair_losses(t, s, 0.1, 1.0).numpy()
+    got = channel_pair_cross_entropy(t / 0.1, [s[:2], s[2:]]).numpy()  # two student view groups
     pt = np.exp(_np_log_softmax(t.numpy() / 0.1))
     ls = _np_log_softmax(s.numpy())
     want = np.array([[-(pt[q] * ls[v]).sum(-1).mean() for v in range(3)] for q in range(2)])
@@ -242,11 +242,11 @@ def test_identity_pair_gives_the_teacher_entropy_and_a_permuted_student_more():
     assert spatial_pair_losses(t[0], permuted[0], valid[0], HEADS, 1.0, 1.0).item() > loss.item() + 1e-3
     # the channel loss likewise
     rel = channel_relation(maps.flatten(3))
-    ch = channel_pair_losses(rel, rel, 1.0, 1.0)[0, 0]
+    ch = channel_pair_cross_entropy(rel, [rel])[0, 0]
     pc = F.softmax(rel, dim=-1)
     assert ch.item() == pytest.approx(-(pc * pc.log()).sum(-1).mean().item(), rel=1e-5)
     perm = torch.randperm(C, generator=torch.Generator().manual_seed(2))
-    assert channel_pair_losses(rel, rel[..., perm, :][..., perm], 1.0, 1.0)[0, 0] > ch + 1e-3
+    assert channel_pair_cross_entropy(rel, [rel[..., perm, :][..., perm]])[0, 0] > ch + 1e-3
 
 
 def test_non_overlapping_samples_give_zero_loss_and_zero_gradient():
@@ -375,6 +375,27 @@ def test_objective_matches_a_per_pair_reference_style_implementation(padding):
     assert float(out.metrics["sere/spatial"]) == pytest.approx(sp.item(), rel=1e-4)
     assert float(out.metrics["sere/channel"]) == pytest.approx(ch.item(), rel=1e-4)
     assert out.loss.item() == pytest.approx(0.2 * sp.item() + 0.5 * ch.item(), rel=1e-4)
+
+
+def test_objective_gradients_match_the_per_pair_reference_style_implementation():
+    """The batched objective (temperatures folded into the relations, per-group channel products) has the
+    gradients of the per-pair reference: on the student tokens and on every module parameter."""
+    bb, student, teacher = _case(b=3, n_g=2, n_l=2, seed=4)
+    for f in (student.global_, student.local):
+        for lf in f.values():
+            lf.tokens_pre.requires_grad_(True)
+    obj, head = _objective(bb, student_temp=0.7)
+    params = [p for p in obj.parameters() if p.requires_grad]
+    leaves = [student.global_[bb.depth].tokens_pre, student.local[bb.depth].tokens_pre]
+    out = obj(student, teacher, head, _state())
+    got = torch.autograd.grad(out.loss, leaves + params, allow_unused=True)
+    sp, ch, _ = _reference_style_loss(obj, student, teacher, head, obj.cfg.padding)
+    want = torch.autograd.grad(0.2 * sp + 0.5 * ch, leaves + params, allow_unused=True)
+    assert out.loss.item() == pytest.approx((0.2 * sp + 0.5 * ch).item(), rel=1e-4)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if g is not None:
+            assert float((g - w).norm()) <= 1e-4 * float(w.norm()) + 1e-8
 
 
 def test_objective_three_global_views_and_no_locals():

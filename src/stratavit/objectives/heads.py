@@ -115,7 +115,19 @@ class DINOHead(nn.Module):
         if norm_last_layer:
             g.requires_grad_(False)
 
+    def bottleneck(self, x: Tensor) -> Tensor:
+        """(M, in_dim) -> (M, bottleneck_dim): the MLP's output, l2-normalised."""
+        return F.normalize(self.mlp(x), dim=-1, p=2)
+
+    def prototypes(self, z: Tensor, scale: float = 1.0) -> Tensor:
+        """(M, bottleneck_dim) -> (M, out_dim) logits times ``scale``.
+
+        The last layer is linear, so ``prototypes(z, 1/τ) == prototypes(z) / τ``; scaling its
+        (out_dim, bottleneck_dim) weight instead of the (M, out_dim) logits saves a pass over them.
+        """
+        if scale == 1.0:
+            return self.last_layer(z)
+        return F.linear(z, self.last_layer.weight * scale)
+
     def forward(self, x: Tensor) -> Tensor:
-        x = self.mlp(x)
-        x = F.normalize(x, dim=-1, p=2)
-        return self.last_layer(x)
+        return self.prototypes(self.bottleneck(x))

@@ -123,22 +123,31 @@ def tokens_to_map(patches: Tensor, grid: tuple[int, int]) -> Tensor:
     return patches.transpose(1, 2).reshape(m, c, h, w)
 
 
-def channel_relation(u: Tensor) -> Tensor:
-    """Channel self-relation ``U Uᵀ / N``: (M, C, N) -> (M, C, C)."""
-    return u @ u.transpose(-2, -1) / u.shape[-1]
+def channel_relation(u: Tensor, scale: float | None = None) -> Tensor:
+    """Channel self-relation ``U Uᵀ / N``: (..., C, N) -> (..., C, C).
+
+    ``scale`` replaces the ``1 / N`` (e.g. ``1 / (N τ)`` gives the relation divided by a
+    temperature); it is applied inside the matrix product, not as a pass over the result.
+    """
+    scale = 1.0 / u.shape[-1] if scale is None else scale
+    flat = u.reshape(-1, *u.shape[-2:])
+    rel = torch.baddbmm(u.new_zeros(()), flat, flat.transpose(-2, -1), beta=0.0, alpha=scale)
+    return rel.reshape(*u.shape[:-1], u.shape[-2])
 
 
-def spatial_relation(u: Tensor, num_heads: int) -> Tensor:
+def spatial_relation(u: Tensor, num_heads: int, scale: float = 1.0) -> Tensor:
     """Per-head spatial self-relation ``U_hᵀ U_h / sqrt(C / H)``: (M, C, N) -> (M, H, N, N).
 
     Head ``h`` holds channels ``[h C/H, (h + 1) C/H)`` (the split of the backbone's attention).
+    ``scale`` multiplies the result (e.g. ``1 / τ``), inside the matrix product.
     """
     m, c, n = u.shape
     if c % num_heads:
         raise ValueError(f"{c} channels do not split into {num_heads} heads")
     d = c // num_heads
-    uh = u.reshape(m, num_heads, d, n)
-    return uh.transpose(-2, -1) @ uh * (d**-0.5)
+    uh = u.reshape(m * num_heads, d, n)
+    rel = torch.baddbmm(u.new_zeros(()), uh.transpose(-2, -1), uh, beta=0.0, alpha=scale * d**-0.5)
+    return rel.reshape(m, num_heads, n, n)
 
 
 def relation_cross_entropy(teacher: Tensor, student: Tensor, teacher_temp: float, student_temp: float) -> Tensor:
@@ -288,26 +297,32 @@ def spatial_pair_losses(
         (P,) per-pair losses.
     """
     npairs, b, c, g2 = s_samples.shape
-    rt = spatial_relation(t_samples.reshape(npairs * b, c, g2), num_heads)
-    rs = spatial_relation(s_samples.reshape(npairs * b, c, g2), num_heads)
-    ce = relation_cross_entropy(rt, rs, teacher_temp, student_temp)  # (P·B, H, G²)
+    with torch.no_grad():
+        pt = F.softmax(spatial_relation(t_samples.reshape(npairs * b, c, g2), num_heads, 1.0 / teacher_temp), dim=-1)
+    log_ps = F.log_softmax(spatial_relation(s_samples.reshape(npairs * b, c, g2), num_heads, 1.0 / student_temp), dim=-1)
+    ce = -(pt * log_ps).sum(dim=-1)  # (P·B, H, G²)
     per_sample = ce.mean(dim=(1, 2)).reshape(npairs, b)
     per_sample = torch.where(valid, per_sample, torch.zeros_like(per_sample))
     return per_sample.sum(dim=1) / b
 
 
-def channel_pair_losses(t_rel: Tensor, s_rel: Tensor, teacher_temp: float, student_temp: float) -> Tensor:
-    """Channel loss of every (teacher view q, student view v) pair, diagonal included.
+def channel_pair_cross_entropy(t_logits: Tensor, s_logits: list[Tensor]) -> Tensor:
+    """Channel loss of every (teacher view q, student view v) pair, diagonal included, from logits
+    already divided by their temperatures.
 
     Args:
-        t_rel: (Vt, B, C, C) teacher channel relations; s_rel: (Vs, B, C, C) student ones.
+        t_logits: (Vt, B, C, C) teacher channel relations / τ_t.
+        s_logits: student channel relations / τ_s of each student view group, (V_g, B, C, C) each
+            (global views, then local ones: no copy of them into one tensor).
     Returns:
-        (Vt, Vs): ``mean_{b, i} CE(softmax(t_rel[q, b, i] / τ_t), softmax(s_rel[v, b, i] / τ_s))``.
+        (Vt, Σ V_g): ``mean_{b, i} CE(softmax(t_logits[q, b, i]), softmax(s_logits[v, b, i]))``, one
+        matrix product per group over the flattened (B · C · C) relations.
     """
-    _, b, c, _ = t_rel.shape
-    pt = F.softmax(t_rel.detach() / teacher_temp, dim=-1)
-    log_ps = F.log_softmax(s_rel / student_temp, dim=-1)
-    return -torch.einsum("qbij,vbij->qv", pt, log_ps) / (b * c)
+    vt, b, c, _ = t_logits.shape
+    with torch.no_grad():
+        pt = F.softmax(t_logits, dim=-1).reshape(vt, -1)
+    sums = [pt @ F.log_softmax(s, dim=-1).reshape(s.shape[0], -1).t() for s in s_logits]  # (Vt, V_g) each
+    return -torch.cat(sums, dim=1) / (b * c)
 
 
 # ---------------------------------------------------------------------------------- modules
@@ -336,6 +351,12 @@ def _default_grid(grid: tuple[int, int], minus: int) -> int:
 def _per_view(maps: Tensor, n_views: int) -> Tensor:
     """(V·B, C, h, w) view-major maps -> (V, B, C, h, w) float32."""
     return maps.float().reshape(n_views, maps.shape[0] // n_views, *maps.shape[1:])
+
+
+def _channel_logits(maps: Tensor, n_views: int, temp: float) -> Tensor:
+    """(V·B, C, h, w) view-major maps -> (V, B, C, C) channel relations divided by ``temp`` (one product)."""
+    u = _per_view(maps, n_views).flatten(-2)  # (V, B, C, N)
+    return channel_relation(u, 1.0 / (u.shape[-1] * temp))
 
 
 def _geometry(views: list[ViewBatch], device: torch.device) -> tuple[Tensor, Tensor, tuple[int, int]]:
@@ -408,13 +429,14 @@ class SelfRelation(Objective):
         device = x_g.device
         with torch.autocast(device_type=device.type, enabled=False):
             # ---- channel: every (teacher global q, student view v != q), locals included
-            t_ch = channel_relation(_per_view(z_ch_t, n_g).flatten(-2))  # (n_g, B, C, C)
-            s_ch = [channel_relation(_per_view(p_ch_g, n_g).flatten(-2))]
+            with torch.no_grad():
+                t_ch = _channel_logits(z_ch_t, n_g, cfg.channel_teacher_temp)  # (n_g, B, C, C)
+            s_ch = [_channel_logits(p_ch_g, n_g, cfg.student_temp)]
             if has_local:
-                s_ch.append(channel_relation(_per_view(p_ch_l, n_l).flatten(-2)))
-            ch = channel_pair_losses(t_ch, torch.cat(s_ch), cfg.channel_teacher_temp, cfg.student_temp)  # (n_g, n_g + n_l)
+                s_ch.append(_channel_logits(p_ch_l, n_l, cfg.student_temp))
+            ch = channel_pair_cross_entropy(t_ch, s_ch)  # (n_g, n_g + n_l)
             off_diag = ~torch.eye(n_g, n_g + n_l, dtype=torch.bool, device=device)
-            n_terms = int(off_diag.sum())
+            n_terms = n_g * (n_g + n_l) - n_g  # counted on the host: no device sync
 
             # ---- spatial: aligned on each pair's overlap
             g_boxes, g_flips, g_size = _geometry(student.batch.global_views, device)
@@ -423,7 +445,8 @@ class SelfRelation(Objective):
             t_s, s_s, valid = aligned_samples(
                 t_maps, g_boxes, g_flips, g_size, _per_view(p_sp_g, n_g), g_boxes, g_flips, g_size, grid_g, cfg.padding
             )
-            qi, vi = (~torch.eye(n_g, dtype=torch.bool, device=device)).nonzero(as_tuple=True)
+            pairs = [(q, v) for q in range(n_g) for v in range(n_g) if v != q]  # on the host: no device sync
+            qi, vi = (torch.tensor([p[i] for p in pairs], dtype=torch.long, device=device) for i in (0, 1))
             sp_terms = [
                 spatial_pair_losses(t_s[qi, vi], s_s[qi, vi], valid[qi, vi], self.num_heads, cfg.spatial_teacher_temp, cfg.student_temp)
             ]
@@ -445,7 +468,7 @@ class SelfRelation(Objective):
                 zero = p_ch_g.float().sum() * 0.0 + p_sp_g.float().sum() * 0.0
                 l_ch, l_sp = zero, zero
             else:
-                l_ch = ch[off_diag].sum() / n_terms
+                l_ch = torch.where(off_diag, ch, 0.0).sum() / n_terms
                 l_sp = sp.sum() / n_terms
             loss = cfg.alpha * l_sp + cfg.beta * l_ch
             valid_cat = torch.cat(valid_all)
@@ -463,7 +486,7 @@ __all__ = [
     "SelfRelation",
     "SelfRelationConfig",
     "aligned_samples",
-    "channel_pair_losses",
+    "channel_pair_cross_entropy",
     "channel_relation",
     "overlap_points",
     "relation_cross_entropy",

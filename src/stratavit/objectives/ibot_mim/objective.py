@@ -7,7 +7,7 @@ post-norm token of the single level read (default: the last block) to K logits.
 
 ``L = λ_cls · L_cls + λ_mim · L_mim``:
 
-- ``L_cls``: DINO (:func:`stratavit.objectives.dino.dino_loss`) on the CLS outputs: mean over pairs
+- ``L_cls``: DINO (:func:`stratavit.objectives.dino.pair_cross_entropy`, every view pair at once) on the CLS outputs: mean over pairs
   (teacher global view q, student view v ≠ q, locals included) of ``mean_b CE(P_t(q), P_s(v))``,
   with the CLS centre ``c`` (1, K) and the CLS teacher temperature.
 - ``L_mim`` (:func:`mim_loss`): for each global view, CE between the teacher's patch distributions
@@ -32,8 +32,11 @@ Choices that differ from the reference code, none of which changes the loss:
 - With ``use_bn = False`` (the default) the student head runs only on the CLS tokens and the masked
   patch tokens: the outputs at unmasked positions never enter the loss, and each token is mapped
   independently, so this equals iBOT's head-on-every-token while running the student head on ~15 %
-  of the patches (the mean mask ratio of iBOT's masks). The teacher head runs on every token (the
-  patch centre is a mean over all patches).
+  of the patches (the mean mask ratio of iBOT's masks). The teacher head's MLP runs on every
+  token (the patch centre is a mean over all patches); its prototype layer, linear, runs on the
+  CLS tokens, the masked patches and once on the sum of all patches' bottleneck vectors (the
+  centre's input): the outputs and centre of the head on every token
+  (:meth:`IBOTHead.teacher_outputs`).
   With ``use_bn = True`` the head runs on every token (batch-norm statistics over all tokens).
 - The local views' CLS tokens go through the head alone (iBOT runs the head over all local
   tokens and keeps the CLS output; identical without batch-norm).
@@ -52,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stratavit.backbones.features import FeatureBackbone
-from stratavit.config import ConfigError
+from stratavit.config import ConfigError, ViewsConfig
 from stratavit.distributed import sample_seeds
 from stratavit.objectives.base import (
     Objective,
@@ -62,9 +65,12 @@ from stratavit.objectives.base import (
 )
 from stratavit.objectives.dino import (
     DINOConfig,
-    dino_loss,
+    check_view_pairs,
+    pair_cross_entropy,
+    teacher_probs,
     teacher_temperature,
     updated_center,
+    updated_center_from_sum,
 )
 from stratavit.objectives.heads import DINOHead
 from stratavit.objectives.ibot_mim.masking import block_masks, ibot_min_num_patches
@@ -140,9 +146,14 @@ def mim_loss(
         over the V·B images, with ``P_t = softmax((t − c)/τ_t)``, ``P_s = softmax(s/τ_s)`` — equal to
         iBOT's mean over views of the mean over images (every view has the same B).
     """
+    pt = teacher_probs(teacher_patch[masks].float(), center, teacher_temp)  # (M, K)
+    return masked_cross_entropy(student_masked, pt, masks, student_temp)
+
+
+def masked_cross_entropy(student_masked: Tensor, teacher_p: Tensor, masks: Tensor, student_temp: float) -> Tensor:
+    """:func:`mim_loss` from the teacher's probabilities at the masked positions, ``teacher_p`` (M, K)."""
     n_images = masks.shape[0]
-    pt = F.softmax((teacher_patch[masks].float() - center) / teacher_temp, dim=-1).detach()  # (M, K)
-    ce = torch.sum(-pt * F.log_softmax(student_masked.float() / student_temp, dim=-1), dim=-1)  # (M,)
+    ce = torch.sum(-teacher_p * F.log_softmax(student_masked.float() / student_temp, dim=-1), dim=-1)  # (M,)
     image_of_row = masks.nonzero()[:, 0]  # (M,)
     per_image = torch.zeros(n_images, dtype=ce.dtype, device=ce.device).index_add(0, image_of_row, ce)
     per_image = per_image / masks.sum(dim=1).clamp(min=1).to(ce.dtype)
@@ -189,6 +200,24 @@ class IBOTHead(nn.Module):
         if self.patch_last_layer is None:
             return self.head(x)
         return self.patch_last_layer(F.normalize(self.head.mlp(x), dim=-1, p=2))
+
+    def teacher_outputs(self, tokens: Tensor, masks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """What the teacher side needs, with the prototype layers only where it needs them.
+
+        Args:
+            tokens: (V·B, 1 + N, C) tokens; masks: (V·B, N) bool, the student's masked positions.
+        Returns:
+            ``(CLS logits (V·B, K), patch logits at the masked positions (M, K_p), the sum of every
+            patch's logits (1, K_p))``, equal to :meth:`forward`'s outputs, selected and summed: the
+            MLP runs on every token (one pass, as :meth:`forward`), and as the prototype layer is
+            linear, the sum of its outputs over all patches (the patch centre's input) is its output
+            of the summed bottleneck vectors.
+        """
+        b, t, c = tokens.shape
+        z = F.normalize(self.head.mlp(tokens.reshape(b * t, c)), dim=-1, p=2).reshape(b, t, -1)
+        patch_layer = self.patch_last_layer if self.patch_last_layer is not None else self.head.last_layer
+        patches = z[:, 1:]
+        return self.head.last_layer(z[:, 0]), patch_layer(patches[masks]), patch_layer(patches.sum(dim=(0, 1))[None])
 
     def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """(B, 1 + N, C) tokens -> ((B, K) CLS logits, (B, N, K_p) patch logits); one MLP pass over
@@ -246,6 +275,9 @@ class IBOT(Objective):
 
     def teacher_head(self) -> nn.Module:
         return self.head
+
+    def check_setup(self, views: ViewsConfig, batch_size: int) -> None:
+        check_view_pairs(self.name, views)
 
     # ------------------------------------------------------------------------------ masks
 
@@ -307,23 +339,28 @@ class IBOT(Objective):
         if masks is None:
             masks = torch.zeros(s_tokens.shape[0], s_tokens.shape[1] - 1, dtype=torch.bool, device=s_tokens.device)
         s_cls, s_masked = self._student_outputs(s_tokens, masks)
-        s_local = self.head.cls(student.local[lv].cls).float().chunk(student.n_local) if student.local else ()
+        s_local = [self.head.cls(student.local[lv].cls)] if student.local else []
         with torch.no_grad():
-            t_cls, t_patch = teacher_head(teacher.global_[lv].tokens)
-            t_cls, t_patch = t_cls.float(), t_patch.float()  # (V·B, K), (V·B, N, K_p)
+            t_cls, t_masked, t_patch_sum = teacher_head.teacher_outputs(teacher.global_[lv].tokens, masks)
+            t_cls, t_masked, t_patch_sum = t_cls.float(), t_masked.float(), t_patch_sum.float()  # (V·B, K), (M, K_p), (1, K_p)
         temp = teacher_temperature(cfg, state.epoch)
         patch_temp = teacher_patch_temperature(cfg, state.epoch)
-        s_views = list(s_cls.float().chunk(n_g)) + list(s_local)
-        l_cls = dino_loss(s_views, list(t_cls.chunk(n_g)), self.center, cfg.student_temp, temp)
-        l_mim = mim_loss(s_masked, t_patch, masks, self.patch_center, cfg.student_temp, patch_temp)
+        s_all = torch.cat([s_cls, *s_local]).float()  # (V·B, K), view-major: global views, then local
+        b = t_cls.shape[0] // n_g
+        pt_cls = teacher_probs(t_cls, self.center, temp)  # (n_g·B, K)
+        l_cls = pair_cross_entropy(F.log_softmax(s_all / cfg.student_temp, dim=-1).reshape(-1, b, s_all.shape[-1]),
+                                   pt_cls.reshape(n_g, b, -1))
+        pt_patch = teacher_probs(t_masked, self.patch_center, patch_temp)  # (M, K_p)
+        l_mim = masked_cross_entropy(s_masked, pt_patch, masks, cfg.student_temp)
         loss = cfg.lambda_cls * l_cls + cfg.lambda_mim * l_mim
         with torch.no_grad():
-            cls_entropy = _entropy(F.softmax((t_cls - self.center) / temp, dim=-1))
-            patch_entropy = _entropy(F.softmax((t_patch[masks] - self.patch_center) / patch_temp, dim=-1))
+            cls_entropy = _entropy(pt_cls)
+            patch_entropy = _entropy(pt_patch)
             if self.training:
                 self.center.copy_(updated_center(self.center, t_cls, cfg.center_momentum))
-                flat = t_patch.reshape(-1, t_patch.shape[-1])
-                self.patch_center.copy_(updated_center(self.patch_center, flat, cfg.patch_center_momentum))
+                self.patch_center.copy_(
+                    updated_center_from_sum(self.patch_center, t_patch_sum, masks.numel(), cfg.patch_center_momentum)
+                )
         metrics: dict[str, Tensor | float] = {
             "ibot/cls": l_cls.detach(),
             "ibot/mim": l_mim.detach(),

@@ -226,7 +226,7 @@ class MontageObjective(Objective):
         maps = self._maps(feats)
         n = (maps[0] if isinstance(maps, list) else maps).shape[0]
         box = torch.tensor([0.0, 0.0, size, size]).expand(n, 1, 4)
-        return head(maps, 0, box, size)
+        return head(maps, 0, box, size, tiles=1)
 
     def _tiles(self, feats: dict, rows: slice, m: Montage, level: int) -> Tensor:
         """(n · r², D) neck embeddings of the tiles of the canvases ``rows`` of the montage views."""
@@ -236,7 +236,7 @@ class MontageObjective(Objective):
             return self.neck(tile_tokens(lf.patches[rows], lf.grid, m.ratio).reshape(n * m.ratio**2, -1))
         maps = self._maps(feats, rows)
         n = (maps[0] if isinstance(maps, list) else maps).shape[0]
-        return self.readout(maps, level, m.boxes.expand(n, *m.boxes.shape), int(m.canvases.shape[-1]))
+        return self.readout(maps, level, m.boxes.expand(n, *m.boxes.shape), int(m.canvases.shape[-1]), tiles=m.ratio)
 
     def forward(
         self, student: ViewFeatures, teacher: ViewFeatures, teacher_head: nn.Module | None, state: StepState

@@ -42,6 +42,20 @@ def roi_features(feature: Tensor, boxes: Tensor, stride: int, size: int) -> Tens
     return roi_align(feature, rois, output_size=size, spatial_scale=1.0 / stride, sampling_ratio=-1, aligned=True)
 
 
+def tile_windows(feature: Tensor, tiles: int) -> Tensor:
+    """Cut every map into ``tiles x tiles`` equal windows: (n, C, h, w) -> (n · tiles², C, h / tiles, w / tiles).
+
+    Map-major, then tiles row-major: the order and the values of :func:`roi_features` on the boxes of
+    a ``tiles x tiles`` montage when every tile is an exact window (``aligned=True`` RoI-align then
+    samples each cell at its centre), without RoI-align's sampling and its scatter in the backward.
+    """
+    n, c, h, w = feature.shape
+    if h % tiles or w % tiles:
+        raise ValueError(f"a {h}x{w} map does not split into {tiles}x{tiles} windows")
+    x = feature.reshape(n, c, tiles, h // tiles, tiles, w // tiles).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(n * tiles * tiles, c, h // tiles, w // tiles)
+
+
 class SimplePyramid(nn.Module):
     """ViTDet's simple feature pyramid from one stride-``p`` map: levels finest first.
 
@@ -123,13 +137,19 @@ class RegionReadout(nn.Module):
         """RoI output side for views of ``image_size`` px."""
         return self.size if self.size is not None else max(1, image_size // self.strides[-1])
 
-    def forward(self, maps: list[Tensor] | Tensor, montage_level: int, boxes: Tensor, image_size: int) -> Tensor:
+    def forward(
+        self, maps: list[Tensor] | Tensor, montage_level: int, boxes: Tensor, image_size: int, tiles: int | None = None
+    ) -> Tensor:
         """Embeddings of the regions ``boxes`` (n, R, 4) of montage level ``montage_level``.
 
         Args:
             maps: a ViT's last-block map (n, C, gh, gw), or the pyramid levels of a CNN backbone
                 (finest first, each (n, C, h_k, w_k)).
             montage_level: ``i``; it reads pyramid level ``−(i + 1)`` (level 0 the coarsest).
+            tiles: ``r`` when ``boxes`` are the ``r x r`` tiling of the whole ``image_size`` view (a
+                montage's tiles; 1 = the whole view). Where each tile is then an exact window of the
+                read map (the RoI side equals the tile's side in cells), the windows are cut out
+                directly (:func:`tile_windows`): RoI-align would return the same values.
         Returns:
             (n · R, out_dim).
         """
@@ -137,5 +157,10 @@ class RegionReadout(nn.Module):
         if k < 0:
             raise ValueError(f"montage level {montage_level} needs {montage_level + 1} pyramid levels, there are {len(self.strides)}")
         feature = self.pyramid(maps, k) if self.pyramid is not None else maps[k]  # type: ignore[index]
-        regions = roi_features(feature, boxes, self.strides[k], self.window(image_size))
+        size, stride = self.window(image_size), self.strides[k]
+        h, w = feature.shape[-2:]
+        if tiles and h * stride == image_size == w * stride and h % tiles == 0 and h // tiles == size:
+            regions = tile_windows(feature, tiles)
+        else:
+            regions = roi_features(feature, boxes, stride, size)
         return self.neck(regions)

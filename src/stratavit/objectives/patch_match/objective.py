@@ -7,6 +7,14 @@ CLS <-> CLS always, patches of the overlap one-to-one); the loss of the pair is,
 weighted mean over its matched pairs of ``CE(P_t(q)[i], P_s(v)[j])`` (CLS weight 1, patch weight
 ``patch_weight``; equal by default), averaged over the batch, then over view pairs.
 
+The student head maps only the tokens that occur in some matched pair (on the benchmark's
+CIFAR views about two thirds of them: a global view's tokens outside its overlap with the other
+global view are never matched) and the loss runs over all view pairs at once
+(:mod:`stratavit.objectives.patch_match.pairs`); the authors' code maps every token and loops
+over view pairs, which gives the same loss (each token is mapped on its own; with ``use_bn`` the
+head still sees every token). The teacher head maps every global-view token: the centre is a mean
+over all of them.
+
 ``P_t = softmax((t − c)/τ_t)`` with a teacher centre **per token position** ``c`` ((1 + N_global), K),
 ``c ← m c + (1 − m) · mean over views, batch and processes of the teacher outputs at that
 position``; ``P_s = softmax(s/τ_s)``. τ_t warms up as in ``dino``.
@@ -27,17 +35,16 @@ from torch import Tensor, nn
 
 from stratavit.backbones.features import FeatureBackbone
 from stratavit.config import ConfigError, ViewsConfig
-from stratavit.data.views import ViewBatch
-from stratavit.distributed import sample_seeds
+from stratavit.distributed import all_reduce_sum, sample_seeds, world_size
 from stratavit.objectives.base import (
     Objective,
     ObjectiveOutput,
     StepState,
     ViewFeatures,
 )
-from stratavit.objectives.dino import DINOConfig, teacher_temperature, updated_center
+from stratavit.objectives.dino import DINOConfig, check_view_pairs, teacher_temperature
 from stratavit.objectives.heads import DINOHead
-from stratavit.objectives.patch_match.matching import match_patches
+from stratavit.objectives.patch_match.pairs import matched_pairs, matched_pair_loss
 
 
 @dataclass
@@ -50,26 +57,6 @@ class PatchMatchConfig(DINOConfig):
     """Probability that a student patch gets its own brightness/contrast jitter (0 = off)."""
     patch_jitter_strength: float = 0.4
     """Half-width of the per-patch brightness shift and contrast factor ranges."""
-
-
-def matched_cross_entropy(
-    teacher_probs: Tensor, student_logp: Tensor, idx_t: Tensor, idx_s: Tensor, weights: Tensor
-) -> Tensor:
-    """Weighted mean CE over matched token pairs, per sample, then over the batch.
-
-    Args:
-        teacher_probs: (B, T_t, K) teacher distributions per token.
-        student_logp: (B, T_s, K) student log-probabilities per token.
-        idx_t, idx_s: (B, M) matched token indices.
-        weights: (B, M) pair weights (0 for padding).
-    Returns:
-        scalar.
-    """
-    k = teacher_probs.shape[-1]
-    pt = teacher_probs.gather(1, idx_t[..., None].expand(-1, -1, k))
-    ls = student_logp.gather(1, idx_s[..., None].expand(-1, -1, k))
-    ce = -(pt * ls).sum(-1)  # (B, M)
-    return ((ce * weights).sum(1) / weights.sum(1)).mean()
 
 
 def patchwise_jitter(
@@ -128,6 +115,7 @@ class PatchMatch(Objective):
         return self.head
 
     def check_setup(self, views: ViewsConfig, batch_size: int) -> None:
+        check_view_pairs(self.name, views)
         self._n_views = {"global": views.global_crops, "local": views.local_crops}
 
     def augment_student(self, images: Tensor, group: str, state: StepState) -> Tensor:
@@ -143,6 +131,29 @@ class PatchMatch(Objective):
         gens = [torch.Generator().manual_seed(s) for s in seeds]
         return patchwise_jitter(images, self.patch_size, self.cfg.patch_jitter_p, self.cfg.patch_jitter_strength, gens)
 
+    def _student_logits(self, student: ViewFeatures, rows: Tensor) -> Tensor:
+        """(U, K) student logits divided by τ_s of the flattened student token ``rows`` (global views,
+        then local; sorted).
+
+        Without batch-norm in the head (``use_bn = False``, the default) every token is mapped on
+        its own, so only these rows go through the final norm and the head; with batch-norm the
+        head's MLP runs on every token of each view group (its statistics are those of the group's
+        tokens, as in the authors' code) and only the last (linear) layer on these rows.
+        """
+        lv = self.levels[0]
+        groups = [student.global_[lv]] + ([student.local[lv]] if student.local is not None and student.n_local else [])
+        flat = [f.tokens_pre.reshape(-1, f.tokens_pre.shape[-1]) for f in groups]
+        norm = groups[0].norm
+        if self.cfg.use_bn:
+            z = torch.cat([self.head.bottleneck(norm(x)) for x in flat])[rows]
+        else:
+            n_first = flat[0].shape[0]
+            picked = [flat[0][rows[rows < n_first]]]
+            if len(flat) > 1:
+                picked.append(flat[1][rows[rows >= n_first] - n_first])
+            z = self.head.bottleneck(norm(torch.cat(picked) if len(picked) > 1 else picked[0]))
+        return self.head.prototypes(z, 1.0 / self.cfg.student_temp).float()
+
     def forward(
         self, student: ViewFeatures, teacher: ViewFeatures, teacher_head: nn.Module | None, state: StepState
     ) -> ObjectiveOutput:
@@ -150,45 +161,41 @@ class PatchMatch(Objective):
         lv = self.levels[0]
         batch = student.batch
         t_feats = teacher.global_[lv]
-        if self.center.shape[0] != t_feats.tokens.shape[1]:
+        n_views, n_tokens, dim = t_feats.tokens_pre.shape
+        if self.center.shape[0] != n_tokens:
             raise ValueError(
-                f"patch_match: the global views have {t_feats.tokens.shape[1]} tokens but the centre was "
+                f"patch_match: the global views have {n_tokens} tokens but the centre was "
                 f"built for {self.center.shape[0]}; views.global_size must equal backbone.img_size"
             )
-        with torch.no_grad():
-            t_out = teacher_head(t_feats.tokens).float()  # (n_g·B, 1+N, K)
+        local = student.local is not None and student.n_local > 0
+        pairs = matched_pairs(
+            batch.global_views, batch.local_views[: student.n_local] if local else [], t_feats.grid,
+            student.local[lv].grid if local else None, self.cfg.patch_weight,  # type: ignore[index]
+        )
+        s_rows, s_index = torch.unique(pairs.student_rows, return_inverse=True)
+        t_rows, t_index = torch.unique(pairs.teacher_rows, return_inverse=True)
         temp = teacher_temperature(self.cfg, state.epoch)
-        t_probs = F.softmax((t_out - self.center) / temp, dim=-1).chunk(teacher.n_global)
-        groups: list[tuple[list[ViewBatch], Tensor, tuple[int, int]]] = [
-            (batch.global_views, self.head(student.global_[lv].tokens).float(), student.global_[lv].grid)
-        ]
-        if student.local is not None and student.n_local:
-            groups.append((batch.local_views[: student.n_local], self.head(student.local[lv].tokens).float(),
-                           student.local[lv].grid))
-        total, pairs, matched = 0.0, 0, 0.0
-        for views, s_out, s_grid in groups:
-            s_logp = F.log_softmax(s_out / self.cfg.student_temp, dim=-1).chunk(len(views))
-            for iq, q in enumerate(batch.global_views):
-                for iv, v in enumerate(views):
-                    if views is batch.global_views and iv == iq:
-                        continue
-                    m = match_patches(q.boxes, q.flips, t_feats.grid, v.boxes, v.flips, s_grid)
-                    w = m.valid.float()
-                    w[:, 1:] *= self.cfg.patch_weight
-                    total = total + matched_cross_entropy(t_probs[iq], s_logp[iv], m.idx_a, m.idx_b, w)
-                    pairs += 1
-                    matched += float(m.patch_pairs.float().mean())
-        loss = total / pairs
         with torch.no_grad():
-            cls_probs = t_probs[0][:, 0]  # the CLS targets: a cheap collapse signal
+            # the teacher's MLP on every token (the centre is a mean over all of them); its last layer
+            # is linear, so the centre needs it only on the per-position mean, and the loss on the
+            # matched rows
+            z = teacher_head.bottleneck(t_feats.tokens.reshape(-1, dim)).float()  # (n_g·B·(1+N), D)
+            shifted_center = self.center / temp
+            t_probs = F.softmax(teacher_head.prototypes(z[t_rows], 1.0 / temp).float()
+                                - shifted_center[t_rows % n_tokens], dim=-1)  # (R, K)
+        loss = matched_pair_loss(self._student_logits(student, s_rows), s_index, t_probs, t_index, pairs.weights)
+        with torch.no_grad():
+            cls = teacher_head.prototypes(z[: batch.batch_size * n_tokens : n_tokens], 1.0 / temp).float()
+            cls_probs = F.softmax(cls - shifted_center[0], dim=-1)  # view 0's CLS targets: a cheap collapse signal
             entropy = -(cls_probs * torch.log(cls_probs.clamp_min(1e-12))).sum(-1).mean()
             if self.training:
-                flat = updated_center(self.center.reshape(1, -1), t_out.reshape(t_out.shape[0], -1),
-                                      self.cfg.center_momentum)
-                self.center.copy_(flat.reshape_as(self.center))
+                z_mean = all_reduce_sum(z.reshape(n_views, n_tokens, -1).sum(0)) / (n_views * world_size())
+                batch_mean = teacher_head.prototypes(z_mean).float()  # (1+N, K) = mean of the teacher outputs
+                m = self.cfg.center_momentum
+                self.center.copy_(self.center * m + batch_mean * (1 - m))
         return ObjectiveOutput(
-            loss,  # type: ignore[arg-type]
-            {"patch_match/matched_per_pair": matched / pairs, "patch_match/teacher_entropy": entropy,
+            loss,
+            {"patch_match/matched_per_pair": pairs.patch_pairs, "patch_match/teacher_entropy": entropy,
              "patch_match/teacher_temp": temp},
         )
 
