@@ -39,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from stratavit.data.datasets import Indexed, build_dataset
 from stratavit.data.views import MultiCropTransform, collate_views
+from stratavit.engine.standalone import attach
 from stratavit.engine.train import build_module
 from stratavit.recipe import resolve_config
 
@@ -49,18 +50,6 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, 
 TINY = ["backbone.depth=2", "backbone.embed_dim=48", "backbone.num_heads=2", "backbone.img_size=32",
         "backbone.patch_size=8", "views.global_size=32"]
 """Overrides of ``--tiny`` (a CPU checks the suite end to end); local crops 16 px, where a recipe has them."""
-
-
-class _Trainer:
-    """What ``PretrainModule.configure_optimizers`` and the schedules read from a Lightning trainer."""
-
-    world_size = 1
-    estimated_stepping_batches = 100_000
-    num_training_batches = 1000
-    accumulate_grad_batches = 1
-    optimizers: list = []
-    global_step = 0
-    current_epoch = 1  # past DINO's frozen-last-layer epoch: every head trains
 
 
 class Suite:
@@ -110,7 +99,7 @@ class Suite:
         a = self.args
         cfg = resolve_config(recipe, self.overrides(recipe, compile_))
         module = build_module(cfg).to(self.device)
-        module._trainer = _Trainer()  # type: ignore[assignment]
+        attach(module)
         opt = module.configure_optimizers()
         batch = self.batch_for(cfg)
         images = batch.batch_size

@@ -34,19 +34,8 @@ from stratavit.data.datasets import SAMPLE_NAME, Indexed, build_dataset
 from stratavit.data.views import MultiCropTransform, MultiViewBatch, collate_views
 from stratavit.demo import DEMO_OVERRIDES
 from stratavit.engine.module import PretrainModule
+from stratavit.engine.standalone import attach
 from stratavit.recipe import resolve_config
-
-
-class _FakeTrainer:
-    """What the module's optimiser set-up reads from a Lightning trainer."""
-
-    world_size = 1
-    estimated_stepping_batches = 10_000
-    num_training_batches = 100
-    accumulate_grad_batches = 1
-    optimizers: list = []
-    global_step = 0
-    current_epoch = 1  # past DINO's frozen-last-layer epoch: every head trains
 
 
 def build(recipe: str, extra: list[str], device: torch.device) -> tuple[PretrainModule, torch.optim.Optimizer]:
@@ -57,7 +46,7 @@ def build(recipe: str, extra: list[str], device: torch.device) -> tuple[Pretrain
             if ":" not in o.split("=", 1)[0] or o.split(":", 1)[0] == recipe]
     cfg = resolve_config(recipe, [*base, *recipe_overrides(recipe, 10_000), *mine])
     module = PretrainModule(cfg).to(device)
-    module._trainer = _FakeTrainer()  # type: ignore[assignment]
+    attach(module)
     opt = module.configure_optimizers()
     return module, opt
 

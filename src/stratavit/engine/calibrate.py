@@ -25,21 +25,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from stratavit.engine.budget import Costs
+from stratavit.engine.standalone import StandaloneTrainer, attach
 from stratavit.objectives.base import NeedsDatasetPass
-
-
-class _Trainer:
-    """What ``configure_optimizers`` and the step schedules read from a Lightning trainer, outside one."""
-
-    world_size = 1
-    accumulate_grad_batches = 1
-    optimizers: list = []
-    global_step = 0
-    current_epoch = 0
-
-    def __init__(self, steps: int, batches: int) -> None:
-        self.estimated_stepping_batches = steps
-        self.num_training_batches = batches
 
 
 @contextlib.contextmanager
@@ -85,7 +72,7 @@ def measure_costs(
     batches = len(loader) if hasattr(loader, "__len__") else 1000
     with kept_random_state():
         probe = copy.deepcopy(module).to(device).train()
-        probe._trainer = _Trainer(10_000, batches)  # type: ignore[assignment]
+        attach(probe, StandaloneTrainer(10_000, batches))
         opt = probe.configure_optimizers()
         it = iter(loader)
         times, teacher_s, batch = [], 0.0, None
