@@ -90,3 +90,26 @@ def test_a_bad_budget_is_one_line(tmp_path, capsys):
     assert main(["config", "--recipe", "dino", "train.budget=soon"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "write e.g. 15m, 2h, 1h30m or 900s" in err
+
+
+@pytest.mark.slow
+def test_calibration_measures_without_changing_the_run(tmp_path, cifar_train):
+    """The calibration trains a copy: the module's weights and every random generator are as before."""
+    import torch
+
+    from stratavit.engine.calibrate import measure_costs
+    from stratavit.engine.data import build_train_loader
+    from stratavit.engine.train import build_module
+    from stratavit.recipe import resolve_config
+
+    cfg = resolve_config("mcvt", [*TINY, f"data.path={cifar_train}", "data.limit=64"])
+    torch.manual_seed(0)
+    module = build_module(cfg)
+    loader = build_train_loader(cfg, module.backbone.patch_size)
+    rng = torch.get_rng_state()
+    weights = {k: v.clone() for k, v in module.state_dict().items() if torch.is_tensor(v)}
+    costs = measure_costs(module, loader, torch.device("cpu"), "32-true", tmp_path, steps=2)
+    assert costs.step_s > 0 and costs.epoch_s > 0 and costs.fixed_s > 0  # mcvt's ProtoNCE needs a dataset pass
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in weights.items())
+    assert list(tmp_path.iterdir()) == []  # the timed checkpoint-sized file is gone
