@@ -113,3 +113,35 @@ def test_calibration_measures_without_changing_the_run(tmp_path, cifar_train):
     assert torch.equal(rng, torch.get_rng_state())
     assert all(torch.equal(v, module.state_dict()[k]) for k, v in weights.items())
     assert list(tmp_path.iterdir()) == []  # the timed checkpoint-sized file is gone
+
+
+class Crash(L.Callback):
+    """Kills the run (an exception, as a power cut would) once step ``at`` is done."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.at:
+            raise KeyError("simulated crash")
+
+
+@pytest.mark.slow
+def test_a_continued_budget_run_keeps_its_plan_and_counts_the_time_spent(tmp_path, monkeypatch, cifar_train):
+    clock = FakeClock()
+    fake_time = SimpleNamespace(time=clock.time, monotonic=clock.monotonic, sleep=time.sleep)
+    monkeypatch.setattr(budget_cb, "time", fake_time)
+    monkeypatch.setattr(budget_setup, "time", fake_time)
+    monkeypatch.setattr(budget_setup, "measure_costs", lambda *a, **k: Costs(step_s=1.0))
+    over = [*TINY, "train.budget=20s", "train.epochs=100", "train.checkpoint_every_n_steps=5"]
+    with pytest.raises(KeyError):
+        pretrain("mocov3", str(cifar_train), tmp_path / "run", over, callbacks=[Pace(clock, 1.0), Crash(7)])
+    # continued: steps 5..19 redone from the step-5 checkpoint; the measured pace would now plan anew,
+    # but the plan (20 steps) comes from the checkpoint, and the 5 s spent up to it count
+    monkeypatch.setattr(budget_setup, "measure_costs", lambda *a, **k: pytest.fail("a continued run measures nothing"))
+    clock.now = time.time()  # the new process starts now (pretrain reads the real clock for its start)
+    run = pretrain(None, None, tmp_path / "run", [], callbacks=[Pace(clock, 1.0)])
+    summary = json.loads((run / "run.json").read_text())
+    assert summary["global_step"] == 20 and summary["budget"]["max_steps"] == 20 and summary["finished"]
+    assert abs(summary["budget"]["actual_s"] - 20) <= 1.0  # 5 s before the checkpoint + 15 s after it
+    assert _lrs(run)[-1] < 0.02 * max(_lrs(run))

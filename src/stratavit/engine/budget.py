@@ -72,7 +72,7 @@ class BudgetPlan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BudgetPlan:
-        d = {k: v for k, v in d.items() if k != "planned_s"}
+        d = {k: v for k, v in d.items() if k not in ("planned_s", "elapsed_s")}
         return cls(**{**d, "costs": Costs(**d["costs"]), "replans": list(d.get("replans", []))})
 
 

@@ -67,7 +67,7 @@ def _wait_for_plan(path: Path, since: float) -> BudgetPlan:
 
 def setup_budget(
     cfg: Config, run: RunFolder, module: Any, loader: DataLoader, resuming: bool, started: float,
-    spent_before_s: float, build: Callable[[Config], Any], precision: str,
+    build: Callable[[Config], Any], precision: str,
 ) -> Budgeted | None:
     """The budget run's pieces, or None without ``train.budget``.
 
@@ -75,7 +75,6 @@ def setup_budget(
         cfg, module, loader: as built for the run (the module is rebuilt from the compressed config).
         resuming: the run continues from a checkpoint (its plan is kept, nothing is measured).
         started: ``time.time()`` when this process started (start-up counts against the budget).
-        spent_before_s: wall seconds of earlier sessions of a continued run.
         build: makes the module of a config (seeded here, as the run seeds).
         precision: the run's precision (the calibration trains in it).
     """
@@ -88,7 +87,8 @@ def setup_budget(
             raise ConfigError(f"{run.root} has train.budget set but no {BUDGET_FILE}; it was not started with a budget: "
                               "continue it without train.budget, or start a new run")
         plan = BudgetPlan.from_dict(read_json(path))  # the checkpoint's own copy replaces it on load
-        return Budgeted(cfg, module, BudgetWatch(plan, path, cfg.train.budget_tolerance, spent_before_s, started))
+        # the checkpoint's plan and the budget time spent up to it replace these when it loads
+        return Budgeted(cfg, module, BudgetWatch(plan, path, cfg.train.budget_tolerance, 0.0, started))
     if _rank() == 0:
         steps_per_epoch = max(1, len(loader))
         costs = measure_costs(module, loader, _device(cfg), precision, run.root)

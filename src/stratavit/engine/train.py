@@ -288,14 +288,6 @@ def _images(loader: DataLoader) -> int | None:
     return int(count) if count is not None else None
 
 
-def _spent_before(run: RunFolder, point: ResumePoint | None) -> float:
-    """Seconds of a ``train.budget`` the earlier sessions of a continued run used (``run.json``)."""
-    if point is None or not run.summary.exists():
-        return 0.0
-    previous = run.read_summary()
-    return float((previous.get("budget") or {}).get("actual_s", previous.get("wall_time_s", 0.0)))
-
-
 def _check_trainer(cfg: Config, run: RunFolder, callbacks: list[Any]) -> L.Trainer:
     """:func:`build_trainer`, with Lightning's refusals of the settings (no GPU for
     ``train.accelerator=gpu``, more devices than there are, an unknown strategy) as ConfigError."""
@@ -352,7 +344,7 @@ def pretrain(
         loader = build_train_loader(cfg, module.backbone.patch_size, skip_log=run.skipped)
         check_data(module, loader)
         start = prepare_resume(point, loader) if point is not None else None
-        budget = setup_budget(cfg, run, module, loader, resuming, started, _spent_before(run, point), build_module, _precision(cfg))
+        budget = setup_budget(cfg, run, module, loader, resuming, started, build_module, _precision(cfg))
         if budget is not None:  # the recipe compressed into the budget; the module built from it
             cfg, module = budget.cfg, budget.module
             check_data(module, loader)

@@ -89,8 +89,12 @@ class BudgetWatch(L.Callback):
             write_json(self.path, self.plan.to_dict())
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        checkpoint[BUDGET_PLAN] = self.plan.to_dict()
+        checkpoint[BUDGET_PLAN] = {**self.plan.to_dict(), "elapsed_s": self.elapsed_s()}
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """A continued run keeps the plan and counts the budget time that led to the checkpoint (time
+        spent after it, lost to a crash, is not counted: those steps are redone)."""
         if BUDGET_PLAN in checkpoint:
-            self.plan = BudgetPlan.from_dict(checkpoint[BUDGET_PLAN])
+            saved = dict(checkpoint[BUDGET_PLAN])
+            self.spent_before_s = float(saved.pop("elapsed_s", self.spent_before_s))
+            self.plan = BudgetPlan.from_dict(saved)
