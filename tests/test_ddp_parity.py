@@ -286,9 +286,14 @@ def test_two_gloo_processes_match_one_process_for_every_recipe(tmp_path: Path, c
         floats = {k: v for k, v in one["state"].items() if v.is_floating_point() and v.numel()}
         moved = max(float((v - one["initial"][k]).abs().max()) for k, v in floats.items())
         assert moved > 0.1, f"{recipe}: the steps barely changed the model ({moved})"
+        # mcl: with the authors' blur (issue 15) the montage neck's batch norms see low-variance tiles that
+        # amplify float32 summation-order differences: up to 2.5e-4 on 19 of 2,304 neck weights (measured;
+        # 1e-5 held with the old, weaker blur). Without blur mocov3 lands at 1.7e-5 instead: the 1e-5 edge
+        # is data-dependent. A real split error (unsynchronised statistics) moves weights by 1e-2 and more.
+        tol = 5e-4 if recipe == "mcl" else 1e-5
         for key, value in one["state"].items():  # student, teacher, centres, queues, BN statistics
             for r in range(WORLD):  # (the DINO-style heads' pre-normalisation biases move by ~100 with SGD)
-                _close(ranks[r][recipe]["state"][key], value, 1e-5, f"{recipe} rank {r} {key}", rtol=1e-5)
+                _close(ranks[r][recipe]["state"][key], value, tol, f"{recipe} rank {r} {key}", rtol=tol)
 
     # mcvt: k-means of embeddings split across processes == k-means of all of them in one process
     one, ddp = single["mcvt"], ranks[0]["mcvt"]
