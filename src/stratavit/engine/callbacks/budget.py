@@ -55,9 +55,12 @@ class BudgetWatch(L.Callback):
         return self.spent_before_s + (time.time() - self.started)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._apply(trainer, pl_module)  # the checkpoint's plan (restored before this hook) or the new one
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the pace is measured from here: a continued run's step counter is restored only after on_fit_start
         self._fit_start = time.monotonic()
         self._start_step = int(trainer.global_step)
-        self._apply(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = int(trainer.global_step)
