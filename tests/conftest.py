@@ -6,6 +6,7 @@ import os
 import tarfile
 from pathlib import Path
 
+import lightning as L
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,3 +78,15 @@ def horses_dir() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return _unpack(archive, CACHE / "weizmann-horses")
+
+
+
+class CrashAt(L.Callback):
+    """Kills a run (an exception, as a power cut would) once step ``at_step`` is done."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.at_step:
+            raise RuntimeError("simulated crash")

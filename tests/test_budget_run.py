@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 
-from conftest import TINY
+from conftest import TINY, CrashAt
 from stratavit.engine import budget_setup
 from stratavit.engine.budget import Costs
 from stratavit.engine.callbacks import budget as budget_cb
@@ -115,16 +115,6 @@ def test_calibration_measures_without_changing_the_run(tmp_path, cifar_train):
     assert list(tmp_path.iterdir()) == []  # the timed checkpoint-sized file is gone
 
 
-class Crash(L.Callback):
-    """Kills the run (an exception, as a power cut would) once step ``at`` is done."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step >= self.at:
-            raise KeyError("simulated crash")
-
 
 @pytest.mark.slow
 def test_a_continued_budget_run_keeps_its_plan_and_counts_the_time_spent(tmp_path, monkeypatch, cifar_train):
@@ -134,8 +124,8 @@ def test_a_continued_budget_run_keeps_its_plan_and_counts_the_time_spent(tmp_pat
     monkeypatch.setattr(budget_setup, "time", fake_time)
     monkeypatch.setattr(budget_setup, "measure_costs", lambda *a, **k: Costs(step_s=1.0))
     over = [*TINY, "train.budget=20s", "train.epochs=100", "train.checkpoint_every_n_steps=5"]
-    with pytest.raises(KeyError):
-        pretrain("mocov3", str(cifar_train), tmp_path / "run", over, callbacks=[Pace(clock, 1.0), Crash(7)])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pretrain("mocov3", str(cifar_train), tmp_path / "run", over, callbacks=[Pace(clock, 1.0), CrashAt(7)])
     # continued: steps 5..19 redone from the step-5 checkpoint; the measured pace would now plan anew,
     # but the plan (20 steps) comes from the checkpoint, and the 5 s spent up to it count
     monkeypatch.setattr(budget_setup, "measure_costs", lambda *a, **k: pytest.fail("a continued run measures nothing"))

@@ -8,11 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import timm
 import torch
-from conftest import TINY
+from conftest import TINY, CrashAt
 
 from stratavit import load_backbone, pretrain
 
@@ -94,14 +93,6 @@ def test_pretrain_evaluate_export_reload(tmp_path, cifar_train, cifar_test, reci
     timm.create_model("vit_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(out)), num_classes=10, **kw)
 
 
-class _Crash(L.Callback):
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step >= self.at_step:
-            raise RuntimeError("simulated crash")
-
 
 @pytest.mark.slow
 def test_resume_continues_steps_and_loss_curve(tmp_path, cifar_train):
@@ -113,7 +104,7 @@ def test_resume_continues_steps_and_loss_curve(tmp_path, cifar_train):
     assert [int(r["step"]) for r in full_rows] == list(range(16))
     # crash after step 6 (last checkpoint at step 4), then run the same command again
     with pytest.raises(RuntimeError, match="simulated crash"):
-        pretrain(out=tmp_path / "crash", overrides=over, callbacks=[_Crash(6)], **args)
+        pretrain(out=tmp_path / "crash", overrides=over, callbacks=[CrashAt(6)], **args)
     ckpt = torch.load(tmp_path / "crash" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4
     with pytest.raises(Exception, match="nothing to continue"):
@@ -138,7 +129,7 @@ def test_killed_run_resumes_from_the_last_epoch_without_step_checkpoints(tmp_pat
     """No checkpoint_every_n_steps: every epoch end still leaves a complete last.ckpt to continue from."""
     over = [*TINY, *MOCO_SMALL, "train.epochs=3", "data.limit=128"]  # 8 steps per epoch
     with pytest.raises(RuntimeError, match="simulated crash"):
-        pretrain("mocov3", str(cifar_train), tmp_path / "run", over, callbacks=[_Crash(12)])
+        pretrain("mocov3", str(cifar_train), tmp_path / "run", over, callbacks=[CrashAt(12)])
     ckpt_dir = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["last.ckpt"]  # no stray temp or epoch files
     assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == 8
@@ -284,7 +275,7 @@ def test_mcvt_resumed_mid_epoch_keeps_its_prototypes(tmp_path, cifar_train):
     full = pretrain("mcvt", str(cifar_train), tmp_path / "full", over)
     full_rows = _rows(full / "metrics.csv")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        pretrain("mcvt", str(cifar_train), tmp_path / "crash", over, callbacks=[_Crash(9)])
+        pretrain("mcvt", str(cifar_train), tmp_path / "crash", over, callbacks=[CrashAt(9)])
     assert torch.load(tmp_path / "crash" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
     resumed = pretrain("mcvt", str(cifar_train), tmp_path / "crash", over, resume=True)
     steps = _rows(resumed / "metrics.csv")

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import TINY
+from conftest import TINY, CrashAt
 
 from stratavit.cli import main
 from stratavit.engine.callbacks import checkpoint as checkpointing
@@ -367,14 +367,6 @@ def test_a_damaged_checkpoint_without_a_previous_one_says_to_start_over(tmp_path
 # ----------------------------------------------------------------------------------------- metrics, run.json
 
 
-class _Crash(L.Callback):
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step >= self.at_step:
-            raise RuntimeError("simulated crash")
-
 
 def test_first_and_last_steps_are_logged_and_run_json_counts_epochs(tmp_path, cifar_train):
     over = [*TINY, *MOCO, "data.limit=64", "train.log_every_n_steps=50", "train.epochs=1"]  # 4 steps per epoch
@@ -388,7 +380,7 @@ def test_first_and_last_steps_are_logged_and_run_json_counts_epochs(tmp_path, ci
     # killed after step 3 (checkpoint at 2), continued: the rows stay unique and the ends are there
     crash = tmp_path / "crash"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        pretrain("mocov3", str(cifar_train), crash, [*over, "train.checkpoint_every_n_steps=2"], callbacks=[_Crash(3)])
+        pretrain("mocov3", str(cifar_train), crash, [*over, "train.checkpoint_every_n_steps=2"], callbacks=[CrashAt(3)])
     assert _steps(crash / "metrics.csv") == [0]
     pretrain(out=crash, overrides=[*over, "train.checkpoint_every_n_steps=2"], resume=True)
     assert _steps(crash / "metrics.csv") == [0, 3]
@@ -401,7 +393,7 @@ def test_a_run_started_again_before_its_first_checkpoint_logs_each_step_once(tmp
     over = [*TINY, *MOCO, "data.limit=64", "train.epochs=1"]
     early = tmp_path / "early"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        pretrain("mocov3", str(cifar_train), early, [*over, "train.log_every_n_steps=1"], callbacks=[_Crash(2)])
+        pretrain("mocov3", str(cifar_train), early, [*over, "train.log_every_n_steps=1"], callbacks=[CrashAt(2)])
     assert _steps(early / "metrics.csv") == [0] and not (early / "checkpoints").exists()
     pretrain("mocov3", str(cifar_train), early, [*over, "train.log_every_n_steps=1"])
     assert _steps(early / "metrics.csv") == [0, 1, 2, 3]
