@@ -90,7 +90,11 @@ def setup_budget(
         # the checkpoint's plan and the budget time spent up to it replace these when it loads
         return Budgeted(cfg, module, BudgetWatch(plan, path, cfg.train.budget_tolerance, 0.0, started))
     if _rank() == 0:
-        steps_per_epoch = max(1, len(loader))
+        try:
+            steps_per_epoch = max(1, len(loader))
+        except TypeError:  # a stream of unknown length
+            raise ConfigError("train.budget needs to know the epoch's length, and this data streams without one; "
+                              "set train.max_steps and train.max_time_s instead") from None
         costs = measure_costs(module, loader, _device(cfg), precision, run.root)
         plan = plan_budget(budget_s, time.time() - started, costs, steps_per_epoch, _recipe_steps(cfg, steps_per_epoch))
         write_json(path, plan.to_dict())
