@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 import pytest
 
 from stratavit.config import ConfigError
@@ -84,7 +85,20 @@ def test_the_recipe_is_compressed_epoch_schedules_included():
     assert got["train.max_steps"] == "500" and got["train.epochs"] == "5"
     assert float(got["optim.warmup_epochs"]) == pytest.approx(cfg.optim.warmup_epochs * 0.05)
     dino = cfg.objectives["dino"]
-    assert dino.warmup_teacher_temp_epochs == 30 and got["objectives.dino.warmup_teacher_temp_epochs"] == "2"  # 1.5 -> 2
-    assert got["objectives.dino.freeze_last_layer_epochs"] == "1"  # at least 1 where the plan has more epochs
+    # float-typed epoch schedules keep their share of the run: 30 of 100 epochs -> 1.5 of 5, 1 -> 0.05
+    assert dino.warmup_teacher_temp_epochs == 30 and got["objectives.dino.warmup_teacher_temp_epochs"] == "1.5"
+    assert got["objectives.dino.freeze_last_layer_epochs"] == "0.05"
     # the overrides make a valid config
     resolve_config("dino", list(compressed_overrides(cfg, plan)))
+
+
+def test_int_epoch_schedules_are_rounded_and_kept_at_one():
+    """ProtoNCE's warm-up counts whole epochs before its per-epoch E-steps: rounded, and kept >= 1."""
+    cfg = resolve_config("mcvt", ["objectives.protonce.warmup_epochs=20"])
+    plan = BudgetPlan(budget_s=900, costs=Costs(1.0), steps_per_epoch=100, recipe_steps=10_000, max_steps=500,
+                      epochs=5, scale=0.05)
+    got = dict(o.split("=", 1) for o in compressed_overrides(cfg, plan))
+    assert got["objectives.protonce.warmup_epochs"] == "1"  # 20 * 0.05 = 1.0
+    cfg2 = resolve_config("mcvt", ["objectives.protonce.warmup_epochs=2"])
+    got2 = dict(o.split("=", 1) for o in compressed_overrides(cfg2, plan))
+    assert got2["objectives.protonce.warmup_epochs"] == "1"  # 0.1 rounds to 0, kept at 1 (the plan has 5 epochs > 2)

@@ -173,3 +173,22 @@ def test_infonce_queue_is_a_fifo():
     # first batch -> slots 0, 1, 2; second batch -> slots 3, 4, then wraps to 0
     torch.testing.assert_close(queue, torch.stack([e[2], e[1], e[2], e[0], e[1]]))
     assert int(obj.queue_ptr_1) == 1
+
+
+def test_fractional_epoch_schedules_of_a_budgeted_run():
+    """A budget-compressed warm-up (a fraction of an epoch) ramps linearly over the fractional epoch;
+    whole-number schedules read the whole epoch (the authors' per-epoch arrays, unchanged)."""
+    from stratavit.objectives.base import StepState
+
+    cfg = DINOConfig(warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=0.5)
+    assert teacher_temperature(cfg, 0.0) == pytest.approx(0.04)
+    assert teacher_temperature(cfg, 0.25) == pytest.approx(0.055)  # half-way up the ramp
+    assert teacher_temperature(cfg, 0.5) == pytest.approx(0.07)
+    whole = DINOConfig(warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=30)
+    assert teacher_temperature(whole, 15.9) == pytest.approx(0.04 + 0.03 * 15 / 29)  # floor: epoch 15
+    state = StepState(step=150, epoch=1, steps_per_epoch=100, total_steps=1000)
+    assert state.epoch_for(1) == 1 and state.epoch_for(0.05) == pytest.approx(1.5)
+    assert not state.epoch_for(1) < 1  # DINO's `epoch < freeze_last_layer` at epoch 1: not frozen
+    early = StepState(step=4, epoch=0, steps_per_epoch=100, total_steps=1000)
+    assert early.epoch_for(0.05) < 0.05  # step 4 of 100: inside a 0.05-epoch freeze
+    assert not StepState(step=5, epoch=0, steps_per_epoch=100, total_steps=1000).epoch_for(0.05) < 0.05

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,19 +140,25 @@ def _is_epoch_field(name: str) -> bool:
 
 def compressed_overrides(cfg: Any, plan: BudgetPlan) -> list[str]:
     """``key=value`` overrides that compress ``cfg``'s recipe to ``plan``: the step count, the epochs it
-    spans, and every schedule written in epochs multiplied by ``plan.scale`` (integers rounded; a
-    field that was at least 1 stays at least 1 when the plan has more epochs than it)."""
+    spans, and every schedule written in epochs multiplied by ``plan.scale``. A field typed ``float``
+    (DINO's and iBOT's warm-ups and last-layer freeze) keeps the fraction, so a schedule that is 1 %
+    of the recipe is 1 % of the budgeted run; a field typed ``int`` (an event that happens at epoch
+    boundaries, e.g. ProtoNCE's warm-up before its per-epoch E-steps) is rounded, and one that was at
+    least 1 stays at least 1 when the plan has more epochs than it."""
     out = [f"train.max_steps={plan.max_steps}", f"train.epochs={max(plan.epochs, 1)}"]
     if plan.scale >= 1.0:
         return out
     out.append(f"optim.warmup_epochs={cfg.optim.warmup_epochs * plan.scale:.6g}")
     for name, obj_cfg in sorted(cfg.objectives.items()):
+        hints = typing.get_type_hints(type(obj_cfg))
         for f in dataclasses.fields(obj_cfg):
             value = getattr(obj_cfg, f.name)
             if not _is_epoch_field(f.name) or value is None or isinstance(value, bool):
                 continue
             scaled: float | int = value * plan.scale
-            if isinstance(value, int):
+            if hints.get(f.name) is float:
+                scaled = float(f"{scaled:.6g}")
+            elif isinstance(value, int):
                 scaled = int(round(scaled))
                 if value >= 1 and plan.epochs > value:
                     scaled = max(scaled, 1)

@@ -50,6 +50,12 @@ class StepState:
     def epoch_float(self) -> float:
         return self.step / max(1, self.steps_per_epoch)
 
+    def epoch_for(self, epochs: float) -> float:
+        """The epoch to hold against a schedule length written in epochs: the whole epoch when
+        ``epochs`` is a whole number (the authors' per-epoch schedules, unchanged), the fractional
+        ``step / steps_per_epoch`` when it is a fraction (a recipe ``train.budget`` compressed)."""
+        return self.epoch if float(epochs).is_integer() else self.epoch_float
+
 
 @dataclass
 class ViewFeatures:

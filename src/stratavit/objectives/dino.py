@@ -9,6 +9,7 @@ centre ``c`` is an EMA (momentum 0.9) of the teacher outputs' mean over the whol
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,21 +40,33 @@ class DINOConfig(ObjectiveConfig):
     student_temp: float = 0.1
     teacher_temp: float = 0.04
     warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 0
+    warmup_teacher_temp_epochs: float = 0
+    """Epochs of the teacher-temperature warm-up. A whole number: DINO's per-epoch array. A fraction
+    (what ``train.budget`` makes of a recipe's epochs when the run has far fewer): a linear ramp over
+    the fractional epoch (see :func:`teacher_temperature`)."""
     center_momentum: float = 0.9
-    freeze_last_layer_epochs: int = 1
+    freeze_last_layer_epochs: float = 1
+    """The prototype layer's gradient is dropped while ``step / steps_per_epoch`` is below this (for a
+    whole number exactly DINO's ``epoch < freeze_last_layer``; a fraction freezes that share of an epoch)."""
 
 
-def teacher_temperature(cfg: DINOConfig, epoch: int) -> float:
-    """τ_t of ``epoch``: DINO's per-epoch array ``linspace(warmup_teacher_temp, teacher_temp, W)``
-    followed by ``teacher_temp``, with ``W = warmup_teacher_temp_epochs``. So epoch ``e < W`` gets
-    ``warm + e (τ − warm)/(W − 1)`` (just ``warm`` when W = 1), and ``e ≥ W`` gets ``teacher_temp``."""
-    warm = cfg.warmup_teacher_temp_epochs
+def teacher_temperature(cfg: DINOConfig, epoch: float) -> float:
+    """τ_t at (fractional) ``epoch`` (``step / steps_per_epoch``).
+
+    A whole ``W = warmup_teacher_temp_epochs``: DINO's per-epoch array ``linspace(warmup_teacher_temp,
+    teacher_temp, W)`` followed by ``teacher_temp``, read at the whole epoch ``e = floor(epoch)``: ``e < W``
+    gets ``warm + e (τ − warm)/(W − 1)`` (just ``warm`` when W = 1), and ``e ≥ W`` gets ``teacher_temp``.
+    A fractional ``W`` (a budget-compressed recipe, where the warm-up lasts less than an epoch or a
+    few): the same ramp, continuous, ``warm + (epoch / W)(τ − warm)`` up to ``W``."""
+    warm = float(cfg.warmup_teacher_temp_epochs)
     if epoch >= warm:
         return cfg.teacher_temp
+    if not warm.is_integer():
+        frac = max(float(epoch), 0.0) / warm
+        return cfg.warmup_teacher_temp + frac * (cfg.teacher_temp - cfg.warmup_teacher_temp)
     if warm == 1:
         return cfg.warmup_teacher_temp
-    frac = max(epoch, 0) / (warm - 1)
+    frac = max(math.floor(epoch), 0) / (warm - 1)
     return cfg.warmup_teacher_temp + frac * (cfg.teacher_temp - cfg.warmup_teacher_temp)
 
 
@@ -156,7 +169,7 @@ class DINO(Objective):
         s_out = s_out.float()
         with torch.no_grad():
             t_all = teacher_head(teacher.global_[lv].cls).float()
-        temp = teacher_temperature(self.cfg, state.epoch)
+        temp = teacher_temperature(self.cfg, state.epoch_for(self.cfg.warmup_teacher_temp_epochs))
         b = t_all.shape[0] // teacher.n_global
         pt = teacher_probs(t_all, self.center, temp)
         loss = pair_cross_entropy(F.log_softmax(s_out / self.cfg.student_temp, dim=-1).reshape(-1, b, s_out.shape[-1]),
@@ -168,6 +181,6 @@ class DINO(Objective):
         return ObjectiveOutput(loss, {"dino/teacher_temp": temp, "dino/teacher_entropy": entropy})
 
     def on_after_backward(self, state: StepState) -> None:
-        if state.epoch < self.cfg.freeze_last_layer_epochs:
+        if state.epoch_for(self.cfg.freeze_last_layer_epochs) < self.cfg.freeze_last_layer_epochs:
             for p in self.head.last_layer.parameters():
                 p.grad = None

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stratavit.evaluation.block_plots import plot_block_curve
@@ -52,6 +53,10 @@ class KnnOptions:
 
     k: int = field(default=20, metadata={"min": 1})
     temperature: float = field(default=0.07, metadata={"min": 1e-6})
+    concat_last: list[int] = field(default_factory=lambda: [2, 4], metadata={"min": 2})
+    """Also kNN on the CLS of the last ``n`` blocks, each l2-normalised, concatenated, for every ``n``
+    here (numbers above the depth are clipped to it, and dropped when it is below 2; ``[]``: none).
+    ``results.json``: ``knn_concat`` (one row per ``n``) and ``knn_concat_best``."""
 
 
 @dataclass
@@ -106,6 +111,40 @@ def classification_probes(
     return layers, last
 
 
+def concat_blocks(depth: int, concat_last: Sequence[int]) -> list[list[int]]:
+    """The 1-based block lists of the multi-block kNN rows: the last ``n`` blocks, ``n`` clipped to ``depth``,
+    duplicates and lists of fewer than 2 blocks dropped (``depth=4, [2, 4, 8]`` -> ``[[3, 4], [1, 2, 3, 4]]``)."""
+    sizes = sorted({min(int(n), depth) for n in concat_last if min(int(n), depth) >= 2})
+    return [list(range(depth - n + 1, depth + 1)) for n in sizes]
+
+
+def knn_concat(
+    train: BlockFeatures, test: BlockFeatures, *, concat_last: Sequence[int], num_classes: int, k: int,
+    temperature: float,
+) -> list[dict[str, Any]]:
+    """kNN top-1 (%) on concatenated CLS features of the last blocks.
+
+    Each block's CLS ``(N, C)`` is l2-normalised before the concatenation ``(N, n * C)``, so every block
+    weighs the same in the cosine similarity. Returns ``[{"blocks": [3, 4], "top1": 41.2}, ...]``.
+    """
+    rows = []
+    for blocks in concat_blocks(len(train.cls), concat_last):
+        ftr = torch.cat([F.normalize(train.cls[b - 1].float(), dim=1) for b in blocks], dim=1)
+        fte = torch.cat([F.normalize(test.cls[b - 1].float(), dim=1) for b in blocks], dim=1)
+        top1 = knn_top1(ftr, train.labels, fte, test.labels, k=k, temperature=temperature, num_classes=num_classes)
+        rows.append({"blocks": blocks, "top1": top1})
+    return rows
+
+
+def best_concat(rows: Sequence[Mapping[str, Any]] | None) -> dict[str, Any] | None:
+    """The row of ``knn_concat`` with the highest top-1 (the first of ties), or ``None``."""
+    best = None
+    for row in rows or ():
+        if best is None or row["top1"] > best["top1"]:
+            best = dict(row)
+    return best
+
+
 @dataclass
 class ClassificationResult(Result):
     """Per-block kNN / linear top-1 (%), the settings, and what the pictures need (not in JSON)."""
@@ -116,8 +155,14 @@ class ClassificationResult(Result):
     layers: list[dict[str, Any]]
     linear_top1: float
     linear_train_top1: float
+    concat: list[dict[str, Any]] = field(default_factory=list)
     predictions: Tensor | None = field(default=None, repr=False)
     test_features: BlockFeatures | None = field(default=None, repr=False)
+
+    def _concat_entries(self) -> dict[str, Any]:
+        if not self.concat:
+            return {}
+        return {"knn_concat": self.concat, "knn_concat_best": best_concat(self.concat)}
 
     def entries(self) -> dict[str, Any]:
         return {
@@ -125,11 +170,12 @@ class ClassificationResult(Result):
             "linear": {"top1": round(self.linear_top1, 2), "train_top1": round(self.linear_train_top1, 2),
                        "epochs": self.epochs},
             "layers": self.layers,
+            **self._concat_entries(),
         }
 
     def baseline_entries(self) -> dict[str, Any]:
         return {"knn_top1": self.layers[-1]["knn_top1"], "linear_top1": round(self.linear_top1, 2),
-                "layers": self.layers}
+                "layers": self.layers, **self._concat_entries()}
 
 
 @dataclass
@@ -191,6 +237,26 @@ def _block_table(results: Mapping[str, Any]) -> str | None:
     return md_table(header, rows)
 
 
+def _blocks_label(blocks: Sequence[int]) -> str:
+    """``[3, 4]`` -> ``"blocks 3-4"``."""
+    return f"blocks {blocks[0]}-{blocks[-1]}"
+
+
+def _concat_sentence(results: Mapping[str, Any]) -> str:
+    """One paragraph on the multi-block kNN rows (empty when there are none)."""
+    rows = results.get("knn_concat") or []
+    if not rows:
+        return ""
+    base = {tuple(r["blocks"]): r["top1"] for r in dig(results, "baselines", "random_init", "knn_concat") or []}
+    parts = []
+    for row in rows:
+        ref = base.get(tuple(row["blocks"]))
+        parts.append(f"{_blocks_label(row['blocks'])}: {fmt(row['top1'])} %"
+                     + (f" (random init {fmt(ref)} %)" if ref is not None else ""))
+    return ("kNN top-1 on the CLS of the last blocks, each l2-normalised, concatenated (`knn.concat_last`): "
+            + "; ".join(parts) + ".\n\n")
+
+
 class Classification(Evaluation):
     """kNN and linear probes of every block (CLS and mean patch), plus the raw-pixel baseline."""
 
@@ -216,13 +282,16 @@ class Classification(Evaluation):
         ftr, fte = ctx.features(model)
         for text in class_warnings(ftr.labels, fte.labels, class_names(ctx.test_ds)):
             ctx.warn(text)
+        n_cls = num_classes(ftr.labels, fte.labels)
         with ctx.timed("probes"):
             layers, last = classification_probes(
-                ftr, fte, num_classes=num_classes(ftr.labels, fte.labels), k=o.knn.k, temperature=o.knn.temperature,
+                ftr, fte, num_classes=n_cls, k=o.knn.k, temperature=o.knn.temperature,
                 linear_epochs=o.linear.epochs, poolings=("cls",) if is_cnn(model) else ("cls", "mean_patch"),
             )
+            concat = knn_concat(ftr, fte, concat_last=o.knn.concat_last, num_classes=n_cls, k=o.knn.k,
+                                temperature=o.knn.temperature)
         return ClassificationResult(o.knn.k, o.knn.temperature, o.linear.epochs, layers, last["top1"],
-                                    last["train_top1"], last.get("predictions"), fte)
+                                    last["train_top1"], concat, last.get("predictions"), fte)
 
     def extra_baselines(self, ctx: Context) -> dict[str, Any]:
         return {"raw_pixels": asdict(_raw_pixels(ctx))}
@@ -268,7 +337,9 @@ class Classification(Evaluation):
             list(results["layers"]), out_dir / LAYER_PNG, key="knn_top1", baselines=lines or None,
             title="kNN top-1 per transformer block", extra_curves=curves or None,
         )
-        return f"## Per-block evaluation\n\n{table}\n\n![kNN top-1 per block]({os.path.relpath(png, out_dir)})"
+        concat = _concat_sentence(results)
+        return (f"## Per-block evaluation\n\n{table}\n\n{concat}"
+                f"![kNN top-1 per block]({os.path.relpath(png, out_dir)})")
 
     def summary(self, results: Mapping[str, Any]) -> dict[str, float]:
         return {"knn_top1": results["knn"]["top1"], "linear_top1": results["linear"]["top1"]}
@@ -291,6 +362,8 @@ class Classification(Evaluation):
                    basis=knn_basis),
             Column("best_block_knn_top1", lambda r: _best_block(r)[1], best=("best-block kNN top-1", True),
                    basis=knn_basis),
+            Column("best_concat_knn_top1", lambda r: number(dig(r, "knn_concat_best", "top1")),
+                   header="best multi-block kNN (%)", best=("multi-block kNN top-1", True), basis=knn_basis),
             Column("random_init_knn_top1", lambda r: number(dig(r, "baselines", "random_init", "knn_top1")),
                    group="baseline", basis=baseline_basis),
             Column("raw_pixels_knn_top1", lambda r: number(dig(r, "baselines", "raw_pixels", "knn_top1")),

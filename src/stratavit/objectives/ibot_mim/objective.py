@@ -103,7 +103,7 @@ class IBOTConfig(DINOConfig):
     """Mask blocks have aspect ratios log-uniform in [mask_min_aspect, 1 / mask_min_aspect]."""
     mask_min_patches: int | None = None
     """Smallest mask block area; ``None`` = iBOT's ``(min(gh, gw) // 3) ** 2`` (BEiT: 4)."""
-    pred_start_epoch: int = 0
+    pred_start_epoch: float = 0
     """Masking starts at this epoch (iBOT's ``pred_start_epoch``; 0 for ViTs, 50 for Swin); before
     it the masks are empty, so ``L_mim`` = 0."""
     mask_seed: int | None = None
@@ -114,7 +114,7 @@ class IBOTConfig(DINOConfig):
     lambda_mim: float = 1.0
 
 
-def teacher_patch_temperature(cfg: IBOTConfig, epoch: int) -> float:
+def teacher_patch_temperature(cfg: IBOTConfig, epoch: float) -> float:
     """Patch teacher temperature (iBOT's ``teacher_temp2_schedule``): ``warmup_teacher_patch_temp``
     for every epoch before ``pred_start_epoch``, then the CLS warm-up's ``linspace`` from
     ``warmup_teacher_patch_temp`` to ``teacher_patch_temp`` over ``warmup_teacher_temp_epochs``
@@ -304,7 +304,7 @@ class IBOT(Objective):
             ``pred_start_epoch`` the masks are all False (the token stays in the graph).
         """
         n = n_views * batch_size
-        if state.epoch < self.cfg.pred_start_epoch:
+        if state.epoch_for(self.cfg.pred_start_epoch) < self.cfg.pred_start_epoch:
             masks = torch.zeros(n, grid[0] * grid[1], dtype=torch.bool)
         else:
             min_patches = self.cfg.mask_min_patches or ibot_min_num_patches(grid)
@@ -343,8 +343,9 @@ class IBOT(Objective):
         with torch.no_grad():
             t_cls, t_masked, t_patch_sum = teacher_head.teacher_outputs(teacher.global_[lv].tokens, masks)
             t_cls, t_masked, t_patch_sum = t_cls.float(), t_masked.float(), t_patch_sum.float()  # (V·B, K), (M, K_p), (1, K_p)
-        temp = teacher_temperature(cfg, state.epoch)
-        patch_temp = teacher_patch_temperature(cfg, state.epoch)
+        temp = teacher_temperature(cfg, state.epoch_for(cfg.warmup_teacher_temp_epochs))
+        patch_temp = teacher_patch_temperature(
+            cfg, state.epoch_for(cfg.warmup_teacher_temp_epochs + cfg.pred_start_epoch))
         s_all = torch.cat([s_cls, *s_local]).float()  # (V·B, K), view-major: global views, then local
         b = t_cls.shape[0] // n_g
         pt_cls = teacher_probs(t_cls, self.center, temp)  # (n_g·B, K)
@@ -373,7 +374,7 @@ class IBOT(Objective):
         return ObjectiveOutput(loss, metrics)
 
     def on_after_backward(self, state: StepState) -> None:
-        if state.epoch < self.cfg.freeze_last_layer_epochs:
+        if state.epoch_for(self.cfg.freeze_last_layer_epochs) < self.cfg.freeze_last_layer_epochs:
             for layer in self.head.last_layers():
                 for p in layer.parameters():
                     p.grad = None

@@ -174,7 +174,7 @@ class PatchMatch(Objective):
         )
         s_rows, s_index = torch.unique(pairs.student_rows, return_inverse=True)
         t_rows, t_index = torch.unique(pairs.teacher_rows, return_inverse=True)
-        temp = teacher_temperature(self.cfg, state.epoch)
+        temp = teacher_temperature(self.cfg, state.epoch_for(self.cfg.warmup_teacher_temp_epochs))
         with torch.no_grad():
             # the teacher's MLP on every token (the centre is a mean over all of them); its last layer
             # is linear, so the centre needs it only on the per-position mean, and the loss on the
@@ -200,6 +200,6 @@ class PatchMatch(Objective):
         )
 
     def on_after_backward(self, state: StepState) -> None:
-        if state.epoch < self.cfg.freeze_last_layer_epochs:
+        if state.epoch_for(self.cfg.freeze_last_layer_epochs) < self.cfg.freeze_last_layer_epochs:
             for p in self.head.last_layer.parameters():
                 p.grad = None
