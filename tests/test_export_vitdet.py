@@ -170,6 +170,15 @@ def test_default_out_from_a_run_with_only_its_backbone_file(tiny_run, tmp_path, 
     assert keys == set(ViTDetViT(use_rel_pos=False).state_dict())
 
 
+def test_student_weights_on_request(tiny_run, tmp_path):
+    out = tmp_path / "student.pth"
+    assert main(["export", str(tiny_run), "--to", "mmdet", "--which", "student", "--out", str(out)]) == 0
+    ckpt = torch.load(out, weights_only=True)
+    sd = torch.load(tiny_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert ckpt["stratavit"]["weights"] == "student"
+    assert all(torch.equal(v, sd[f"backbone.vit.{k}"]) for k, v in ckpt["model"].items())
+
+
 def _vit(**kw) -> nn.Module:
     return timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=16, patch_size=4, embed_dim=16,
                              depth=2, num_heads=2, **kw)

@@ -136,7 +136,7 @@ def vitdet_fields(model: nn.Module) -> VitDetFields:
     if int(dim * mlp_ratio) != hidden:
         raise _refuse(f"has an MLP width {hidden} that int({dim} * mlp_ratio) does not give")
     pos = model.pos_embed
-    uses_cls = pos is not None and not model.no_embed_class
+    uses_cls = pos is not None and not model.no_embed_class and model.num_prefix_tokens == 1  # a class position
     if pos is not None and pos.shape[1] != grid[0] * grid[1] + int(uses_cls):
         raise _refuse(f"has a pos_embed of {pos.shape[1]} positions for a {grid} grid")
     return VitDetFields(
@@ -182,10 +182,6 @@ def vitdet_state(model: nn.Module) -> tuple[dict[str, Tensor], VitDetFields]:
     return state, fields
 
 
-def _fmt(value: Any) -> str:
-    return repr(value)
-
-
 def config_text(layout: str, fields: VitDetFields, path: Path) -> str:
     """The config lines a user pastes to load ``path`` (an export in ``layout``) with these fields."""
     f, p = fields, str(Path(path).resolve())
@@ -193,30 +189,31 @@ def config_text(layout: str, fields: VitDetFields, path: Path) -> str:
     if layout == "detectron2":
         net = "model.backbone.net"
         lines = [
-            "# Detectron2 LazyConfig (e.g. after projects/ViTDet/configs/COCO/mask_rcnn_vitdet_b_100ep.py):",
+            "# Detectron2 LazyConfig (e.g. after projects/ViTDet/configs/COCO/mask_rcnn_vitdet_b_100ep.py;",
+            "# from functools import partial; import torch.nn as nn):",
             f"{net}.patch_size = {f.patch_size}",
             f"{net}.embed_dim = {f.embed_dim}",
             f"{net}.depth = {f.depth}",
             f"{net}.num_heads = {f.num_heads}",
-            f"{net}.mlp_ratio = {_fmt(f.mlp_ratio)}",
+            f"{net}.mlp_ratio = {f.mlp_ratio!r}",
             f"{net}.qkv_bias = {f.qkv_bias}",
             f"{net}.pretrain_img_size = {f.pretrain_img_size}",
             f"{net}.pretrain_use_cls_token = {f.pretrain_use_cls_token}",
             f"{net}.use_abs_pos = {f.use_abs_pos}",
-            f"{net}.norm_layer = partial(nn.LayerNorm, eps={_fmt(f.norm_eps)})",
+            f"{net}.norm_layer = partial(nn.LayerNorm, eps={f.norm_eps!r})",
             f"{net}.window_block_indexes = {window}",
             "optimizer.params.lr_factor_func = partial(get_vit_lr_decay_rate, "
             f"num_layers={f.depth}, lr_decay_rate=0.7)  # 0.7: ViT-B's rate",
             f'train.init_checkpoint = "{p}"',
         ]
         if f.in_chans != 3:
-            lines.insert(1, f"{net}.in_chans = {f.in_chans}")
+            lines.insert(2, f"{net}.in_chans = {f.in_chans}")
         return "\n".join(lines)
     if layout == "mmdet":
         c = f.embed_dim
         inner = [
             f"patch_size={f.patch_size}, embed_dim={f.embed_dim}, depth={f.depth}, num_heads={f.num_heads},",
-            f"mlp_ratio={_fmt(f.mlp_ratio)}, qkv_bias={f.qkv_bias}, norm_cfg=dict(type='LN', eps={_fmt(f.norm_eps)}),",
+            f"mlp_ratio={f.mlp_ratio!r}, qkv_bias={f.qkv_bias}, norm_cfg=dict(type='LN', eps={f.norm_eps!r}),",
             f"pretrain_img_size={f.pretrain_img_size}, pretrain_use_cls_token={f.pretrain_use_cls_token}, "
             f"use_abs_pos={f.use_abs_pos},",
             f"window_block_indexes={window},",
