@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -79,6 +80,29 @@ def horses_dir() -> Path:
         pytest.skip(message)
     return _unpack(archive, CACHE / "weizmann-horses")
 
+
+
+@pytest.fixture(scope="session")
+def small_cifar(tmp_path_factory, cifar_train) -> Path:
+    """24 CIFAR-10 JPEGs in 3 classes: what quick checks read, without scanning 50,000 files each."""
+    root = tmp_path_factory.mktemp("small-cifar")
+    for cls in sorted(p for p in cifar_train.iterdir() if p.is_dir())[:3]:
+        (root / cls.name).mkdir()
+        for img in sorted(cls.iterdir())[:8]:
+            shutil.copy(img, root / cls.name / img.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, small_cifar) -> Path:
+    """A run folder of one dino step on the TINY backbone (checkpoint + backbone.safetensors), ~5 s.
+    Shared: tests must not write into it (export with --out elsewhere)."""
+    from stratavit.cli import main
+
+    run = tmp_path_factory.mktemp("walk") / "run"
+    assert main(["pretrain", "--recipe", "dino", "--data", str(small_cifar), "--out", str(run), *TINY,
+                 "data.limit=16", "train.max_steps=1"]) == 0
+    return run
 
 
 class CrashAt(L.Callback):

@@ -7,8 +7,6 @@ training or evaluation starts, so the whole walk takes seconds.
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 
 import pytest
 
@@ -74,23 +72,7 @@ CASES: list[tuple[str, list[str], str]] = [
 ]
 
 
-@pytest.fixture(scope="module")
-def small_cifar(tmp_path_factory, cifar_train) -> Path:
-    """24 CIFAR-10 JPEGs in 3 classes: what the checks read, without scanning 50,000 files per case."""
-    root = tmp_path_factory.mktemp("small-cifar")
-    for cls in sorted(p for p in cifar_train.iterdir() if p.is_dir())[:3]:
-        (root / cls.name).mkdir()
-        for img in sorted(cls.iterdir())[:8]:
-            shutil.copy(img, root / cls.name / img.name)
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, small_cifar) -> Path:
-    run = tmp_path_factory.mktemp("walk") / "run"
-    assert main(["pretrain", "--recipe", "dino", "--data", str(small_cifar), "--out", str(run), *TINY,
-                 "data.limit=16", "train.max_steps=1"]) == 0
-    return run
+# small_cifar and tiny_run (a 1-step dino run of the TINY backbone) are fixtures of conftest.py.
 
 
 @pytest.mark.parametrize("name,argv,expected", CASES, ids=[c[0] for c in CASES])

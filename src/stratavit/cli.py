@@ -212,7 +212,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from stratavit.backbones.export import export_run
 
     if args.to != "timm":
-        raise SystemExit(f"--to {args.to}: only 'timm' is supported")
+        from stratavit.backbones.export_vitdet import export_run_vitdet
+
+        path, config = export_run_vitdet(Path(args.run_dir), args.to, Path(args.out) if args.out else None, args.which)
+        print(f"wrote {path}\n{config}")
+        return 0
     out = Path(args.out) if args.out else Path(args.run_dir) / "backbone.safetensors"
     path = export_run(Path(args.run_dir), out, which=args.which)
     print(f"wrote {path}")
@@ -344,10 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace the shards already in --out")
     s.set_defaults(func=cmd_shard)
 
-    s = sub.add_parser("export", help="write the backbone as safetensors a plain timm ViT loads")
+    s = sub.add_parser("export", help="write the backbone for timm (safetensors) or ViTDet (Detectron2 / MMDetection)")
     s.add_argument("run_dir")
-    s.add_argument("--to", default="timm", choices=("timm",))
-    s.add_argument("--out", help="output file (default RUN_DIR/backbone.safetensors)")
+    s.add_argument("--to", default="timm", choices=("timm", "detectron2", "mmdet"),
+                   help="timm: safetensors a plain timm model loads (default); detectron2 / mmdet: ViTDet's ViT "
+                        "key layout (.pth), and the config lines to paste are printed")
+    s.add_argument("--out", help="output file (default RUN_DIR/backbone.safetensors, RUN_DIR/backbone_<to>.pth)")
     s.add_argument("--which", choices=("teacher", "student"), default="teacher")
     s.set_defaults(func=cmd_export)
 

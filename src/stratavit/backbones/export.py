@@ -169,7 +169,25 @@ def export_run(run_dir: Path, out: Path, which: str = "teacher") -> Path:
         if final.resolve() != out.resolve():
             _replace_atomically(lambda tmp: shutil.copyfile(final, tmp), out)
         return out
-    raise ExportError(f"{run_dir} has neither {ckpt} nor {final}; is it a stratavit run folder?")
+    raise _not_a_run(run_dir)
+
+
+def _not_a_run(run_dir: Path) -> ExportError:
+    ckpt, final = last_checkpoint(run_dir), RunFolder(run_dir).backbone
+    return ExportError(f"{run_dir} has neither {ckpt} nor {final}; is it a stratavit run folder?")
+
+
+def run_timm_model(run_dir: Path, which: str = "teacher") -> nn.Module:
+    """The plain timm model (eval mode) of a run's teacher (default) or student backbone: from its
+    last checkpoint, else (teacher only) from its ``backbone.safetensors``; what :func:`export_run` writes."""
+    run_dir = Path(run_dir)
+    ckpt = last_checkpoint(run_dir)
+    if ckpt.exists():
+        return plain_timm_model(backbone_from_checkpoint(ckpt, which))
+    final = RunFolder(run_dir).backbone
+    if final.exists() and which == "teacher":
+        return load_backbone(final)
+    raise _not_a_run(run_dir)
 
 
 def backbone_from_checkpoint(ckpt: Path, which: str = "teacher") -> nn.Module:
