@@ -238,7 +238,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ]
     for name, *values in rows:
         print(f"{name:<22}" + "".join(f"{v:>12.2f} " if v is not None else f"{'–':>12} " for v in values))
-    print(f"report: {Path(args.out) / 'eval' / 'report.md'}")
+    report = Path(args.out) / "eval"
+    print(f"report: {report / 'report.html'} (open in a browser; Markdown: {report / 'report.md'})")
     return 0
 
 

@@ -160,6 +160,10 @@ class TrainConfig:
     (:mod:`stratavit.engine.budget`). Planned vs actual time in ``run.json``. ``None``: the recipe's epochs."""
     budget_tolerance: float = 0.05
     """Re-plan when the projected end misses the budget by more than this fraction of it."""
+    preset: Literal["auto", "small", "none"] = "auto"
+    """``auto``: a new run on small images (<= 64 px) with no ``backbone.*`` / ``views.*`` override gets
+    the small-compute preset (:mod:`stratavit.engine.preset`); ``small``: always; ``none``: the recipe's
+    sizes as written. The run's ``config.yaml`` records what was applied (``small`` or ``none``)."""
     seed: int = 0
     accelerator: str = "auto"
     devices: int = 1

@@ -17,6 +17,7 @@ once ``run.json`` says where it stopped; running into the same folder continues 
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
@@ -49,6 +51,7 @@ from stratavit.engine.data import build_train_loader, dataset_pass_images, resol
 from stratavit.engine.loggers import build_loggers, check_loggers
 from stratavit.engine.metrics_log import LogEndSteps
 from stratavit.engine.module import PretrainModule
+from stratavit.engine.preset import apply_preset
 from stratavit.engine.resume import (
     ResumePoint,
     begin_run,
@@ -335,6 +338,10 @@ def pretrain(
     run = RunFolder(Path(out))
     overrides = [*overrides, *([f"data.path={data}"] if data is not None else [])]
     cfg, resuming = resolve_run_config(run.root, recipe, overrides, resume or from_previous, from_previous)
+    if not resuming and recipe is not None:
+        cfg, preset_line = apply_preset(cfg, recipe, overrides)
+        if preset_line is not None and rank_zero_only.rank == 0:
+            print(preset_line, file=sys.stderr, flush=True)
     check_loggers(cfg.train.loggers)
     point = read_resume_point(run, cfg, from_previous) if resuming else None  # a damaged checkpoint: one line
     signals = StopSignals()
