@@ -115,8 +115,8 @@ def build_memory(feats: FeatureArray, labels: Tensor, size: int, seed: int) -> M
     """The first ``size`` patches of :func:`memory_order`: features of ``feats (N, gh, gw, C)``
     (l2-normalised) and their rows of ``labels (N, gh, gw, K)``.
 
-    The sampled patches are read in index order, image by image, so a disk-backed store is read
-    sequentially; the memory keeps them in sampling order.
+    The store is read sequentially in chunks of images (bounded memory); the memory keeps the
+    patches in sampling order.
     """
     if size < 1:
         raise EvaluationError(f"a retrieval memory needs at least one patch, not {size}")
@@ -126,14 +126,15 @@ def build_memory(feats: FeatureArray, labels: Tensor, size: int, seed: int) -> M
     flat_labels = labels.reshape(n * gh * gw, -1)
     order = memory_order(flat_labels, seed)
     chosen = order[:size]
-    sorted_idx, position = chosen.sort()
     per_image = gh * gw
     out = torch.empty(chosen.numel(), c)
-    image_of = sorted_idx // per_image
-    for img in torch.unique_consecutive(image_of).tolist():
-        sel = image_of == img
-        tokens = _rows(feats, img, img + 1).reshape(per_image, c)
-        out[position[sel]] = tokens[sorted_idx[sel] % per_image]
+    step = max(1, _SIM_BUDGET // (per_image * c))  # images per read
+    for start in range(0, n, step):
+        lo, hi = start * per_image, min(n, start + step) * per_image
+        sel = torch.nonzero((chosen >= lo) & (chosen < hi)).flatten()
+        if sel.numel():
+            tokens = _rows(feats, start, min(n, start + step)).reshape(-1, c)
+            out[sel] = tokens[chosen[sel] - lo]
     return Memory(F.normalize(out, dim=1), flat_labels[chosen].clone(), int(order.numel()))
 
 

@@ -22,9 +22,11 @@ Options ``retrieval.*``:
 ``layers``: per block, the scores of every memory size under ``memories``), and the same under
 ``baselines.random_init``.
 
-Cost: ``Q * M * C`` multiply-adds per block and memory (``Q`` validation patches, ``M`` the largest
-memory), on the CPU about 2 GFLOP/s... 50 GFLOP/s depending on the load. See the README for the
-demo's measured cost.
+Cost: one ``(Q, C) x (C, M)`` similarity matmul per block (``Q`` validation patches, ``M`` the
+largest memory), a top-k per memory size, and the scoring at the masks' resolution. Measured on 2
+shared CPU cores (demo backbone: 128 wide, patch 4, horses sample at 64 px: Q = 32,768): about
+2 s per block and model with a memory of 2,500 patches, 3.5-4.5 s with memories [1000, 5000], and
+~15-40 s (load-dependent) with the default memories, capped at the 51,200 patches the split has.
 """
 
 from __future__ import annotations
