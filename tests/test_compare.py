@@ -33,6 +33,7 @@ def _full_results(knn: float, linear: float, layers: list[float]) -> dict:
             for i, v in enumerate(layers)
         ],
         "dense": {"miou": 30.5, "pixel_acc": 70.25, "layers": [{"block": 1, "miou": 20.0}, {"block": 2, "miou": 30.5}]},
+        "retrieval": {"miou": 35.0, "layers": [{"block": 1, "miou": 25.0}, {"block": 2, "miou": 35.0}]},
         "correspondence": {"layers": [{"block": 1, "top1": 40.0}, {"block": 2, "top1": 55.5}], "top1": 55.5},
         "baselines": {"random_init": {"knn_top1": 25.0, "layers": []}, "raw_pixels": {"knn_top1": 33.0}},
         "meta": {"recipe": "dino", **CIFAR_META, "eval_seconds": 12.3},
@@ -123,6 +124,7 @@ def test_csv_rows_and_values(runs, tmp_path):
         "best_block_knn_top1": "62.0",
         "dense_miou": "30.5",
         "dense_pixel_acc": "70.25",
+        "retrieval_miou": "35.0",
         "correspondence_top1": "55.5",
         "random_init_knn_top1": "25.0",
         "raw_pixels_knn_top1": "33.0",
@@ -141,7 +143,8 @@ def test_csv_rows_and_values(runs, tmp_path):
                           "†3 random_init_knn_top1, raw_pixels_knn_top1: train set, test set differ",
     }
     # run b has no dense / correspondence / baselines: empty cells
-    for col in ("dense_miou", "dense_pixel_acc", "correspondence_top1", "random_init_knn_top1", "raw_pixels_knn_top1"):
+    for col in ("dense_miou", "dense_pixel_acc", "retrieval_miou", "correspondence_top1", "random_init_knn_top1",
+                "raw_pixels_knn_top1"):
         assert b[col] == ""
     assert (b["knn_top1"], b["linear_top1"], b["best_block_knn"], b["best_block_knn_top1"]) == ("58.0", "67.0", "2", "58.0")
     assert (b["steps"], b["epochs"], b["images_per_s"], b["wall_time_s"]) == ("200", "2", "500.0", "80.0")
@@ -161,9 +164,9 @@ def test_markdown_table_best_runs_and_data_warning(runs, tmp_path):
     assert md.startswith("# stratavit: run comparison\n")
     assert "| run | recipe | kNN top-1 (%) | linear top-1 (%) | best block kNN (%) |" in md
     # numbers measured on other data carry a marker (dense: neither run recorded its dense data, so unknown)
-    assert "| dino (a) | dino | 61.25 †1 | 66.50 †1 | block 2 (62.00) †1 | 30.50 | 70.25 | 55.50 †2 | 400.00 | 120.50 | 300 | 3 | cifar10 → cifar10:test |" in md
+    assert "| dino (a) | dino | 61.25 †1 | 66.50 †1 | block 2 (62.00) †1 | 30.50 | 70.25 | 35.00 | 55.50 †2 | 400.00 | 120.50 | 300 | 3 | cifar10 → cifar10:test |" in md
     # missing values show as –
-    assert "| dino (b) | dino | 58.00 †1 | 67.00 †1 | block 2 (58.00) †1 | – | – | – | 500.00 | 80.00 | 200 | 2 | cifar10 → cifar10:test |" in md
+    assert "| dino (b) | dino | 58.00 †1 | 67.00 †1 | block 2 (58.00) †1 | – | – | – | – | 500.00 | 80.00 | 200 | 2 | cifar10 → cifar10:test |" in md
     # the footnotes say what differs between which runs
     assert ("**†2** correspondence top-1 (%): not comparable across these runs: test set differs "
             "(dino (a): `cifar10:test`; ibot: `stl10:test`).") in md
@@ -212,7 +215,7 @@ def test_plots_skipped_without_data(runs, tmp_path):
     out = tmp_path / "cmp"
     result = compare_runs([runs["b"]], out)  # no dense, correspondence or linear layers
     assert set(result["plots"]) == {"headline", "knn_layers", "loss", "throughput"}
-    for kind in ("dense", "correspondence", "linear_layers"):
+    for kind in ("dense", "retrieval", "correspondence", "linear_layers"):
         assert not (out / PLOTS[kind]).exists()
         assert PLOTS[kind] not in (out / "compare.md").read_text()
 

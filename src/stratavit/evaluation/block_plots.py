@@ -123,10 +123,12 @@ def plot_block_panels(
     if not drawn_panels:
         return None
     n = len(drawn_panels)
-    nrows, ncols = (2, 2) if n == 4 else (1, n)
+    nrows, ncols = (2, 2) if n == 4 else (2, 3) if n > 4 else (1, n)
     fig = new_figure((3.6 * ncols, 3.0 * nrows))
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, (title, ylabel, curves, hlines) in zip(axes, drawn_panels):
         draw_block_curves(ax, curves, hlines, xlabel=unit, ylabel=ylabel, title=title, title_size="medium",
                           legend_size="x-small", max_ticks=12)
+    for ax in axes[n:]:
+        ax.set_axis_off()
     return save_figure(fig, out_png)

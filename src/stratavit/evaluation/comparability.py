@@ -27,6 +27,7 @@ __all__ = [
     "knn_basis",
     "linear_basis",
     "probe_data_basis",
+    "retrieval_basis",
 ]
 
 
@@ -108,6 +109,27 @@ def dense_basis(results: Mapping[str, Any]) -> dict[str, Any]:
         "dense head steps": dig(dense, "steps"),
         "dense head epochs": dig(dense, "epochs"),
         "dense loss size (px)": dig(dense, "loss_size"),
+        "weights": dig(results, "meta", "weights"),
+    }
+
+
+def retrieval_basis(results: Mapping[str, Any]) -> dict[str, Any]:
+    """Dense retrieval's data, classes, input size, blocks, images, k, temperature, memory sizes
+    (requested and used), sampling seed and the weights."""
+    r = results.get("retrieval") if isinstance(results.get("retrieval"), Mapping) else {}
+    return {
+        "retrieval train set": _data(r, "train"),
+        "retrieval val set": _data(r, "val"),
+        "retrieval classes": dig(r, "num_classes"),
+        "retrieval size (px)": dig(r, "size"),
+        "retrieval blocks": _hashable(dig(r, "blocks")),
+        "retrieval train images": dig(r, "train_images"),
+        "retrieval val images": dig(r, "val_images"),
+        "retrieval k": dig(r, "k"),
+        "retrieval temperature": dig(r, "temperature"),
+        "retrieval memory sizes": _hashable(dig(r, "memory_sizes")),
+        "retrieval memory patches": dig(r, "memory_patches"),
+        "seed": dig(r, "seed"),
         "weights": dig(results, "meta", "weights"),
     }
 

@@ -77,7 +77,7 @@ from stratavit.evaluation.tokens import (
     resolve_blocks,
 )
 
-__all__ = ["DenseTokens", "dense_probe", "weights_fingerprint"]
+__all__ = ["DenseTokens", "class_count", "dense_probe", "token_stores", "weights_fingerprint"]
 
 _FP16_MAX = 65504.0
 _STORE_VERSION = 1
@@ -208,7 +208,7 @@ def _input_size(model: nn.Module, size: int | None) -> int:
     return int(img_size[0])
 
 
-def _class_count(train_ds: SegmentationFolder, val_ds: SegmentationFolder, num_classes: int | None,
+def class_count(train_ds: SegmentationFolder, val_ds: SegmentationFolder, num_classes: int | None,
                  num_workers: int) -> tuple[int, np.dtype]:
     """``K`` (given, or the largest id in the masks + 1, checked) and the dtype of the stored masks."""
     summaries = {
@@ -233,12 +233,13 @@ def _class_count(train_ds: SegmentationFolder, val_ds: SegmentationFolder, num_c
     return num_classes, np.dtype(np.uint8) if max(top.max_id, IGNORE_INDEX) <= 255 else np.dtype(np.int32)
 
 
-def _probe_blocks(
-    net: nn.Module, train_ds: SegmentationFolder, val_ds: SegmentationFolder, numbers: list[int], num_classes: int,
-    mask_dtype: np.dtype, root: Path, head: dict[str, Any], *, batch_size: int, num_workers: int,
-    device: torch.device,
-) -> list[dict[str, Any]]:
-    """Token stores of both splits under ``root``, then one head per block: its row of ``layers``."""
+def token_stores(
+    net: nn.Module, train_ds: SegmentationFolder, val_ds: SegmentationFolder, numbers: list[int],
+    mask_dtype: np.dtype, root: Path, *, batch_size: int, num_workers: int, device: torch.device,
+) -> tuple[DenseTokens, DenseTokens]:
+    """The patch-token stores of both splits under ``root/train`` (with the ``S x S`` masks) and
+    ``root/val``, extracted by one forward pass each unless a store there already matches the
+    weights, data, size and blocks (so the dense probe and dense retrieval share them)."""
     weights = weights_fingerprint(net)
     stores = {}
     for split, ds in (("train", train_ds), ("val", val_ds)):
@@ -250,8 +251,18 @@ def _probe_blocks(
             net, ds, numbers, root / split, key, with_masks=split == "train", mask_dtype=mask_dtype,
             batch_size=batch_size, num_workers=num_workers, device=device, desc=f"dense features ({split})",
         )
-    train_store, val_store = stores["train"], stores["val"]
-    assert train_store.masks is not None
+    assert stores["train"].masks is not None
+    return stores["train"], stores["val"]
+
+
+def _probe_blocks(
+    net: nn.Module, train_ds: SegmentationFolder, val_ds: SegmentationFolder, numbers: list[int], num_classes: int,
+    mask_dtype: np.dtype, root: Path, head: dict[str, Any], *, batch_size: int, num_workers: int,
+    device: torch.device,
+) -> list[dict[str, Any]]:
+    """Token stores of both splits under ``root``, then one head per block: its row of ``layers``."""
+    train_store, val_store = token_stores(net, train_ds, val_ds, numbers, mask_dtype, root, batch_size=batch_size,
+                                          num_workers=num_workers, device=device)
     layers = []
     loss_size = head.pop("loss_size", None)
     for b in progress(numbers, "dense heads", total=len(numbers)):
@@ -343,7 +354,7 @@ def dense_probe(
     val_ds = SegmentationFolder(val_root, s, mean, std, limit=limit, max_images=max_images, seed=seed)
     if epochs is None:
         epochs = auto_epochs(len(train_ds), head_batch_size, steps)
-    num_classes, mask_dtype = _class_count(train_ds, val_ds, num_classes, num_workers)
+    num_classes, mask_dtype = class_count(train_ds, val_ds, num_classes, num_workers)
     dev = torch.device(device)
     net.to(dev)
     head = {"epochs": epochs, "lr": lr, "batch_size": head_batch_size, "weight_decay": weight_decay, "seed": seed,

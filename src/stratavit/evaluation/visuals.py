@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,10 @@ from torch import Tensor
 from stratavit.evaluation.embedding import pca_project
 from stratavit.evaluation.plotting import as_cpu_float, new_figure, save_figure
 
-__all__ = ["plot_attention_maps", "pca_rgb", "plot_pca_rgb", "plot_matches", "plot_confusion", "unnormalise"]
+__all__ = [
+    "plot_attention_maps", "pca_rgb", "plot_pca_rgb", "plot_matches", "plot_confusion", "plot_segmentations",
+    "unnormalise",
+]
 
 MAX_HEADS_SHOWN = 6
 _CELL = 1.45  # inches per image cell in image grids
@@ -309,6 +313,50 @@ def plot_confusion(conf: Tensor, class_names: list[str] | None, out_png: Path) -
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"confusion (row-normalised %), accuracy {acc:.1f}%", fontsize="medium")
+    return save_figure(fig, out_png)
+
+
+# --------------------------------------------------------------------------- #
+# segmentations
+# --------------------------------------------------------------------------- #
+def plot_segmentations(
+    images: Sequence[Tensor], truths: Sequence[Tensor], preds: Sequence[Tensor], num_classes: int, out_png: Path,
+    *, title: str = "", ignore_index: int = 255,
+) -> Path:
+    """One row per image: the image, the true mask, the predicted mask (same colours per class).
+
+    Args:
+        images: ``(3, h, w)`` floats in ``[0, 1]``, any size (shown stretched to its mask's shape).
+        truths, preds: ``(H, W)`` class ids of the same shape per row; ``ignore_index`` pixels grey.
+        num_classes: ``K``, for a fixed colour per class.
+
+    Returns:
+        ``out_png``.
+    """
+    n = len(preds)
+    if not (len(images) == len(truths) == n) or n == 0:
+        raise ValueError(f"{len(images)} images, {len(truths)} masks and {n} predictions: need the same, at least 1")
+    cmap = matplotlib.colormaps["tab20"].resampled(max(2, int(num_classes)))
+    fig = new_figure((3 * _CELL, n * _CELL + 0.4))
+    axes = fig.subplots(n, 3, squeeze=False)
+    for i in range(n):
+        truth = torch.as_tensor(truths[i]).cpu()
+        h, w = truth.shape
+        for j, (name, mask) in enumerate((("truth", truth), ("retrieved", torch.as_tensor(preds[i]).cpu()))):
+            m = np.ma.masked_equal(mask.numpy(), ignore_index)
+            ax = axes[i, j + 1]
+            ax.set_facecolor("0.6")
+            ax.imshow(m, cmap=cmap, vmin=-0.5, vmax=max(2, int(num_classes)) - 0.5, interpolation="nearest")
+            if i == 0:
+                ax.set_title(name, fontsize="small")
+        axes[i, 0].imshow(_to_hwc(images[i]), extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+        if i == 0:
+            axes[i, 0].set_title("image", fontsize="small")
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize="small")
     return save_figure(fig, out_png)
 
 
