@@ -32,6 +32,8 @@ def _full_results(knn: float, linear: float, layers: list[float]) -> dict:
             {"block": i + 1, "knn_top1": v, "linear_top1": v + 1.0, "knn_top1_patch": v - 5.0}
             for i, v in enumerate(layers)
         ],
+        "knn_concat": [{"blocks": [1, 2], "top1": 63.5}],
+        "knn_concat_best": {"blocks": [1, 2], "top1": 63.5},
         "dense": {"miou": 30.5, "pixel_acc": 70.25, "layers": [{"block": 1, "miou": 20.0}, {"block": 2, "miou": 30.5}]},
         "retrieval": {"miou": 35.0, "layers": [{"block": 1, "miou": 25.0}, {"block": 2, "miou": 35.0}]},
         "correspondence": {"layers": [{"block": 1, "top1": 40.0}, {"block": 2, "top1": 55.5}], "top1": 55.5},
@@ -122,6 +124,7 @@ def test_csv_rows_and_values(runs, tmp_path):
         "linear_top1": "66.5",
         "best_block_knn": "2",
         "best_block_knn_top1": "62.0",
+        "best_concat_knn_top1": "63.5",
         "dense_miou": "30.5",
         "dense_pixel_acc": "70.25",
         "retrieval_miou": "35.0",
@@ -139,8 +142,8 @@ def test_csv_rows_and_values(runs, tmp_path):
         "knn_k": "20",
         # ibot was evaluated on STL-10: every number it shares with a is flagged, numbers stay numbers
         "not_comparable": "†1 knn_top1, linear_top1, best_block_knn, best_block_knn_top1: train set, test set differ; "
-                          "†2 correspondence_top1: test set differs; "
-                          "†3 random_init_knn_top1, raw_pixels_knn_top1: train set, test set differ",
+                          "†2 best_concat_knn_top1, random_init_knn_top1, raw_pixels_knn_top1: train set, test set differ; "
+                          "†3 correspondence_top1: test set differs",
     }
     # run b has no dense / correspondence / baselines: empty cells
     for col in ("dense_miou", "dense_pixel_acc", "retrieval_miou", "correspondence_top1", "random_init_knn_top1",
@@ -164,11 +167,11 @@ def test_markdown_table_best_runs_and_data_warning(runs, tmp_path):
     assert md.startswith("# stratavit: run comparison\n")
     assert "| run | recipe | kNN top-1 (%) | linear top-1 (%) | best block kNN (%) |" in md
     # numbers measured on other data carry a marker (dense: neither run recorded its dense data, so unknown)
-    assert "| dino (a) | dino | 61.25 †1 | 66.50 †1 | block 2 (62.00) †1 | 30.50 | 70.25 | 35.00 | 55.50 †2 | 400.00 | 120.50 | 300 | 3 | cifar10 → cifar10:test |" in md
+    assert "| dino (a) | dino | 61.25 †1 | 66.50 †1 | block 2 (62.00) †1 | 63.50 †2 | 30.50 | 70.25 | 35.00 | 55.50 †3 | 400.00 | 120.50 | 300 | 3 | cifar10 → cifar10:test |" in md
     # missing values show as –
-    assert "| dino (b) | dino | 58.00 †1 | 67.00 †1 | block 2 (58.00) †1 | – | – | – | – | 500.00 | 80.00 | 200 | 2 | cifar10 → cifar10:test |" in md
+    assert "| dino (b) | dino | 58.00 †1 | 67.00 †1 | block 2 (58.00) †1 | – | – | – | – | – | 500.00 | 80.00 | 200 | 2 | cifar10 → cifar10:test |" in md
     # the footnotes say what differs between which runs
-    assert ("**†2** correspondence top-1 (%): not comparable across these runs: test set differs "
+    assert ("**†3** correspondence top-1 (%): not comparable across these runs: test set differs "
             "(dino (a): `cifar10:test`; ibot: `stl10:test`).") in md
     assert "### kNN top-1 per block (†1: not comparable, see above)" in md
     # best run per metric (flagged metrics keep their marker)
