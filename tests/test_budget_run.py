@@ -93,8 +93,10 @@ def test_a_bad_budget_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_calibration_measures_without_changing_the_run(tmp_path, cifar_train):
-    """The calibration trains a copy: the module's weights and every random generator are as before."""
+@pytest.mark.parametrize("photometric", ["loader", "device"])
+def test_calibration_measures_without_changing_the_run(tmp_path, cifar_train, photometric):
+    """The calibration trains a copy: the module's weights and every random generator are as before
+    (also with the photometric augmentations on the training device, which read the process rank)."""
     import torch
 
     from stratavit.engine.calibrate import measure_costs
@@ -102,7 +104,8 @@ def test_calibration_measures_without_changing_the_run(tmp_path, cifar_train):
     from stratavit.engine.train import build_module
     from stratavit.recipe import resolve_config
 
-    cfg = resolve_config("mcvt", [*TINY, f"data.path={cifar_train}", "data.limit=64"])
+    cfg = resolve_config("mcvt", [*TINY, f"data.path={cifar_train}", "data.limit=64",
+                                  f"views.photometric={photometric}"])
     torch.manual_seed(0)
     module = build_module(cfg)
     loader = build_train_loader(cfg, module.backbone.patch_size)

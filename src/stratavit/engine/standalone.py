@@ -16,6 +16,9 @@ class StandaloneTrainer:
     """
 
     world_size = 1
+    global_rank = 0
+    local_rank = 0
+    node_rank = 0
     accumulate_grad_batches = 1
     global_step = 0
 
