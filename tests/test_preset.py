@@ -29,6 +29,7 @@ def test_view_and_patch_size_make_an_8x8_token_grid():
     assert small_view_size(40) == (40, 5)
     assert small_view_size(28) == (27, 3)  # patch 28 // 8 = 3; the view 28 // 3 * 3 = 27
     assert small_view_size(5) == (5, 1)
+    assert small_view_size(32, 4) == (32, 8)
 
 
 def test_auto_applies_on_small_images_without_size_overrides():
@@ -47,7 +48,9 @@ def test_every_recipe_resolves_under_the_preset(recipe):
     cfg, line = _new_run(recipe)
     assert cfg.train.preset == "small" and line is not None and "train.preset=none" in line
     b, v = cfg.backbone, cfg.views
-    assert (b.img_size, b.patch_size, b.embed_dim, b.depth, b.num_heads) == (32, 4, 128, 4, 4)
+    coarse = recipe in ("mocov3", "mcvt", "cl-edi")  # 4 x 4 tokens, 192 wide (the sweep's best contrastive run)
+    assert (b.img_size, b.patch_size, b.embed_dim, b.depth, b.num_heads) == (
+        (32, 8, 192, 4, 3) if coarse else (32, 4, 128, 4, 4))
     assert v.global_size == 32 and v.global_blur_p == [0.0] and v.resize is None
     if recipe == "mcl":
         assert v.local_size == 32  # montage canvases are global-sized
@@ -118,7 +121,7 @@ def test_a_recipe_on_cifar_sized_images_just_runs(tmp_path):
     r = _cli("pretrain", "--recipe", "dino", "--data", SAMPLE_NAME, "--out", str(out),
              "train.max_steps=2", "data.limit=256", "train.progress_bar=false")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "small-compute preset (images 32 px): ViT 4 x 128, patch 4" in r.stderr
+    assert "small-compute preset (images 32 px): ViT 4 x 128, patch 4, views 2 x 32 px + 4 x 16 px" in r.stderr
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["train"]["preset"] == "small" and cfg["views"]["global_size"] == 32
     assert json.loads((out / "run.json").read_text())["global_step"] == 2

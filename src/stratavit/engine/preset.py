@@ -4,11 +4,14 @@ Every recipe ships the paper's sizes (ViT-S/16 at 224 px, heads of 4,096-65,536 
 CIFAR-sized images (32 px) and a CPU budget of minutes those sizes cannot run (the views do not
 fit the images) or cannot learn (a few hundred steps of a 22M-parameter model). The preset is the
 configuration that learned best in a recorded sweep (bench/RESULTS.md, "Small-compute preset"):
-a 4-block, 128-wide ViT with 8 x 8 patches per view, heads a quarter of the paper's width, 2
-global views of the image's size (+ local views of half of it where the recipe has them), no
-blur (a 23-px kernel erases a 32-px image), the photometric augmentations batched in the training
-process (``views.photometric=device``: on 32-px images the per-image PIL calls of one loader worker
-starve the step), batch 64, and a constant teacher momentum.
+a 4-block ViT, heads a quarter of the paper's width, 2 global views of the image's size (+ local
+views of half of it where the recipe has them), no blur (a 23-px kernel erases a 32-px image), the
+photometric augmentations batched in the training process (``views.photometric=device``: on 32-px
+images the per-image PIL calls of one loader worker starve the step), batch 64, and a constant
+teacher momentum. The contrastive recipes (MoCo v3, MCVT, CL-EDI) get 4 x 4 tokens per view and a
+192-wide ViT (twice the steps of 8 x 8 tokens in the same time, and the better kNN in the sweep);
+the others 8 x 8 tokens and 128 wide (local crops of half the size need tokens to match, MCL's
+smallest montage tiles are an eighth of the view).
 
 ``train.preset``:
 
@@ -37,13 +40,14 @@ SMALL_IMAGE_MAX = 64
 """Images whose smallest side is at most this (median of a sample) get the preset under ``auto``."""
 
 TOKENS_PER_SIDE = 8
-"""The preset's global view is ``TOKENS_PER_SIDE`` patches across (64 tokens: 32 px with patch 4)."""
+"""The preset's global view is this many patches across (64 tokens: 32 px with patch 4) ..."""
+
+_COARSE = {"mocov3", "mcvt", "cl-edi"}
+"""... except for these recipes: 4 x 4 tokens (32 px with patch 8) and a 192-wide, 3-head ViT."""
 
 _COMMON = [
     "backbone.arch=vit_tiny_patch16_224",
-    "backbone.embed_dim=128",
     "backbone.depth=4",
-    "backbone.num_heads=4",
     "backbone.drop_path_rate=0.0",
     "views.resize=null",
     "views.global_blur_p=[0.0]",
@@ -85,11 +89,12 @@ _LOCAL_IS_GLOBAL = {"mcl"}
 """Recipes whose local views are canvases of the global size (MCL's montages)."""
 
 
-def small_view_size(smallest_side: int) -> tuple[int, int]:
+def small_view_size(smallest_side: int, tokens: int = TOKENS_PER_SIDE) -> tuple[int, int]:
     """``(global view size, patch size)`` for images whose smallest side is ``smallest_side`` px: the
-    patch is ``smallest_side // 8`` (at least 1) and the view the largest multiple of it that fits, so
-    a view is 8 x 8 tokens (32 px -> (32, 4), 64 px -> (64, 8), 40 px -> (40, 5))."""
-    patch = max(1, smallest_side // TOKENS_PER_SIDE)
+    patch is ``smallest_side // tokens`` (at least 1) and the view the largest multiple of it that
+    fits, so a view is ``tokens`` x ``tokens`` patches (8: 32 px -> (32, 4), 64 px -> (64, 8),
+    40 px -> (40, 5); 4: 32 px -> (32, 8))."""
+    patch = max(1, smallest_side // tokens)
     return smallest_side // patch * patch, patch
 
 
@@ -99,10 +104,14 @@ def preset_overrides(recipe: str, smallest_side: int, local_crops: int) -> list[
     ``local_crops``: the recipe's number of local views (after the preset's own value, if it sets one);
     their size is half the global view (MCL: the global size), at least one patch.
     """
-    size, patch = small_view_size(smallest_side)
+    coarse = recipe in _COARSE
+    size, patch = small_view_size(smallest_side, 4 if coarse else TOKENS_PER_SIDE)
     extra = _PER_RECIPE.get(recipe, [])
     local = size if recipe in _LOCAL_IS_GLOBAL else max(patch, size // 2 // patch * patch)
-    out = [*_COMMON, f"backbone.img_size={size}", f"backbone.patch_size={patch}", f"views.global_size={size}", *extra]
+    width = ["backbone.embed_dim=192", "backbone.num_heads=3"] if coarse else ["backbone.embed_dim=128",
+                                                                              "backbone.num_heads=4"]
+    out = [*_COMMON, *width, f"backbone.img_size={size}", f"backbone.patch_size={patch}",
+           f"views.global_size={size}", *extra]
     if local_crops > 0 or any(o.startswith("views.local_crops=") and not o.endswith("=0") for o in extra):
         out.append(f"views.local_size={local}")
     return out
