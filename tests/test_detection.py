@@ -186,3 +186,15 @@ def test_fine_tune_trains_the_heads_and_the_backbone_only_in_finetune_mode(tmp_p
     with torch.no_grad():
         out = det([ds[0][0]])[0]
     assert out["boxes"].shape[1] == 4 and out["boxes"].shape[0] == out["scores"].shape[0]
+
+
+def test_a_cnn_body_gets_its_stages_and_an_fpn(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    body = timm.create_model("resnet18", num_classes=0)  # what `export` writes for mcl-resnet's body
+    assert pyramid_strides(body) == [4, 8, 16, 32] and required_multiple(body) == 32
+    det = build_detector(body, 1, 64, 16, True, (0.5,) * 3, (0.25,) * 3)
+    maps = det.backbone(torch.randn(2, 3, 64, 64))
+    assert [tuple(m.shape) for m in maps.values()] == [(2, 16, 16, 16), (2, 16, 8, 8), (2, 16, 4, 4), (2, 16, 2, 2)]
+    ds = DetectionFolder(_dataset(tmp_path), 64)
+    losses = fine_tune(det, ds, FineTune(1, 1, 1e-3, 0, "frozen", 0.1), "test")  # type: ignore[arg-type]
+    assert np.isfinite(losses[0]) and not det.backbone.body.training  # batch-norm statistics stay as they were
