@@ -43,6 +43,11 @@ BOX_TOLERANCE = 1.0
 LAYOUT = f"a folder with {ANNOTATIONS_NAME} + images/, a COCO .json with images/ beside it, or {HORSES_BOXES}:train|val"
 
 
+def _id_order(value: Any) -> tuple[str, Any]:
+    """Sort key of COCO ids: numbers in numeric order (ids of one type compare)."""
+    return type(value).__name__, value
+
+
 def detection_source(spec: str | Path) -> tuple[Path, Path]:
     """``(annotation JSON, images folder)`` of a ``--detection-train`` / ``--detection-val`` value."""
     text = str(spec)
@@ -126,7 +131,7 @@ def read_coco(json_path: Path) -> dict[str, Any]:
         if ann["category_id"] not in categories:
             raise EvaluationError(
                 f"{path}: annotation {ann.get('id', '?')} has category id {ann['category_id']}, which is not in "
-                f"'categories' (ids {sorted(categories)[:10]})"
+                f"'categories' (ids {sorted(categories, key=_id_order)[:10]})"
             )
         image = images[ann["image_id"]]
         x, y, w, h = _box(ann, image, path)
@@ -137,7 +142,7 @@ def read_coco(json_path: Path) -> dict[str, Any]:
     if not annotations:
         raise EvaluationError(f"{path} has no annotations: a detection data set needs boxes")
     return {"images": list(images.values()), "annotations": annotations,
-            "categories": [{"id": k, "name": v} for k, v in sorted(categories.items(), key=lambda kv: str(kv[0]))]}
+            "categories": [{"id": k, "name": v} for k, v in sorted(categories.items(), key=lambda kv: _id_order(kv[0]))]}
 
 
 def collate_detection(items: list[tuple[Tensor, dict[str, Tensor], int]]) -> tuple[Tensor, list[dict[str, Tensor]], list[int]]:
@@ -166,14 +171,14 @@ class DetectionFolder(Dataset):
         coco = read_coco(self.json_path)
         self.categories = categories if categories is not None else coco["categories"]
         known = {c["id"] for c in self.categories}
-        unknown = sorted({a["category_id"] for a in coco["annotations"]} - known, key=str)
+        unknown = sorted({a["category_id"] for a in coco["annotations"]} - known, key=_id_order)
         if unknown:
             raise EvaluationError(
                 f"{self.json_path} has category id(s) {unknown[:5]} the detection train set does not have; "
                 "use the same categories in both splits"
             )
         self.label_of = {c["id"]: i + 1 for i, c in enumerate(self.categories)}
-        images = sorted(coco["images"], key=lambda im: str(im["id"]))
+        images = sorted(coco["images"], key=lambda im: _id_order(im["id"]))
         self.total = len(images)
         if max_images is not None and max_images < len(images):
             g = torch.Generator().manual_seed(int(seed))
