@@ -18,8 +18,9 @@ resolution, the one-line size warning says so.
 
 Cost and scale, measured on 2 heavily shared CPU cores (load 4-8; the demo's ViT: patch 4, 128 wide,
 4 blocks, 64 px, strides 4 and 8, width 128, batch 8, horses-boxes 200 / 128 images): 100 steps
-took 117-205 s frozen and ~690 s fine-tuned, plus ~40 s to predict the val images; AP 50.7 /
-AP50 94.1 (frozen) after a 24-step pre-training vs 50.3 / 93.3 for the random init -- one large
+took 117-205 s frozen and 690-1250 s fine-tuned, plus 5-40 s to predict the val images. AP / AP50
+after a 24-step pre-training: 50.7 / 94.1 frozen, 50.6 / 92.8 fine-tuned; random init: 50.3 / 93.3
+frozen, 51.3 / 93.8 fine-tuned -- one large
 horse per image makes AP50 easy, and a barely trained backbone is no better than random. So
 detection is not part of ``stratavit demo`` (its budget is ~30 s for this part).
 """
