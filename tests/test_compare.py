@@ -129,6 +129,8 @@ def test_csv_rows_and_values(runs, tmp_path):
         "dense_pixel_acc": "70.25",
         "retrieval_miou": "35.0",
         "correspondence_top1": "55.5",
+        "detection_ap": "",  # not evaluated
+        "detection_ap50": "",
         "random_init_knn_top1": "25.0",
         "raw_pixels_knn_top1": "33.0",
         "images_per_s": "400.0",
@@ -167,9 +169,9 @@ def test_markdown_table_best_runs_and_data_warning(runs, tmp_path):
     assert md.startswith("# stratavit: run comparison\n")
     assert "| run | recipe | kNN top-1 (%) | linear top-1 (%) | best block kNN (%) |" in md
     # numbers measured on other data carry a marker (dense: neither run recorded its dense data, so unknown)
-    assert "| dino (a) | dino | 61.25 †1 | 66.50 †1 | block 2 (62.00) †1 | 63.50 †2 | 30.50 | 70.25 | 35.00 | 55.50 †3 | 400.00 | 120.50 | 300 | 3 | cifar10 → cifar10:test |" in md
+    assert "| dino (a) | dino | 61.25 †1 | 66.50 †1 | block 2 (62.00) †1 | 63.50 †2 | 30.50 | 70.25 | 35.00 | 55.50 †3 | – | – | 400.00 | 120.50 | 300 | 3 | cifar10 → cifar10:test |" in md
     # missing values show as –
-    assert "| dino (b) | dino | 58.00 †1 | 67.00 †1 | block 2 (58.00) †1 | – | – | – | – | – | 500.00 | 80.00 | 200 | 2 | cifar10 → cifar10:test |" in md
+    assert "| dino (b) | dino | 58.00 †1 | 67.00 †1 | block 2 (58.00) †1 | – | – | – | – | – | – | – | 500.00 | 80.00 | 200 | 2 | cifar10 → cifar10:test |" in md
     # the footnotes say what differs between which runs
     assert ("**†3** correspondence top-1 (%): not comparable across these runs: test set differs "
             "(dino (a): `cifar10:test`; ibot: `stl10:test`).") in md

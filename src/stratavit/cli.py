@@ -113,6 +113,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "linear": {"epochs": args.linear_epochs},
         "dense": {"train": args.dense_train, "val": args.dense_val, "blocks": args.dense_blocks, "size": args.dense_size},
         "correspondence": {"images": args.correspondence},
+        "detection": {"train": args.detection_train, "val": args.detection_val},
     }
     options = build_options(option_sections(), parse_overrides(args.overrides, flags))
     results = evaluate(args.run_dir, args.train, args.test, args.out, options)
@@ -269,6 +270,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--dense-blocks", type=_blocks, help="blocks of the dense probe, e.g. 4,8,12 (default: 4 spread)")
     s.add_argument("--dense-size", type=int, help="input size of the dense probe (default: the evaluation's; "
                    "dense.max_images=1000 and dense.steps=400 bound its cost)")
+    s.add_argument("--detection-train", help="detection fine-tune data: DIR with annotations.json (COCO) + images/, "
+                   "a COCO .json with images/ beside it, or horses-boxes:train")
+    s.add_argument("--detection-val", help="detection data scored by COCO box AP (same layouts, or horses-boxes:val); "
+                   "detection.steps=300 detection.mode=finetune|frozen bound it")
     s.add_argument("--correspondence", type=int, default=200, metavar="N",
                    help="held-out images for the correspondence score (default 200; 0 skips it)")
     s.add_argument("--no-visuals", action="store_true", help="skip the pictures and report.html")

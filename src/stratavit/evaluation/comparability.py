@@ -24,6 +24,7 @@ __all__ = [
     "DataSet",
     "correspondence_basis",
     "dense_basis",
+    "detection_basis",
     "knn_basis",
     "linear_basis",
     "probe_data_basis",
@@ -130,6 +131,24 @@ def retrieval_basis(results: Mapping[str, Any]) -> dict[str, Any]:
         "retrieval memory sizes": _hashable(dig(r, "memory_sizes")),
         "retrieval memory patches": dig(r, "memory_patches"),
         "seed": dig(r, "seed"),
+        "weights": dig(results, "meta", "weights"),
+    }
+
+
+def detection_basis(results: Mapping[str, Any]) -> dict[str, Any]:
+    """Detection transfer's data, categories, input size, mode and fine-tune settings, and the weights."""
+    det = results.get("detection") if isinstance(results.get("detection"), Mapping) else {}
+    return {
+        "detection train set": _data(det, "train"),
+        "detection val set": _data(det, "val"),
+        "detection categories": _hashable(dig(det, "categories")),
+        "detection size (px)": dig(det, "size"),
+        "detection mode": dig(det, "mode"),
+        "detection steps": dig(det, "steps"),
+        "detection batch size": dig(det, "batch_size"),
+        "detection lr": dig(det, "lr"),
+        "detection backbone lr": dig(det, "backbone_lr"),
+        "detection pyramid width": dig(det, "width"),
         "weights": dig(results, "meta", "weights"),
     }
 

@@ -11,11 +11,12 @@ from stratavit.evaluation.evaluations.classification import Classification
 from stratavit.evaluation.evaluations.correspondence import Correspondence
 from stratavit.evaluation.evaluations.dense import Dense
 from stratavit.evaluation.evaluations.retrieval import Retrieval
+from stratavit.evaluation.evaluations.detection import Detection
 from stratavit.evaluation.protocol import Evaluation
 
 __all__ = ["EVALUATIONS", "option_sections", "register"]
 
-EVALUATIONS: list[Evaluation] = [Classification(), Dense(), Retrieval(), Correspondence()]
+EVALUATIONS: list[Evaluation] = [Classification(), Dense(), Retrieval(), Correspondence(), Detection()]
 """Every evaluation, in order; each runs when its options enable it."""
 
 
