@@ -325,6 +325,24 @@ def test_metrics_of_a_real_results_structure():
     assert run_metrics(None, None) == {}
 
 
+def test_metrics_of_retrieval_detection_and_the_multi_block_knn():
+    """Retrieval is per block (its patch counts are not metrics); detection and the best multi-block kNN
+    are measured once and enter under their own names."""
+    results = {
+        "knn_concat": [{"blocks": [1, 2], "top1": 30.5}], "knn_concat_best": {"blocks": [1, 2], "top1": 30.5},
+        "retrieval": {"miou": 66.0, "k": 30, "memory_patches": 5000,
+                      "layers": [{"block": b, "miou": 60.0 + b, "pixel_acc": 80.0, "available_patches": 9000,
+                                  "memories": [{"memory_size": 2500, "miou": 61.0}]} for b in (1, 2)]},
+        "detection": {"ap": 50.7, "ap50": 94.1, "ap75": 58.1, "steps": 100, "size": 64, "mode": "frozen"},
+    }
+    values = run_metrics(results, None)
+    assert values == {"retrieval.miou.block1": 61.0, "retrieval.miou.block2": 62.0,
+                      "retrieval.pixel_acc.block1": 80.0, "retrieval.pixel_acc.block2": 80.0,
+                      "knn_concat_best.top1": 30.5,
+                      "detection.ap": 50.7, "detection.ap50": 94.1, "detection.ap75": 58.1}
+    assert metric("detection.ap").label == "detection AP (%)" and metric("detection.ap").group == "evaluation"
+
+
 @pytest.mark.slow
 def test_end_to_end_on_tiny_settings_then_resume(cifar_train, cifar_test, tmp_path, capsys):
     """2 recipes × 2 seeds really trained (2 steps) and evaluated on CIFAR-10 JPEGs; then one evaluation

@@ -5,8 +5,9 @@ Evaluation metrics are every **per-block** number of ``results.json``: the class
 and the ``layers`` of every other section (``dense``: ``miou``, ``pixel_acc``; ``correspondence``:
 ``top1``, ``exact``; a new evaluation's per-block numbers the same way). The headline entries
 (``knn.top1``, ``dense.miou``, ...) repeat the last block and are not listed twice; ``chance``
-(a reference, not a measurement), settings and the baselines are left out. Every evaluation
-metric is higher-is-better.
+(a reference, not a measurement), settings and the baselines are left out. Sections measured once
+rather than per block (``detection``: ``ap``, ``ap50``, ``ap75``; ``knn_concat_best``: ``top1``) give
+their numbers as they are. Every evaluation metric is higher-is-better.
 
 Training metrics come from ``run.json``: throughput (images/s), optimiser steps done and wall
 time; they are reported with ``higher`` / ``lower`` rather than judged.
@@ -24,7 +25,9 @@ __all__ = ["EVALUATION", "TRAINING", "Metric", "metric", "run_metrics"]
 
 EVALUATION = "evaluation"
 TRAINING = "training"
-_NOT_METRICS = frozenset({"block", "chance"})
+_NOT_METRICS = frozenset({"block", "chance", "available_patches"})
+_SECTION_METRICS = {"detection": ("ap", "ap50", "ap75"), "knn_concat_best": ("top1",)}
+"""Sections measured once, not per block: the numbers of each that are metrics."""
 _SKIP_SECTIONS = frozenset({"meta", "baselines", "layers"})
 _LABELS = {
     "knn_top1": "kNN top-1 CLS (%)",
@@ -35,6 +38,12 @@ _LABELS = {
     "dense.pixel_acc": "dense pixel acc. (%)",
     "correspondence.top1": "correspondence top-1 (%)",
     "correspondence.exact": "correspondence exact (%)",
+    "retrieval.miou": "dense retrieval mIoU (%)",
+    "retrieval.pixel_acc": "dense retrieval pixel acc. (%)",
+    "detection.ap": "detection AP (%)",
+    "detection.ap50": "detection AP50 (%)",
+    "detection.ap75": "detection AP75 (%)",
+    "knn_concat_best.top1": "kNN top-1, best multi-block CLS (%)",
     "train.images_per_s": "training throughput (images/s)",
     "train.steps": "training steps done",
     "train.wall_time_s": "training wall time (s)",
@@ -101,6 +110,9 @@ def run_metrics(results: Mapping[str, Any] | None, summary: Mapping[str, Any] | 
         for section, part in results.items():
             if section not in _SKIP_SECTIONS and isinstance(part, Mapping):
                 _per_block(part.get("layers"), f"{section}.", out)
+                for name in _SECTION_METRICS.get(section, ()):
+                    if number(part.get(name)) is not None:
+                        out[f"{section}.{name}"] = float(part[name])
     out = _ordered(out)
     for key, field in _TRAINING:
         value = number((summary or {}).get(field))
