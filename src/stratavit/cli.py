@@ -226,17 +226,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from stratavit.demo import run_demo
+    from stratavit.evaluation.tables import dig
 
     _quiet_libraries(args.verbose)  # again: importing Lightning reset its loggers
-    results = run_demo(Path(args.out), args.overrides)
+    results = run_demo(Path(args.out), args.overrides, detection=args.detection)
     rand, raw = results["baselines"]["random_init"], results["baselines"]["raw_pixels"]
     print(f"\n{'(last block)':<22}{'pre-trained':>12}{'random init':>13}{'raw pixels':>12}")
     rows = [
         ("kNN top-1 %", results["knn"]["top1"], rand["knn_top1"], raw["knn_top1"]),
         ("linear top-1 %", results["linear"]["top1"], rand["linear_top1"], raw["linear_top1"]),
         ("dense mIoU % (horses)", results["dense"]["miou"], rand["dense"]["miou"], None),
+        ("retrieval mIoU %", dig(results, "retrieval", "miou"), dig(rand, "retrieval", "miou"), None),
         ("correspondence %", results["correspondence"]["top1"], rand["correspondence"]["top1"], None),
+        ("detection AP %", dig(results, "detection", "ap"), dig(rand, "detection", "ap"), None),
     ]
+    rows = [row for row in rows if row[1] is not None]
     for name, *values in rows:
         print(f"{name:<22}" + "".join(f"{v:>12.2f} " if v is not None else f"{'–':>12} " for v in values))
     report = Path(args.out) / "eval"
@@ -365,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="pre-train on the shipped CIFAR-10 sample, evaluate, write a report (~5 min on 2 cores)")
     s.add_argument("--out", default="runs/demo")
+    s.add_argument("--detection", action="store_true",
+                   help="also the detection transfer on the horse boxes (frozen backbone, 100 steps; a few more minutes)")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the demo run")
     s.set_defaults(func=cmd_demo)
     return p
