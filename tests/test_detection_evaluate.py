@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,18 +14,9 @@ from stratavit.evaluation.compare import compare_runs
 
 
 @pytest.fixture(scope="module")
-def small_cifar(tmp_path_factory: pytest.TempPathFactory, cifar_train: Path) -> Path:
-    """24 CIFAR-10 JPEGs in 3 classes."""
-    root = tmp_path_factory.mktemp("small-cifar")
-    for cls in sorted(p for p in cifar_train.iterdir() if p.is_dir())[:3]:
-        (root / cls.name).mkdir()
-        for img in sorted(cls.iterdir())[:8]:
-            shutil.copy(img, root / cls.name / img.name)
-    return root
-
-
-@pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, small_cifar: Path) -> Path:
+    """A run of its own (conftest's session ``tiny_run`` is shared and must not be written into; the
+    end-to-end test evaluates into this run's folder so ``compare`` reads it back)."""
     run = tmp_path_factory.mktemp("det") / "run"
     assert main(["pretrain", "--recipe", "dino", "--data", str(small_cifar), "--out", str(run), *TINY,
                  "data.limit=16", "train.max_steps=1"]) == 0
