@@ -304,7 +304,8 @@ def test_metrics_of_a_real_results_structure():
         "layers": [{"block": b, "knn_top1": 14.0, "linear_top1": 12.0 + b, "knn_top1_patch": 16.0,
                     "linear_top1_patch": 22.0} for b in (1, 2)],
         "dense": {"miou": 60.0, "pixel_acc": 82.3, "num_classes": 2, "size": 32, "blocks": [1, 2], "epochs": 31,
-                  "layers": [{"block": b, "miou": 60.0, "pixel_acc": 82.3, "per_class_iou": [79.9, 40.1]} for b in (1, 2)]},
+                  "layers": [{"block": b, "miou": 60.0, "pixel_acc": 82.3, "per_class_iou": [79.9, 40.1],
+                              "loss_size": 32} for b in (1, 2)]},  # loss_size: a setting, not a metric
         "correspondence": {"top1": 31.1, "pairs": 5,
                            "layers": [{"block": b, "top1": 31.1, "exact": 10.8, "chance": 12.6} for b in (1, 2)]},
         "baselines": {"random_init": {"layers": [{"block": 1, "knn_top1": 9.0}]}},
@@ -383,3 +384,32 @@ def test_end_to_end_on_tiny_settings_then_resume(cifar_train, cifar_test, tmp_pa
     for untouched in (("dino", 1), ("mocov3", 0)):
         assert (runs[untouched] / "eval" / "results.json").stat().st_mtime_ns == before[untouched]
     assert (runs[("mocov3", 1)] / "eval" / "results.json").exists()
+
+
+def test_small_images_hold_the_base_recipes_backbone_fixed(tmp_path):
+    """The preset gives MoCo v3 and DINO different backbones; an ablation gives every recipe the base's."""
+    from PIL import Image
+
+    from stratavit.ablation.backbone import shared_backbone_overrides
+    from stratavit.data.datasets import SAMPLE_NAME
+    from stratavit.recipe import resolve_config
+
+    plan = build_plan(["dino", "mocov3"], 2, SAMPLE_NAME, budget="2m", steps=None, eval_train="a", eval_test="b")
+    shared, line = shared_backbone_overrides(plan, "mocov3")
+    assert shared == ["backbone.arch=vit_tiny_patch16_224", "backbone.img_size=32", "backbone.patch_size=8",
+                      "backbone.embed_dim=192", "backbone.depth=4", "backbone.num_heads=3", "train.preset=small"]
+    assert line is not None and "mocov3's backbone (ViT 4 x 192, patch 8)" in line
+    from stratavit.engine.preset import apply_preset
+    given = [*plan.overrides, *shared, f"data.path={SAMPLE_NAME}"]
+    dino, _ = apply_preset(resolve_config("dino", given), "dino", given)
+    assert (dino.backbone.patch_size, dino.backbone.embed_dim) == (8, 192)  # the base's backbone ...
+    assert dino.objectives["dino"].out_dim == 4096 and dino.views.local_crops == 4  # ... with DINO's own preset
+    # sizes set by the user, or large images: nothing added (the runs already share what they were given)
+    sized = build_plan(["dino", "mocov3"], 2, SAMPLE_NAME, budget="2m", steps=None, eval_train="a", eval_test="b",
+                       overrides=["backbone.patch_size=4"])
+    assert shared_backbone_overrides(sized, "mocov3") == ([], None)
+    (tmp_path / "c").mkdir()
+    for i in range(3):
+        Image.new("RGB", (300, 230)).save(tmp_path / "c" / f"{i}.jpg")
+    large = build_plan(["dino", "mocov3"], 2, str(tmp_path), budget="2m", steps=None, eval_train="a", eval_test="b")
+    assert shared_backbone_overrides(large, "mocov3") == ([], None)

@@ -25,7 +25,8 @@ __all__ = ["EVALUATION", "TRAINING", "Metric", "metric", "run_metrics"]
 
 EVALUATION = "evaluation"
 TRAINING = "training"
-_NOT_METRICS = frozenset({"block", "chance", "available_patches"})
+_NOT_METRICS = frozenset({"block", "chance", "available_patches", "loss_size"})
+"""Per-block entries that are settings or references, not measurements."""
 _SECTION_METRICS = {"detection": ("ap", "ap50", "ap75"), "knn_concat_best": ("top1",)}
 """Sections measured once, not per block: the numbers of each that are metrics."""
 _SKIP_SECTIONS = frozenset({"meta", "baselines", "layers"})

@@ -17,12 +17,14 @@ Finally :func:`stratavit.ablation.report.write_report` writes the table, CSV, JS
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from stratavit.ablation.backbone import shared_backbone_overrides
 from stratavit.ablation.collect import collect, is_evaluated, is_trained
 from stratavit.ablation.errors import AblationError
 from stratavit.ablation.folder import State, open_state
@@ -128,6 +130,10 @@ def ablate(
     base = base if base is not None else plan.recipes[-1]
     if base not in plan.recipes:
         raise AblationError(f"--base {base}: not one of the recipes ({', '.join(plan.recipes)}); name one of them")
+    shared, line = shared_backbone_overrides(plan, base)
+    if shared:  # small images: the base's preset backbone for every recipe (levels compared, not backbones)
+        plan = dataclasses.replace(plan, overrides=[*plan.overrides, *shared])
+        echo(line)
     options = preflight(plan)
     state = open_state(Path(out), plan, overwrite)
     fingerprint = plan.fingerprint()
