@@ -58,7 +58,7 @@ def plain_timm_model(backbone: nn.Module) -> nn.Module:
     return plain.eval()
 
 
-def _writable_target(path: Path) -> Path:
+def writable_target(path: Path) -> Path:
     """``path`` if an export can be written there (its folder is made), else :class:`ExportError`."""
     path = Path(path)
     if path.is_dir():
@@ -70,7 +70,7 @@ def _writable_target(path: Path) -> Path:
     return path
 
 
-def _replace_atomically(write: Any, path: Path) -> None:
+def replace_atomically(write: Any, path: Path) -> None:
     """``write(tmp)`` then rename onto ``path``; the file gets the user's usual permissions (umask),
     and a failed write leaves no temporary file behind (:class:`ExportError` says why)."""
     tmp = path.with_name(path.name + ".tmp")
@@ -88,7 +88,7 @@ def _replace_atomically(write: Any, path: Path) -> None:
 
 def save_backbone(backbone: nn.Module, path: Path, extra: dict[str, Any] | None = None) -> Path:
     """Write the backbone's timm model to ``path`` (safetensors, atomically) with arch metadata."""
-    path = _writable_target(path)
+    path = writable_target(path)
     model, kwargs = timm_model(backbone)
     meta = {
         "format": "timm",
@@ -99,7 +99,7 @@ def save_backbone(backbone: nn.Module, path: Path, extra: dict[str, Any] | None 
     }
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     state = _vit_state(model)
-    _replace_atomically(lambda tmp: save_file(state, str(tmp), metadata=meta), path)
+    replace_atomically(lambda tmp: save_file(state, str(tmp), metadata=meta), path)
     return path
 
 
@@ -165,9 +165,9 @@ def export_run(run_dir: Path, out: Path, which: str = "teacher") -> Path:
         return save_backbone(backbone, out, {"weights": which})
     final = RunFolder(run_dir).backbone
     if final.exists() and which == "teacher":
-        out = _writable_target(Path(out))
+        out = writable_target(Path(out))
         if final.resolve() != out.resolve():
-            _replace_atomically(lambda tmp: shutil.copyfile(final, tmp), out)
+            replace_atomically(lambda tmp: shutil.copyfile(final, tmp), out)
         return out
     raise _not_a_run(run_dir)
 

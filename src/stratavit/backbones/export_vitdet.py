@@ -59,7 +59,7 @@ from torch import Tensor, nn
 
 from stratavit import __version__
 from stratavit.backbones.errors import ExportError
-from stratavit.backbones.export import _replace_atomically, _writable_target, run_timm_model
+from stratavit.backbones.export import replace_atomically, writable_target, run_timm_model
 
 LAYOUTS = ("detectron2", "mmdet")
 """The ``--to`` values this module writes (``timm`` is :mod:`stratavit.backbones.export`)."""
@@ -238,7 +238,7 @@ def save_vitdet(model: nn.Module, path: Path, layout: str, extra: dict[str, Any]
     if layout not in LAYOUTS:
         raise ExportError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     state, fields = vitdet_state(model)
-    path = _writable_target(Path(path))
+    path = writable_target(Path(path))
     prefix = PREFIX[layout]
     meta: dict[str, Any] = {"layout": layout, "stratavit_version": __version__, **asdict(fields), **(extra or {})}
     payload = {"model": {prefix + k: v for k, v in state.items()}, "stratavit": meta}
@@ -247,7 +247,7 @@ def save_vitdet(model: nn.Module, path: Path, layout: str, extra: dict[str, Any]
         with open(tmp, "wb") as fh:
             torch.save(payload, fh)
 
-    _replace_atomically(write, path)
+    replace_atomically(write, path)
     return path, fields
 
 
