@@ -28,7 +28,7 @@ def test_overrides_set_sections_and_win_over_flags():
     assert (o.linear.epochs, o.dense.blocks, o.knn.k, o.img_size, o.batch_size) == (50, [2, 4], 10, 48, 64)
     assert (o.dense.train, o.dense.val) == ("a", "b")
     assert _options("dense.train=x", "dense.val=y", "dense.blocks=-1").dense.blocks == [-1]
-    assert _options().to_dict()["knn"] == {"k": 20, "temperature": 0.07}
+    assert _options().to_dict()["knn"] == {"k": 20, "temperature": 0.07, "concat_last": [2, 4]}
 
 
 @pytest.mark.parametrize(
