@@ -34,7 +34,7 @@ def test_overrides_set_sections_and_win_over_flags():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("knn.kk=3", "unknown config key 'knn.kk'. Did you mean 'k'? Allowed here: k, temperature"),
+        ("knn.kk=3", "unknown config key 'knn.kk'. Did you mean 'k'? Allowed here: concat_last, k, temperature"),
         ("foo=1", "unknown evaluation option 'foo'. Allowed: baselines, batch_size"),
         ("knn=3", "'knn' is a section"),
         ("knn.k=abc", "knn.k: expected an integer"),
