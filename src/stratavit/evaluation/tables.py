@@ -88,3 +88,11 @@ def block_section(
             cells += [base.get(block, {}).get(key) for key, _ in columns]
         rows.append(cells)
     return intro + "\n\n" + md_table(header, rows)
+
+
+def images_used(entry: Mapping[str, Any], split: str, section: str) -> str:
+    """``"200 train"``, or ``"1000 train (of 5000, dense.max_images=1000)"`` when a cap left images out:
+    the ``{split}_images`` / ``{split}_total`` / ``max_images`` entries of an evaluation's results."""
+    used, total = entry.get(f"{split}_images"), entry.get(f"{split}_total")
+    capped = total is not None and total != used
+    return f"{used} {split}" + (f" (of {total}, {section}.max_images={entry.get('max_images')})" if capped else "")

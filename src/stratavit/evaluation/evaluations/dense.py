@@ -42,7 +42,7 @@ from stratavit.evaluation.protocol import (
 )
 from stratavit.evaluation.resolution import size_note, sized
 from stratavit.evaluation.segmentation_data import SegmentationFolder
-from stratavit.evaluation.tables import block_section, dig, fmt, number
+from stratavit.evaluation.tables import block_section, dig, fmt, images_used, number
 from stratavit.evaluation.tokens import depth_of, model_at_size, resolve_blocks
 
 __all__ = ["Dense", "DenseBlock", "DenseOptions", "DensePlan", "DenseResult", "default_dense_blocks"]
@@ -205,9 +205,7 @@ class Dense(Evaluation):
             return None
 
         def images(split: str) -> str:
-            used, total = d.get(f"{split}_images"), d.get(f"{split}_total")
-            return f"{used} {split}" + (f" (of {total}, dense.max_images={d.get('max_images')})"
-                                         if total is not None and total != used else "")
+            return images_used(d, split, "dense")
 
         blocks = ", ".join(str(b) for b in d.get("blocks") or [])
         loss = d.get("loss_size")

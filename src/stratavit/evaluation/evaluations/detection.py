@@ -46,7 +46,7 @@ from stratavit.evaluation.errors import EvaluationError
 from stratavit.evaluation.options import Options
 from stratavit.evaluation.protocol import Column, Context, Evaluation, Figure, HeadlineColumn, Result
 from stratavit.evaluation.resolution import size_note, sized
-from stratavit.evaluation.tables import dig, fmt, md_table, number
+from stratavit.evaluation.tables import dig, fmt, images_used, md_table, number
 from stratavit.evaluation.tokens import model_at_size
 
 __all__ = ["Detection", "DetectionOptions", "DetectionPlan", "DetectionResult", "MIN_DEFAULT_SIZE", "detection_size"]
@@ -231,9 +231,7 @@ class Detection(Evaluation):
             return None
 
         def images(split: str) -> str:
-            used, total = d.get(f"{split}_images"), d.get(f"{split}_total")
-            return f"{used} {split}" + (f" (of {total}, detection.max_images={d.get('max_images')})"
-                                         if total is not None and total != used else "")
+            return images_used(d, split, "detection")
 
         lr = f"lr {d.get('lr')}" + (f" (backbone x{d.get('backbone_lr')})" if d.get("mode") == "finetune" else "")
         return (f"detection: {images('train')} / {images('val')} images ({d.get('train_boxes')} / {d.get('val_boxes')} "
