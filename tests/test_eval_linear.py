@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from stratavit.evaluation.linear import linear_probe_top1
+from stratavit.evaluation.linear import StackedLinear, linear_probe_top1, linear_probes_top1
 
 
 def _blobs(n_per_class: int, n_classes: int, dim: int, seed: int, spread: float = 10.0):
@@ -58,3 +58,32 @@ def test_num_classes_larger_than_labels_and_constant_feature():
     out = linear_probe_top1(xtr, ytr, xte, yte, epochs=20, num_classes=7)
     assert out["top1"] == 100.0
     assert int(out["predictions"].max()) < 3
+
+
+def test_stacked_probes_equal_separate_probes():
+    """Several probes trained in one loop (stacked weights, summed mean CEs) move exactly as each alone."""
+    g = torch.Generator().manual_seed(5)
+    ytr, yte = torch.randint(0, 4, (150,), generator=g), torch.randint(0, 4, (60,), generator=g)
+    widths = [12, 12, 7, 12]  # two widths: stacked in two groups, results back in input order
+    xtr = [torch.randn(150, c, generator=g) + ytr[:, None].float() * (i + 1) * 0.3 for i, c in enumerate(widths)]
+    xte = [torch.randn(60, c, generator=g) + yte[:, None].float() * (i + 1) * 0.3 for i, c in enumerate(widths)]
+    together = linear_probes_top1(xtr, ytr, xte, yte, epochs=7, batch_size=32, seed=2, num_classes=5)
+    assert len(together) == 4
+    for a, b, t in zip(xtr, xte, together):
+        alone = linear_probe_top1(a, ytr, b, yte, epochs=7, batch_size=32, seed=2, num_classes=5)
+        assert t["top1"] == alone["top1"] and t["train_top1"] == alone["train_top1"]
+        assert torch.equal(t["predictions"], alone["predictions"])
+    accs = [t["train_top1"] for t in together]
+    assert accs != [accs[0]] * 4  # the probes really differ (different separations)
+
+
+def test_stacked_linear_is_independent_maps():
+    layer = StackedLinear(3, 5, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(3, 2, 5, dtype=torch.float64))
+        layer.bias.copy_(torch.randn(3, 2, dtype=torch.float64))
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    out = layer(x)
+    assert out.shape == (3, 4, 2)
+    for i in range(3):
+        torch.testing.assert_close(out[i], x[i] @ layer.weight[i].T + layer.bias[i])

@@ -273,9 +273,21 @@ def test_engine_step_of_the_local_global_recipe():
     assert all(p.grad is None for p in obj.head.last_layer.parameters())
 
 
+def _spread_rows(valid: torch.Tensor, n: int) -> torch.Tensor:
+    """Per row, in plain Python: the valid columns' list L (c entries) -> keep L[j * c // n], j < n, if c > n."""
+    keep = torch.zeros_like(valid)
+    for r, row in enumerate(valid.tolist()):
+        cols = [i for i, ok in enumerate(row) if ok]
+        chosen = cols if len(cols) <= n else [cols[j * len(cols) // n] for j in range(n)]
+        keep[r, chosen] = True
+    return keep
+
+
 def _loop_reference(obj: PatchMatch, student: ViewFeatures, teacher: ViewFeatures, temp: float) -> torch.Tensor:
     """The loss as the authors' code computes it (and as stratavit did before): the head on every token,
-    then a loop over (teacher view, student view) pairs with per-pair gathers of the matched tokens."""
+    then a loop over (teacher view, student view) pairs with per-pair gathers of the matched tokens.
+    With ``max_patch_pairs = n`` each (view pair, sample) keeps the patch pairs :func:`_spread_rows` picks,
+    each weighted (matched / kept) times the patch weight."""
     batch, cfg = student.batch, obj.cfg
 
     def head(tokens: torch.Tensor) -> torch.Tensor:  # (V·B, T, C) -> (V·B, T, K), every token
@@ -296,6 +308,10 @@ def _loop_reference(obj: PatchMatch, student: ViewFeatures, teacher: ViewFeature
                 m = match_patches(q.boxes, q.flips, teacher.global_[-1].grid, v.boxes, v.flips, s_grid)
                 w = m.valid.float()
                 w[:, 1:] *= cfg.patch_weight
+                if cfg.max_patch_pairs:
+                    kept = _spread_rows(m.valid[:, 1:], cfg.max_patch_pairs)
+                    ratio = m.valid[:, 1:].sum(1, keepdim=True) / kept.sum(1, keepdim=True).clamp_min(1)
+                    w[:, 1:] *= kept.float() * ratio
                 k = t_probs[iq].shape[-1]
                 pt = t_probs[iq].gather(1, m.idx_a[..., None].expand(-1, -1, k))
                 ls = s_logp[iv].gather(1, m.idx_b[..., None].expand(-1, -1, k))
@@ -305,8 +321,9 @@ def _loop_reference(obj: PatchMatch, student: ViewFeatures, teacher: ViewFeature
     return total / pairs  # type: ignore[return-value]
 
 
-@pytest.mark.parametrize("patch_weight,use_bn", [(1.0, False), (0.5, False), (0.0, False), (1.0, True)])
-def test_head_on_matched_tokens_equals_head_on_every_token(cifar_train, patch_weight, use_bn):
+@pytest.mark.parametrize("patch_weight,use_bn,max_pairs", [(1.0, False, 0), (0.5, False, 0), (0.0, False, 0),
+                                                           (1.0, True, 0), (1.0, False, 5), (0.5, True, 3)])
+def test_head_on_matched_tokens_equals_head_on_every_token(cifar_train, patch_weight, use_bn, max_pairs):
     """Select-then-head (the objective) == head-on-all-then-select (the loop reference): loss and gradients,
     on random features and the real geometry of multi-crop views of CIFAR-10 JPEGs."""
     from PIL import Image
@@ -316,7 +333,7 @@ def test_head_on_matched_tokens_equals_head_on_every_token(cifar_train, patch_we
     torch.manual_seed(0)
     bb = Backbone(BackboneConfig(arch="vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=16, depth=1, num_heads=2))
     obj = PatchMatch(PatchMatchConfig(out_dim=32, hidden_dim=16, bottleneck_dim=8, patch_weight=patch_weight,
-                                      use_bn=use_bn), bb)
+                                      use_bn=use_bn, max_patch_pairs=max_pairs), bb)
     obj.center.normal_()
     views = ViewsConfig(global_size=32, local_size=16, local_crops=3, global_scale=[0.2, 1.0], local_scale=[0.1, 0.4])
     files = sorted(cifar_train.rglob("*.jpg"))[:8]
@@ -359,3 +376,45 @@ def test_head_on_matched_tokens_equals_head_on_every_token(cifar_train, patch_we
 
         pairs = matched_pairs(batch.global_views, batch.local_views, (8, 8), (4, 4), patch_weight)
         assert 0 < torch.unique(pairs.student_rows).numel() < 2 * 8 * 65 + 3 * 8 * 17
+
+
+def test_spread_subset_on_hand_worked_rows():
+    from stratavit.objectives.patch_match.pairs import spread_subset
+
+    valid = torch.tensor([[True, False, True, True, True, True],  # c = 5 > n = 2: ranks 0 and 2 (floor(j * 5 / 2))
+                          [False, True, False, False, True, False],  # c = 2 <= n: all kept
+                          [False] * 6])  # no match: nothing kept
+    keep, scale = spread_subset(valid, 2)
+    assert keep.tolist() == [[True, False, False, True, False, False],
+                             [False, True, False, False, True, False],
+                             [False] * 6]
+    assert scale.flatten().tolist() == [2.5, 1.0, 0.0]
+    # c = 7, n = 3: ranks floor(0), floor(7/3) = 2, floor(14/3) = 4
+    keep, scale = spread_subset(torch.ones(1, 7, dtype=torch.bool), 3)
+    assert keep[0].nonzero().flatten().tolist() == [0, 2, 4] and float(scale) == pytest.approx(7 / 3)
+    big = torch.rand(50, 40) < 0.6
+    for n in (1, 4, 17, 40):
+        keep, _ = spread_subset(big, n)
+        assert torch.equal(keep, _spread_rows(big, n))
+
+
+def test_max_patch_pairs_keeps_the_weights_and_fewer_student_rows(cifar_train):
+    from PIL import Image
+
+    from stratavit.objectives.patch_match.pairs import matched_pairs
+
+    views = ViewsConfig(global_size=32, local_size=16, local_crops=3, global_scale=[0.2, 1.0], local_scale=[0.1, 0.4])
+    files = sorted(cifar_train.rglob("*.jpg"))[:8]
+    tf = MultiCropTransform(views, 4)
+    batch = collate_views([(tf(Image.open(f).convert("RGB")), 0, i) for i, f in enumerate(files)])
+    full = matched_pairs(batch.global_views, batch.local_views, (8, 8), (4, 4), 1.0)
+    few = matched_pairs(batch.global_views, batch.local_views, (8, 8), (4, 4), 1.0, max_patch_pairs=4)
+    assert float(full.weights.sum()) == pytest.approx(1.0) and float(few.weights.sum()) == pytest.approx(1.0)
+    assert few.weights.numel() < full.weights.numel()
+    assert torch.unique(few.student_rows).numel() < torch.unique(full.student_rows).numel()
+    assert float(few.patch_pairs) == float(full.patch_pairs)  # the metric still counts every matched pair
+    same = matched_pairs(batch.global_views, batch.local_views, (8, 8), (4, 4), 1.0, max_patch_pairs=64)
+    assert torch.equal(same.student_rows, full.student_rows) and torch.equal(same.weights, full.weights)
+    with pytest.raises(Exception, match="max_patch_pairs"):
+        PatchMatch(PatchMatchConfig(max_patch_pairs=-1), Backbone(BackboneConfig(
+            arch="vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=16, depth=1, num_heads=2)))

@@ -24,7 +24,7 @@ from stratavit.evaluation.comparability import knn_basis, linear_basis
 from stratavit.evaluation.embedding import plot_embedding_2d
 from stratavit.evaluation.features import BlockFeatures, raw_pixel_features
 from stratavit.evaluation.knn import knn_per_block, knn_top1
-from stratavit.evaluation.linear import linear_probe_top1
+from stratavit.evaluation.linear import linear_probe_top1, linear_probes_top1
 from stratavit.evaluation.plotting import block_series
 from stratavit.evaluation.protocol import (
     Column,
@@ -95,19 +95,24 @@ def classification_probes(
     depth = len(train.cls)
     layers: list[dict[str, Any]] = [{"block": i + 1} for i in range(depth)]
     last: dict[str, Any] = {}
+    probes: list[tuple[str, int]] = []  # (suffix, block index) of every linear probe, trained together
+    ftrs: list[Tensor] = []
+    ftes: list[Tensor] = []
     for pooling, suffix in (("cls", ""), ("mean_patch", "_patch")):
         if pooling not in poolings:
             continue
         ftr, fte = train.pooled(pooling), test.pooled(pooling)
         knn = knn_per_block(ftr, train.labels, fte, test.labels, k=k, temperature=temperature, num_classes=num_classes)
         for i in range(depth):
-            lin = linear_probe_top1(
-                ftr[i], train.labels, fte[i], test.labels, num_classes=num_classes, epochs=linear_epochs
-            )
             layers[i][f"knn_top1{suffix}"] = knn[i]
-            layers[i][f"linear_top1{suffix}"] = round(lin["top1"], 2)
-            if pooling == "cls" and i == depth - 1:
-                last = lin
+            probes.append((suffix, i))
+            ftrs.append(ftr[i])
+            ftes.append(fte[i])
+    lins = linear_probes_top1(ftrs, train.labels, ftes, test.labels, num_classes=num_classes, epochs=linear_epochs)
+    for (suffix, i), lin in zip(probes, lins):
+        layers[i][f"linear_top1{suffix}"] = round(lin["top1"], 2)
+        if suffix == "" and i == depth - 1:
+            last = lin
     return layers, last
 
 

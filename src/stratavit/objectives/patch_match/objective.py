@@ -53,6 +53,11 @@ class PatchMatchConfig(DINOConfig):
 
     patch_weight: float = 1.0
     """Weight of each matched patch pair relative to the CLS pair."""
+    max_patch_pairs: int = 0
+    """0: every matched patch pair enters the loss (the authors' choice). n > 0: at most n patch pairs per
+    (teacher view, student view) pair and sample, evenly spread over the matched sub-grid and weighted so
+    that the CLS pair and the patches keep their shares of the loss; the student head then maps fewer
+    tokens (a speed switch, not in the paper)."""
     patch_jitter_p: float = 0.0
     """Probability that a student patch gets its own brightness/contrast jitter (0 = off)."""
     patch_jitter_strength: float = 0.4
@@ -99,8 +104,9 @@ class PatchMatch(Objective):
     def __init__(self, cfg: PatchMatchConfig, backbone: FeatureBackbone) -> None:
         super().__init__(cfg, backbone)
         self.require_one_level("all its tokens")
-        if cfg.patch_weight < 0 or not 0 <= cfg.patch_jitter_p <= 1:
-            raise ConfigError("objectives.patch_match: patch_weight must be >= 0 and patch_jitter_p in [0, 1]")
+        if cfg.patch_weight < 0 or not 0 <= cfg.patch_jitter_p <= 1 or cfg.max_patch_pairs < 0:
+            raise ConfigError("objectives.patch_match: patch_weight and max_patch_pairs must be >= 0 and "
+                              "patch_jitter_p in [0, 1]")
         self.cfg: PatchMatchConfig = cfg
         self.patch_size = backbone.patch_size
         self.head = DINOHead(
@@ -171,6 +177,7 @@ class PatchMatch(Objective):
         pairs = matched_pairs(
             batch.global_views, batch.local_views[: student.n_local] if local else [], t_feats.grid,
             student.local[lv].grid if local else None, self.cfg.patch_weight,  # type: ignore[index]
+            self.cfg.max_patch_pairs,
         )
         s_rows, s_index = torch.unique(pairs.student_rows, return_inverse=True)
         t_rows, t_index = torch.unique(pairs.teacher_rows, return_inverse=True)

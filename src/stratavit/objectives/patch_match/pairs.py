@@ -55,12 +55,32 @@ def _stacked(views: list[ViewBatch], order: list[int]) -> tuple[Tensor, Tensor]:
     return torch.cat([views[i].boxes for i in order]), torch.cat([views[i].flips for i in order])
 
 
+def spread_subset(valid: Tensor, limit: int) -> tuple[Tensor, Tensor]:
+    """At most ``limit`` of each row's valid entries, evenly spread in row order, and their weight factor.
+
+    Args:
+        valid: (R, M) bool; row ``i`` has ``c_i`` valid entries, ranked ``r = 0 .. c_i − 1`` in column order.
+        limit: ``n`` > 0; a row with ``c_i <= n`` keeps all its entries.
+    Returns:
+        ``keep`` (R, M) bool: the entries of ranks ``floor(j · c_i / n)``, ``j = 0 .. n − 1`` (those whose rank
+        ``r`` has ``ceil(r · n / c_i) · c_i < (r + 1) · n``); ``scale`` (R, 1) float ``c_i / min(c_i, n)``, the
+        factor that keeps the kept entries' total weight that of all ``c_i`` (1 for rows kept whole).
+    """
+    count = valid.sum(dim=1, keepdim=True)  # (R, 1)
+    rank = valid.long().cumsum(dim=1) - 1
+    c = count.clamp_min(1)
+    picked = ((rank * limit + c - 1) // c) * c < (rank + 1) * limit
+    keep = valid & ((count <= limit) | picked)
+    return keep, (count.float() / count.clamp(1, limit).float())
+
+
 def matched_pairs(
     global_views: list[ViewBatch],
     local_views: list[ViewBatch],
     grid_global: tuple[int, int],
     grid_local: tuple[int, int] | None,
     patch_weight: float,
+    max_patch_pairs: int = 0,
 ) -> MatchedPairs:
     """Match every (teacher global view q, student view v ≠ q) pair of every sample, in two calls of
     :func:`~stratavit.objectives.patch_match.matching.match_patches` (global–global, global–local).
@@ -69,6 +89,9 @@ def matched_pairs(
         global_views, local_views: the step's view groups (``local_views`` may be empty).
         grid_global, grid_local: their patch grids (``grid_local`` unused without local views).
         patch_weight: weight of a patch pair relative to the CLS pair.
+        max_patch_pairs: 0 keeps every matched patch pair (the authors' loss); ``n > 0`` keeps at most ``n``
+            per view pair and sample (:func:`spread_subset`), weighted ``c / n`` each so that the CLS pair
+            and the patch pairs keep their shares of the loss.
     """
     n_g, n_l = len(global_views), len(local_views)
     b = global_views[0].boxes.shape[0]
@@ -93,6 +116,9 @@ def matched_pairs(
         s_tokens = 1 + grid[0] * grid[1]
         w = m.valid.float()
         w[:, 1:] *= patch_weight
+        if max_patch_pairs > 0:
+            keep, scale = spread_subset(m.valid[:, 1:], max_patch_pairs)
+            w[:, 1:] *= keep.float() * scale
         w = w / w.sum(dim=1, keepdim=True) / (b * n_pairs)
         keep = w > 0
         t_rows.append(((q_of * b + sample) * t_tokens + m.idx_a)[keep])
