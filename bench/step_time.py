@@ -1,7 +1,8 @@
 """Training-step time of recipes on identical batches, interleaved in one process (ratios, not absolutes).
 
-    cd bench && PYTHONPATH=../src ../.venv/bin/python step_time.py --recipes dino local-global --steps 30 \\
-        [--threads 1] [--override backbone.embed_dim=192 mcl:objectives.montage.pyramid_dim=96 ...] \\
+    cd bench && PYTHONPATH=../src ../.venv/bin/python step_time.py --recipes dino local-global [lg8=local-global] \\
+        --steps 30 [--threads 1] \\
+        [--override backbone.embed_dim=192 mcl:objectives.montage.pyramid_dim=96 lg8:objectives.patch_match.max_patch_pairs=8] \\
         [--split] [--device cuda] [--profile 2]
 
 Every recipe gets the same backbone, views and batch size (the demo's small ViT unless overridden,
@@ -38,12 +39,15 @@ from stratavit.engine.standalone import attach
 from stratavit.recipe import resolve_config
 
 
-def build(recipe: str, extra: list[str], device: torch.device) -> tuple[PretrainModule, torch.optim.Optimizer]:
+def build(entry: str, extra: list[str], device: torch.device) -> tuple[PretrainModule, torch.optim.Optimizer]:
     """The recipe's module on the demo backbone with the CPU heads, ``extra`` overrides on top: a plain
-    ``key=value`` applies to every recipe, ``RECIPE:key=value`` to that recipe only."""
-    base = [o for o in DEMO_OVERRIDES if not o.startswith(("train.epochs", "objectives."))]
+    ``key=value`` applies to every recipe, ``LABEL:key=value`` to that entry only. ``entry`` is a recipe
+    name (its own label) or ``LABEL=RECIPE`` (the same recipe twice with different overrides)."""
+    label, _, recipe = entry.rpartition("=")
+    label = label or recipe
+    base = [o for o in DEMO_OVERRIDES if not o.startswith(("train.epochs", "objectives.", "views.photometric"))]
     mine = [o.split(":", 1)[1] if ":" in o.split("=", 1)[0] else o for o in extra
-            if ":" not in o.split("=", 1)[0] or o.split(":", 1)[0] == recipe]
+            if ":" not in o.split("=", 1)[0] or o.split(":", 1)[0] == label]
     cfg = resolve_config(recipe, [*base, *recipe_overrides(recipe, 10_000), *mine])
     module = PretrainModule(cfg).to(device)
     attach(module)
@@ -109,7 +113,8 @@ def profile(models: dict[str, tuple[PretrainModule, torch.optim.Optimizer]], bat
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipes", nargs="+", default=["dino", "local-global"])
+    ap.add_argument("--recipes", nargs="+", default=["dino", "local-global"],
+                    help="recipe names, or LABEL=RECIPE to time a recipe again under LABEL: overrides")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--override", nargs="*", default=[], metavar="[RECIPE:]key=value",

@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--which", choices=("teacher", "student"), default="teacher")
     s.set_defaults(func=cmd_export)
 
-    s = sub.add_parser("demo", help="pre-train on the shipped CIFAR-10 sample, evaluate, write a report (~5 min on 2 cores)")
+    s = sub.add_parser("demo", help="pre-train on the shipped CIFAR-10 sample, evaluate, write a report (~6.5 min on 2 cores)")
     s.add_argument("--out", default="runs/demo")
     s.add_argument("--detection", action="store_true",
                    help="also the detection transfer on the horse boxes (frozen backbone, 100 steps; a few more minutes)")

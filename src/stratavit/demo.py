@@ -2,8 +2,12 @@
 
 The sample (10,000 train / 2,000 test images, 32×32) ships inside the package. MoCo v3 on a
 4-block, 128-wide ViT with patch 4, batch 64, 3 epochs (468 steps): the setting that gave the best
-kNN top-1 in a sweep that fits about 5 minutes (training + evaluation) on a 2-core CPU; see
-bench/RESULTS.md. Pass ``key=value`` overrides to change it. The evaluation runs every part:
+kNN top-1 in a sweep of about 5 minutes (training + evaluation) on a 2-core CPU; see
+bench/RESULTS.md. The photometric augmentations run batched in the training process
+(``views.photometric=device``; the same distributions as the loader path): the one loader worker
+then only decodes and crops (it took ~16 % of the CPU samples with the PIL colour ops). About
+6.5 minutes in all on 2 cores (bench/RESULTS.md, "Issue 15: demo time").
+Pass ``key=value`` overrides to change it. The evaluation runs every part:
 per-block kNN and linear probes, the dense probe on the shipped Weizmann Horses sample (at 64 px),
 the correspondence score, the random-init and raw-pixel baselines and the pictures.
 """
@@ -28,6 +32,7 @@ DEMO_OVERRIDES: list[str] = [
     "views.global_scale=[0.2,1.0]",
     "views.global_blur_p=[0.0]",
     "views.global_solarize_p=[0.0,0.2]",
+    "views.photometric=device",
     "objectives.infonce.proj_hidden_dim=1024",
     "objectives.infonce.pred_hidden_dim=1024",
     "optim.base_lr=8.0e-3",
