@@ -66,6 +66,8 @@ class Fakes:
         (out / "backbone.safetensors").write_bytes(b"weights")
         steps = int(next(o for o in overrides if o.startswith("train.max_steps=")).split("=")[1])
         summary = {"recipe": recipe, "global_step": steps, "wall_time_s": 10.0 + seed, "images_per_s": 100.0 + seed}
+        if recipe == "mcvt" and seed < 2:  # what a budget run's plan flags (budget_setup.pass_notes)
+            summary["budget"] = {"notes": ["train.budget: protonce's first dataset pass (E-step) ... never runs"]}
         (out / "run.json").write_text(json.dumps(summary))
         return out
 
@@ -127,6 +129,9 @@ def test_grid_trained_evaluated_and_reported(fakes, images, tmp_path, capsys):
     assert f"**{headline}.**" in md and "| metric | mcvt | mocov3 (base) |" in md and "*Rule.*" in md
     assert "| kNN top-1 CLS (%), block 1 | 39.50 ± " in md and "· **better** (Δ +5.50 ± " in md
     assert "inconclusive (identical)" in md and "Failed runs" not in md
+    # what the runs' budget plans flagged is in the report, with the runs it applies to
+    assert "## What the budget did not fit" in md
+    assert "- train.budget: protonce's first dataset pass (E-step) ... never runs (mcvt/seed0, mcvt/seed1)" in md
 
     rows = list(csv.DictReader((out / "ablation.csv").open()))
     assert set(rows[0]) == {"recipe", "seed", "metric", "value"}
@@ -142,6 +147,7 @@ def test_grid_trained_evaluated_and_reported(fakes, images, tmp_path, capsys):
     steps = next(m for m in report["metrics"] if m["metric"] == "train.steps")
     assert steps["group"] == "training" and steps["vs_base"]["mcvt"]["verdict"] == "inconclusive (identical)"
     assert report["base"] == "mocov3" and report["headlines"] == [headline]
+    assert list(report["notes"].values()) == [["mcvt/seed0", "mcvt/seed1"]]
     assert (out / "ablation.png").read_bytes()[:8] == PNG_MAGIC
     state = json.loads((out / "ablation_plan.json").read_text())
     assert state["plan"]["recipes"] == ["mcvt", "mocov3"] and state["runs"]["mcvt/seed2"]["status"] == "evaluated"

@@ -37,6 +37,9 @@ def test_predicted_seconds_counts_an_epoch_cost_per_epoch_started():
     # from step 20 (epoch 2 already started, its cost paid? no: the epoch of step 20 starts at 20)
     assert predicted_seconds(25, 10, c, from_step=20) == 5 * 2 + 1 * 10 + 5
     assert predicted_seconds(20, 10, c, from_step=20) == 5
+    # from step 23, inside epoch 2: that epoch has started (its cost is paid), only epoch 3's is to come
+    assert predicted_seconds(25, 10, c, from_step=23) == 2 * 2 + 5
+    assert predicted_seconds(35, 10, c, from_step=23) == 12 * 2 + 1 * 10 + 5
 
 
 def test_plan_fills_the_budget_and_no_more():
@@ -102,3 +105,67 @@ def test_int_epoch_schedules_are_rounded_and_kept_at_one():
     cfg2 = resolve_config("mcvt", ["objectives.protonce.warmup_epochs=2"])
     got2 = dict(o.split("=", 1) for o in compressed_overrides(cfg2, plan))
     assert got2["objectives.protonce.warmup_epochs"] == "1"  # 0.1 rounds to 0, kept at 1 (the plan has 5 epochs > 2)
+
+
+def _mcvt_plan(epochs: int, steps_per_epoch: int = 100) -> tuple[object, BudgetPlan]:
+    from conftest import TINY
+    from stratavit.engine.train import build_module
+
+    module = build_module(resolve_config("mcvt", [*TINY, f"train.epochs={epochs}"]))
+    plan = BudgetPlan(budget_s=120, costs=Costs(step_s=0.5, epoch_s=11.0, fixed_s=1.0, pass_s=10.0),
+                      steps_per_epoch=steps_per_epoch, recipe_steps=10_000, max_steps=epochs * steps_per_epoch,
+                      epochs=epochs, scale=0.01, started_s=5.0)
+    return module, plan
+
+
+def test_a_plan_whose_epochs_end_before_the_first_e_step_says_so_and_how_to_change_it():
+    from stratavit.engine.budget_setup import pass_notes
+
+    module, plan = _mcvt_plan(epochs=1)
+    notes = pass_notes(module, plan, 1)
+    assert len(notes) == 1
+    # ProtoNCE's default warm-up is 10 % of the epochs, at least 1: 2 epochs are the shortest plan with a pass;
+    # 101 steps: 5 s spent + 101 * 0.5 + 2 epochs * 11 + 1 = 78.5 s -> 2m
+    assert "protonce" in notes[0] and "never runs" in notes[0]
+    assert "train.budget=2m or more (about 2 epochs)" in notes[0]
+    assert "objectives.protonce.warmup_epochs=0" in notes[0]
+    assert pass_notes(*_mcvt_plan(epochs=2), 2) == []  # epoch 1 has its E-step
+    # the suggested override really brings the E-step into the first epoch
+    from conftest import TINY
+    from stratavit.engine.train import build_module
+
+    fixed = build_module(resolve_config("mcvt", [*TINY, "train.epochs=1", "objectives.protonce.warmup_epochs=0"]))
+    assert pass_notes(fixed, plan, 1) == []
+    # a plan survives the round trip with its notes
+    plan.notes = notes
+    assert BudgetPlan.from_dict(plan.to_dict()).notes == notes
+
+
+def test_the_pace_takes_out_the_measured_dataset_passes_not_the_planned_ones(monkeypatch):
+    """At a check, seconds per step = (time since training started − the epochs' planned saves − the seconds
+    the dataset passes really took) / steps: an epoch without its pass (a warm-up) is not charged one."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from stratavit.engine.callbacks import budget as budget_cb
+
+    plan = BudgetPlan(budget_s=120, costs=Costs(step_s=0.8, epoch_s=16.0, fixed_s=0.5, pass_s=15.5),
+                      steps_per_epoch=156, recipe_steps=10_000, max_steps=120, epochs=1, scale=0.01)
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(budget_cb, "time", SimpleNamespace(time=lambda: clock.now, monotonic=lambda: clock.now))
+    seen = []
+    monkeypatch.setattr(budget_cb, "replan", lambda plan, step, elapsed, step_s, tol: seen.append(step_s))
+    watch = budget_cb.BudgetWatch(plan, Path("/nonexistent/budget.json"), started=clock.now)
+    passes = SimpleNamespace(provides_dataset_pass=True, seconds=0.0)
+    trainer = SimpleNamespace(global_step=0, is_global_zero=True, callbacks=[watch, passes],
+                              strategy=SimpleNamespace(broadcast=lambda x, src=0: x))
+    watch.on_train_start(trainer, None)
+    clock.now += 5 * 0.8  # 5 steps of 0.8 s, no E-step yet (warm-up)
+    trainer.global_step = 5
+    watch.on_train_batch_end(trainer, None, None, None, 4)
+    assert seen[-1] == pytest.approx((4.0 - 0.5) / 5)  # before: (4 - 16) clamped to ~0 -> a plan of 780 steps
+    passes.seconds = 15.0  # an E-step of 15 s, then 5 more steps
+    clock.now += 15.0 + 5 * 0.8
+    trainer.global_step = 10
+    watch.on_train_batch_end(trainer, None, None, None, 9)
+    assert seen[-1] == pytest.approx((8.0 + 15.0 - 0.5 - 15.0) / 10)

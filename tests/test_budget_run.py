@@ -112,7 +112,8 @@ def test_calibration_measures_without_changing_the_run(tmp_path, cifar_train, ph
     rng = torch.get_rng_state()
     weights = {k: v.clone() for k, v in module.state_dict().items() if torch.is_tensor(v)}
     costs = measure_costs(module, loader, torch.device("cpu"), "32-true", tmp_path, steps=2)
-    assert costs.step_s > 0 and costs.epoch_s > 0 and costs.fixed_s > 0  # mcvt's ProtoNCE needs a dataset pass
+    assert costs.step_s > 0 and costs.pass_s > 0 and costs.fixed_s > 0  # mcvt's ProtoNCE needs a dataset pass
+    assert costs.epoch_s == pytest.approx(costs.fixed_s + costs.pass_s)  # the final save has no pass
     assert torch.equal(rng, torch.get_rng_state())
     assert all(torch.equal(v, module.state_dict()[k]) for k, v in weights.items())
     assert list(tmp_path.iterdir()) == []  # the timed checkpoint-sized file is gone

@@ -9,7 +9,7 @@ from stratavit.ablation.metrics import run_metrics
 from stratavit.ablation.plan import Plan, run_label
 from stratavit.run_folder import EvalFolder, RunFolder, read_json
 
-__all__ = ["Values", "collect", "is_evaluated", "is_trained"]
+__all__ = ["Values", "collect", "is_evaluated", "is_trained", "run_notes"]
 
 Values = dict[str, dict[str, dict[int, float]]]
 """``{metric key: {recipe label: {seed: value}}}``, metrics in report order."""
@@ -49,3 +49,18 @@ def collect(folder: AblationFolder, plan: Plan) -> Values:
                 values.setdefault(key, {}).setdefault(run_label(recipe), {})[seed] = value
     evaluation = {k: v for k, v in values.items() if not k.startswith("train.")}
     return {**evaluation, **{k: v for k, v in values.items() if k.startswith("train.")}}
+
+
+def run_notes(folder: AblationFolder, plan: Plan) -> dict[str, list[str]]:
+    """``{note: ["recipe/seed0", ...]}``: what the trained runs' budget plans flagged (``run.json``
+    ``budget.notes``, e.g. an E-step the budget never reached), with the runs each note applies to."""
+    notes: dict[str, list[str]] = {}
+    for recipe in plan.recipes:
+        for seed in plan.seeds:
+            run_dir = folder.run_dir(recipe, seed)
+            if not is_trained(run_dir):
+                continue
+            summary = RunFolder(run_dir).read_summary() or {}
+            for note in (summary.get("budget") or {}).get("notes") or []:
+                notes.setdefault(str(note), []).append(f"{run_label(recipe)}/seed{seed}")
+    return notes

@@ -110,7 +110,8 @@ def _few_seeds(n: int) -> list[str]:
     return ["", f"*With {n} seed{'s' if n != 1 else ''} {why}; 3 to 5 seeds are the usual minimum.*"]
 
 
-def _markdown(plan: Plan, base: str, rows: list[Row], headlines: list[str], runs: Mapping[str, Any]) -> str:
+def _markdown(plan: Plan, base: str, rows: list[Row], headlines: list[str], runs: Mapping[str, Any],
+              notes: Mapping[str, list[str]] | None = None) -> str:
     labels = [run_label(r) for r in plan.recipes]
     how = f"`--budget {plan.budget}` (equal wall time)" if plan.budget is not None else \
         f"`--steps {plan.steps}` (equal optimiser steps)"
@@ -125,6 +126,10 @@ def _markdown(plan: Plan, base: str, rows: list[Row], headlines: list[str], runs
                   for row in rows]) if rows else "No run has finished yet.",
         *(["", "![per-metric means with 95 % intervals](ablation.png)"] if rows else []), "", f"*Rule.* {RULE}",
     ]
+    if notes:
+        lines += ["", "## What the budget did not fit", "",
+                  "The runs' own plans flagged these; read the rows of these recipes with them in mind.", ""]
+        lines += [f"- {md_escape(note)} ({', '.join(who)})" for note, who in notes.items()]
     failed = {k: v for k, v in runs.items() if v.get("status") == "failed"}
     if failed:
         lines += ["", "## Failed runs", "", "Re-run the same command to retry them.", ""]
@@ -132,7 +137,8 @@ def _markdown(plan: Plan, base: str, rows: list[Row], headlines: list[str], runs
     return "\n".join(lines) + "\n"
 
 
-def _json(plan: Plan, base: str, rows: list[Row], headlines: list[str], runs: Mapping[str, Any]) -> dict[str, Any]:
+def _json(plan: Plan, base: str, rows: list[Row], headlines: list[str], runs: Mapping[str, Any],
+          notes: Mapping[str, list[str]] | None = None) -> dict[str, Any]:
     def est(e: Estimate, vals: Mapping[int, float]) -> dict[str, Any]:
         return {"n": e.n, "mean": e.mean, "sd": e.sd, "half_width": e.half_width, "low": e.low, "high": e.high,
                 "values": {str(s): v for s, v in sorted(vals.items())}}
@@ -149,11 +155,14 @@ def _json(plan: Plan, base: str, rows: list[Row], headlines: list[str], runs: Ma
                      "recipes": {r: est(row.estimates[r], row.values[r]) for r in row.estimates},
                      "vs_base": {r: cmp(c) for r, c in row.comparisons.items()}} for row in rows],
         "runs": dict(runs),
+        "notes": dict(notes or {}),
     }
 
 
-def write_report(folder: AblationFolder, plan: Plan, base: str, values: Values, runs: Mapping[str, Any]) -> Report:
-    """Write ``ablation.{md,csv,json,png}`` into ``folder`` from the collected ``values``."""
+def write_report(folder: AblationFolder, plan: Plan, base: str, values: Values, runs: Mapping[str, Any],
+                 notes: Mapping[str, list[str]] | None = None) -> Report:
+    """Write ``ablation.{md,csv,json,png}`` into ``folder`` from the collected ``values`` (``notes``: what
+    the runs' budget plans flagged, :func:`~stratavit.ablation.collect.run_notes`)."""
     labels, base_label = [run_label(r) for r in plan.recipes], run_label(base)
     rows = analyse(values, labels, base_label)
     headlines = [headline(rows, r, base_label, plan) for r in labels if r != base_label]
@@ -164,8 +173,8 @@ def write_report(folder: AblationFolder, plan: Plan, base: str, values: Values, 
             for recipe in labels:
                 for seed, value in sorted(row.values[recipe].items()):
                     w.writerow([recipe, seed, row.metric.key, value])
-    write_json(folder.output("json"), _json(plan, base_label, rows, headlines, runs))
+    write_json(folder.output("json"), _json(plan, base_label, rows, headlines, runs, notes))
     png = plot_ablation(folder.output("png"), rows, labels) if rows else None
-    folder.output("md").write_text(_markdown(plan, base_label, rows, headlines, runs))
+    folder.output("md").write_text(_markdown(plan, base_label, rows, headlines, runs, notes))
     failed = sorted(k for k, v in runs.items() if v.get("status") == "failed")
     return Report(folder.output("md"), folder.output("csv"), folder.output("json"), png, headlines, failed)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stratavit.ablation.backbone import shared_backbone_overrides
-from stratavit.ablation.collect import collect, is_evaluated, is_trained
+from stratavit.ablation.collect import collect, is_evaluated, is_trained, run_notes
 from stratavit.ablation.errors import AblationError
 from stratavit.ablation.folder import State, open_state
 from stratavit.ablation.plan import Plan, run_label
@@ -152,5 +152,5 @@ def ablate(
         if state.runs.get(key, {}).get("status") != "evaluated":  # e.g. finished by a run of an older version
             state.record(key, status="evaluated", error=None, stage=None)
     values = collect(state.folder, plan)
-    return write_report(state.folder, plan, base, values, state.runs)
+    return write_report(state.folder, plan, base, values, state.runs, run_notes(state.folder, plan))
 

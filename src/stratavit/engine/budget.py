@@ -40,9 +40,13 @@ class Costs:
     step_s: float
     """One optimiser step (forward, backward, optimiser, EMA, its share of data loading)."""
     epoch_s: float = 0.0
-    """Extra per epoch: the dataset pass of an objective that needs one, the epoch checkpoint."""
+    """Extra per epoch, paid when the epoch starts: the dataset pass of an objective that needs one, the
+    epoch checkpoint (an upper bound: an objective's warm-up epochs have no pass)."""
     fixed_s: float = 0.0
     """Once, still to come: the final checkpoint and export."""
+    pass_s: float = 0.0
+    """The dataset pass's share of ``epoch_s`` (0 without one); the pace measured while training takes the
+    passes' measured seconds out instead."""
 
 
 @dataclass
@@ -60,6 +64,8 @@ class BudgetPlan:
     """Seconds of the budget already spent when this plan was made (start-up, calibration)."""
     replans: list[dict[str, float]] = field(default_factory=list)
     """``{"at_step", "elapsed_s", "step_s", "max_steps"}`` of every re-plan, in order."""
+    notes: list[str] = field(default_factory=list)
+    """What the reader must know about the plan, one line each (e.g. an E-step that never comes)."""
 
     @property
     def planned_s(self) -> float:
@@ -74,14 +80,16 @@ class BudgetPlan:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BudgetPlan:
         d = {k: v for k, v in d.items() if k not in ("planned_s", "elapsed_s")}
-        return cls(**{**d, "costs": Costs(**d["costs"]), "replans": list(d.get("replans", []))})
+        return cls(**{**d, "costs": Costs(**d["costs"]), "replans": list(d.get("replans", [])),
+                      "notes": list(d.get("notes", []))})
 
 
 def predicted_seconds(steps: int, steps_per_epoch: int, costs: Costs, from_step: int = 0) -> float:
-    """Seconds to run steps ``from_step .. steps − 1``, with an epoch cost at every epoch started on the way."""
+    """Seconds to run steps ``from_step .. steps − 1``, with an epoch cost at every epoch started on the way
+    (epoch ``e`` starts before step ``e · S``; the epoch of a ``from_step`` inside it has started already)."""
     if steps <= from_step:
         return costs.fixed_s
-    epochs = math.ceil(steps / steps_per_epoch) - from_step // steps_per_epoch
+    epochs = math.ceil(steps / steps_per_epoch) - math.ceil(from_step / steps_per_epoch)
     return (steps - from_step) * costs.step_s + epochs * costs.epoch_s + costs.fixed_s
 
 

@@ -11,6 +11,7 @@ or ``budget.json``) and the time already spent counts against the budget.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from stratavit.config import Config, ConfigError, to_dict
-from stratavit.engine.budget import BudgetPlan, compressed_overrides, parse_duration, plan_budget
+from stratavit.engine.budget import BudgetPlan, compressed_overrides, parse_duration, plan_budget, predicted_seconds
 from stratavit.engine.calibrate import measure_costs
 from stratavit.engine.callbacks.budget import BudgetWatch
 from stratavit.recipe import resolve_config
@@ -102,4 +103,39 @@ def setup_budget(
         plan = _wait_for_plan(path, started)
     compressed = resolve_config(to_dict(cfg), compressed_overrides(cfg, plan))
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    return Budgeted(compressed, build(compressed), BudgetWatch(plan, path, cfg.train.budget_tolerance, 0.0, started))
+    module = build(compressed)
+    if _rank() == 0:
+        plan.notes = pass_notes(module, plan, int(compressed.train.epochs))
+        write_json(path, plan.to_dict())
+    return Budgeted(compressed, module, BudgetWatch(plan, path, cfg.train.budget_tolerance, 0.0, started))
+
+
+def _duration(seconds: float) -> str:
+    """``125`` -> ``"3m"`` (whole minutes, rounded up; seconds under a minute as ``"45s"``)."""
+    return f"{math.ceil(seconds)}s" if seconds < 60 else f"{math.ceil(seconds / 60)}m"
+
+
+def pass_notes(module: Any, plan: BudgetPlan, epochs: int) -> list[str]:
+    """One line per objective that needs a dataset pass (ProtoNCE's E-step) but gets none in the plan's
+    ``epochs``: its warm-up outlasts the budget, so that level never trains as the method says. The line
+    names the budget from which the first pass comes and the override that moves it to the first epoch."""
+    from stratavit.engine.callbacks.dataset_pass import dataset_pass_objectives
+
+    notes = []
+    for name, obj in dataset_pass_objectives(module).items():
+        if any(obj.needs_dataset_pass(e, epochs) for e in range(epochs)):
+            continue
+        longer = ""
+        for more in range(epochs + 1, epochs + 200):  # the shortest plan whose epochs include a pass
+            if any(obj.needs_dataset_pass(e, more) for e in range(more)):
+                steps = (more - 1) * plan.steps_per_epoch + 1
+                need = plan.started_s + predicted_seconds(steps, plan.steps_per_epoch, plan.costs)
+                longer = f"give train.budget={_duration(need)} or more (about {more} epochs), or "
+                break
+        notes.append(
+            f"train.budget: {name}'s first dataset pass (E-step) comes after its warm-up, and the plan has "
+            f"{epochs} epoch(s): it never runs, so {name} trains without its prototypes (instance loss only); "
+            f"{longer}set objectives.{name}.warmup_epochs=0 (the first E-step then clusters the untrained "
+            "network's features)"
+        )
+    return notes

@@ -230,7 +230,7 @@ def run_summary(
         plan = watch.plan
         summary["budget"] = {"budget_s": plan.budget_s, "planned_s": round(plan.planned_s, 1),
                              "actual_s": round(watch.elapsed_s(), 1), "max_steps": plan.max_steps, "scale": round(plan.scale, 5),
-                             "step_s": round(plan.costs.step_s, 4), "replans": plan.replans}
+                             "step_s": round(plan.costs.step_s, 4), "replans": plan.replans, "notes": plan.notes}
     return summary
 
 
@@ -355,6 +355,9 @@ def pretrain(
         if budget is not None:  # the recipe compressed into the budget; the module built from it
             cfg, module = budget.cfg, budget.module
             check_data(module, loader)
+            if rank_zero_only.rank == 0 and not resuming:
+                for note in budget.watch.plan.notes:
+                    print(f"warning: {note}", file=sys.stderr, flush=True)
         extra = [*callbacks, *([budget.watch] if budget else [])]
         extra += [StartLine(report, cfg.recipe, _images(loader), run.root, point.step if point else 0)] if report else []
         trainer = _check_trainer(cfg, run, engine_callbacks(cfg, run, module, extra, signals))

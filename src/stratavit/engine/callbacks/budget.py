@@ -26,6 +26,12 @@ BUDGET_PLAN = "budget_plan"
 """Checkpoint key of the plan (a dict, :meth:`BudgetPlan.to_dict`)."""
 
 
+def _dataset_pass_seconds(trainer: L.Trainer) -> float:
+    """Seconds this process spent in dataset passes so far (the callback that runs them counts them)."""
+    return float(sum(getattr(cb, "seconds", 0.0) for cb in trainer.callbacks  # type: ignore[attr-defined]
+                     if getattr(cb, "provides_dataset_pass", False)))
+
+
 class BudgetWatch(L.Callback):
     """Keeps a run inside its budget (see the module docstring).
 
@@ -71,7 +77,10 @@ class BudgetWatch(L.Callback):
         if trainer.is_global_zero:
             spent = time.monotonic() - self._fit_start
             epochs = math.ceil(step / self.plan.steps_per_epoch) - self._start_step // self.plan.steps_per_epoch
-            step_s = max(spent - epochs * self.plan.costs.epoch_s, 1e-6) / done
+            costs = self.plan.costs
+            # the epochs' saves as planned, the dataset passes as measured (an objective's warm-up has none)
+            other = epochs * (costs.epoch_s - costs.pass_s) + _dataset_pass_seconds(trainer)
+            step_s = max(spent - other, 1e-6) / done
             new = replan(self.plan, step, self.elapsed_s(), step_s, self.tolerance)
         new = trainer.strategy.broadcast(new, src=0)
         if new is not None:

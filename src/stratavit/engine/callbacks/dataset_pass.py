@@ -81,6 +81,8 @@ class DatasetPass(L.Callback):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.progress = progress
+        self.seconds = 0.0
+        """Seconds this process spent in passes (the budget's pace measurement takes them out)."""
 
     def _loader(self) -> DataLoader:
         """This process's share of the images: index ``i`` on process ``i mod world``, in order."""
@@ -102,5 +104,6 @@ class DatasetPass(L.Callback):
             emb, index = embeddings[name]
             metrics.update(obj.on_dataset_embeddings(emb, index, n_total, epoch))
         metrics["estep/seconds"] = time.time() - started
+        self.seconds += metrics["estep/seconds"]
         for lg in trainer.loggers:
             lg.log_metrics({**metrics, "epoch": epoch}, step=int(trainer.global_step))
