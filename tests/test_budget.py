@@ -169,3 +169,12 @@ def test_the_pace_takes_out_the_measured_dataset_passes_not_the_planned_ones(mon
     trainer.global_step = 10
     watch.on_train_batch_end(trainer, None, None, None, 9)
     assert seen[-1] == pytest.approx((8.0 + 15.0 - 0.5 - 15.0) / 10)
+
+
+def test_a_plan_written_before_pass_s_counts_its_epoch_cost_as_the_pass():
+    """Resuming a run planned by an older version: its epoch_s held the pass and the save together."""
+    old = BudgetPlan(budget_s=120, costs=Costs(step_s=0.8, epoch_s=16.0, fixed_s=16.0), steps_per_epoch=156,
+                     recipe_steps=10_000, max_steps=100, epochs=1, scale=0.01).to_dict()
+    del old["costs"]["pass_s"], old["notes"]
+    plan = BudgetPlan.from_dict(old)
+    assert plan.costs.pass_s == 16.0 and plan.costs.epoch_s == 16.0 and plan.notes == []

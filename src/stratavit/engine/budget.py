@@ -80,7 +80,11 @@ class BudgetPlan:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BudgetPlan:
         d = {k: v for k, v in d.items() if k not in ("planned_s", "elapsed_s")}
-        return cls(**{**d, "costs": Costs(**d["costs"]), "replans": list(d.get("replans", [])),
+        costs = dict(d["costs"])
+        # a plan written before pass_s existed: its epoch_s held the pass and the save undivided; counting it
+        # all as the pass keeps the pace from taking the measured passes out twice (the save is ~0.1 s)
+        costs.setdefault("pass_s", costs.get("epoch_s", 0.0))
+        return cls(**{**d, "costs": Costs(**costs), "replans": list(d.get("replans", [])),
                       "notes": list(d.get("notes", []))})
 
 
