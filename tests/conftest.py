@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -31,6 +32,22 @@ TINY = [
     "train.progress_bar=false",
     "optim.warmup_epochs=0.5",
 ]
+
+
+def _free_gb(path: Path) -> float:
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free / 1e9
+
+
+def pytest_sessionstart(session) -> None:
+    """One line of free disk where the suite writes, even under -q: a full disk shows up as errors in
+    every fixture, so the cause should be the first thing in the log."""
+    line = (f"disk free: {_free_gb(Path(tempfile.gettempdir())):.1f} GB for temporary folders, "
+            f"{_free_gb(CACHE):.1f} GB for the data cache {CACHE} (the suite needs about 2 GB)")
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(line)
 
 
 def _unpack(archive: Path, target: Path) -> Path:
