@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tarfile
 import tempfile
 from pathlib import Path
@@ -44,10 +45,14 @@ def pytest_sessionstart(session) -> None:
     """One line of free disk where the suite writes, even under -q: a full disk shows up as errors in
     every fixture, so the cause should be the first thing in the log."""
     line = (f"disk free: {_free_gb(Path(tempfile.gettempdir())):.1f} GB for temporary folders, "
-            f"{_free_gb(CACHE):.1f} GB for the data cache {CACHE} (the suite needs about 2 GB)")
+            f"{_free_gb(CACHE):.1f} GB for the data cache {CACHE} (the suite needs about 1 GB)")
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.write_line(line)
+    # A suite started in the background of a non-interactive shell (`make test &`, nohup) inherits
+    # SIGINT ignored; the Ctrl-C tests need what a terminal gives, Python's own handler.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _unpack(archive: Path, target: Path) -> Path:
