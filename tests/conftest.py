@@ -41,7 +41,7 @@ def _free_gb(path: Path) -> float:
     return shutil.disk_usage(path).free / 1e9
 
 
-def pytest_sessionstart(session) -> None:
+def _print_free_disk(session) -> None:
     """One line of free disk where the suite writes, even under -q: a full disk shows up as errors in
     every fixture, so the cause should be the first thing in the log."""
     line = (f"disk free: {_free_gb(Path(tempfile.gettempdir())):.1f} GB for temporary folders, "
@@ -49,10 +49,18 @@ def pytest_sessionstart(session) -> None:
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.write_line(line)
-    # A suite started in the background of a non-interactive shell (`make test &`, nohup) inherits
-    # SIGINT ignored; the Ctrl-C tests need what a terminal gives, Python's own handler.
+
+
+def _restore_sigint() -> None:
+    """A suite started in the background of a non-interactive shell (`make test &`, nohup) inherits
+    SIGINT ignored; the Ctrl-C tests need what a terminal gives, Python's own handler."""
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def pytest_sessionstart(session) -> None:
+    _print_free_disk(session)
+    _restore_sigint()
 
 
 def _unpack(archive: Path, target: Path) -> Path:
