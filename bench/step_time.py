@@ -50,6 +50,8 @@ def build(entry: str, extra: list[str], device: torch.device) -> tuple[PretrainM
             if ":" not in o.split("=", 1)[0] or o.split(":", 1)[0] == label]
     cfg = resolve_config(recipe, [*base, *recipe_overrides(recipe, 10_000), *mine])
     module = PretrainModule(cfg).to(device)
+    if cfg.train.compile:  # as the engine does: student and teacher backbones (the warm-up steps pay it)
+        module.compile_backbones()
     attach(module)
     opt = module.configure_optimizers()
     return module, opt
@@ -141,6 +143,7 @@ def main() -> None:
     batches = iter(loader)
     times: dict[str, list[float]] = {r: [] for r in args.recipes}
     own: dict[str, list[float]] = {r: [] for r in args.recipes}
+    warm: dict[str, float] = {r: 0.0 for r in args.recipes}  # what the warm-up steps took (with train.compile: the compile)
     batch = None
     for step in range(args.warmup + args.steps):
         batch = next(batches)
@@ -150,6 +153,8 @@ def main() -> None:
             seconds = train_step(module, opt, batch, device)
             if step >= args.warmup:
                 times[recipe].append(seconds)
+            else:
+                warm[recipe] += seconds
             if args.split and step >= args.warmup:
                 own[recipe].append(objective_step(module, batch, device))
         print(f"step {step + 1}/{args.warmup + args.steps}", end="\r", flush=True)
@@ -157,11 +162,12 @@ def main() -> None:
     base = statistics.median(times[first])
     print(f"\n{args.steps} steps after {args.warmup} warm-up steps, {torch.get_num_threads()} thread(s), "
           f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    print(f"| recipe | median s/step | ratio of medians to {first} | median of per-step ratios |\n|---|---|---|---|")
+    print(f"| recipe | median s/step | ratio of medians to {first} | median of per-step ratios | warm-up s |"
+          "\n|---|---|---|---|---|")
     for recipe in args.recipes:
         med = statistics.median(times[recipe])
         per_step = statistics.median(t / b for t, b in zip(times[recipe], times[first]))
-        print(f"| {recipe} | {med:.3f} | {med / base:.2f}× | {per_step:.2f}× |")
+        print(f"| {recipe} | {med:.3f} | {med / base:.2f}× | {per_step:.2f}× | {warm[recipe]:.1f} |")
     if args.split:
         print("\n| recipe | objectives alone, median s (fwd + bwd on fixed features) | share of its step |\n|---|---|---|")
         for recipe in args.recipes:
